@@ -1,0 +1,41 @@
+# Every target sets up what it needs by itself: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test test-unit lint typecheck bench clean
+
+help:
+	@echo "make demo   run the bridge against the built-in simulator and an embedded broker"
+	@echo "make test   lint, type-check and run every test"
+	@echo "make bench  measure throughput, CPU per message and latency"
+	@echo "make lint   ruff and mypy"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ime-bridge demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check bridge tests bench
+	$(BIN)/ruff format --check bridge tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q -m 'not integration' $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .bench *.egg-info

@@ -1,0 +1,337 @@
+"""Frame → ContractUpdate | Rejected: the bridge's protocol logic, pure and synchronous.
+
+Accepts every envelope variant of both reference documents: `contractId`, `ContractId` or
+`contractName` as the identifier (a number is read as its decimal string), timestamps with or without
+a zone (naive ones read in a configured zone), prices as ints or floats, empty `date`/`time` strings,
+missing sections and unknown extra fields. Anything else becomes a `Rejected` with a bounded `reason`
+(a metric label) and a precise `detail` (for the dead-letter record).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from functools import lru_cache
+from typing import Literal
+
+import msgspec
+
+from bridge.protocol import Endpoint
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_DATE = date(1970, 1, 1)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+class RejectReason(enum.StrEnum):
+    """Why a frame was not accepted. Bounded: these are the values of the `reason` metric label."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_FRAME = "invalid_frame"
+    MISSING_IDENTIFIER = "missing_identifier"
+    UNKNOWN_CONTRACT = "unknown_contract"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    INVALID_VALUE = "invalid_value"
+    OVERSIZED = "oversized"
+
+
+# --- The normalized record. Field for field the Avro schema schemas/contract_update.avsc
+# (tests/test_encode.py keeps the two in step). Numbers stay as upstream sent them (int or float):
+# the encoder packs both into Avro doubles, so no conversion is spent here.
+
+
+class BookLevel(msgspec.Struct):
+    """One top-of-book level; see the schema's BookLevel."""
+
+    level: int
+    buy_quantity: int
+    buy_price: float
+    sell_quantity: int
+    sell_price: float
+
+
+class Aggregate(msgspec.Struct):
+    """Session statistics; see the schema's Aggregate."""
+
+    trade_date: int | None
+    trade_time: int | None
+    trade_count: int
+    total_volume: int
+    total_value: float
+    closing_price: float
+    last_price: float
+    low_price: float
+    high_price: float
+    open_price: float
+    previous_close: float
+
+
+class AllowedPriceRange(msgspec.Struct):
+    """Daily price limits; see the schema's AllowedPriceRange."""
+
+    min_price: float
+    max_price: float
+
+
+class ContractInfo(msgspec.Struct):
+    """Open interest; see the schema's ContractInfo."""
+
+    open_interest: int
+    open_interest_change: int
+
+
+class ContractUpdate(msgspec.Struct):
+    """One normalized snapshot of one contract: the value of a Kafka record."""
+
+    contract_id: str
+    contract_name: str | None
+    endpoint: Literal["ID", "NAME"]
+    channel: str
+    exchange_time: int
+    receive_time: int
+    best_limit: list[BookLevel]
+    aggregate: Aggregate | None
+    allowed_price_range: AllowedPriceRange | None
+    contract_info: ContractInfo | None
+    sequence: int
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A frame the bridge could not accept, kept whole for the dead-letter topic."""
+
+    reason: RejectReason
+    detail: str
+    raw: bytes
+    contract_id: str | None = None
+
+
+# --- The wire format, as msgspec types. Unknown fields are ignored (forward compatibility);
+# a present section must be complete.
+
+Number = int | float
+
+
+class _WireLevel(msgspec.Struct):
+    buy_quantity: Number
+    buy_price: Number
+    sell_quantity: Number
+    sell_price: Number
+
+
+class _WireAggregate(msgspec.Struct):
+    trade_count: Number
+    total_volume: Number
+    total_value: Number
+    closing_price: Number
+    last_price: Number
+    low_price: Number
+    high_price: Number
+    open_price: Number
+    previous_close: Number
+    date: str = ""
+    time: str = ""
+
+
+class _WireAllowedPriceRange(msgspec.Struct):
+    minAllowedPrice: Number
+    maxAllowedPrice: Number
+
+
+class _WireContractInfo(msgspec.Struct):
+    open_interest: Number
+    open_interest_changes: Number
+
+
+class _WireData(msgspec.Struct):
+    BestLimit: dict[str, _WireLevel] | None = None
+    Aggregate: _WireAggregate | None = None
+    AllowedPriceRange: _WireAllowedPriceRange | None = None
+    ContractInfo: _WireContractInfo | None = None
+
+
+class _WireFrame(msgspec.Struct):
+    timestamp: str
+    data: _WireData
+    channel: str = ""
+    contractId: str | int | None = None
+    ContractId: str | int | None = None
+    contractName: str | None = None
+
+
+_decode_frame = msgspec.json.Decoder(_WireFrame).decode
+
+
+class _InvalidValue(ValueError):
+    """A value that has the right JSON type but cannot be represented faithfully."""
+
+
+def _whole(value: Number, field: str) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _InvalidValue(f"{field} must be a whole number, got {value!r}")
+
+
+@lru_cache(maxsize=1024)
+def _days_since_epoch(text: str) -> int | None:
+    if not text:
+        return None
+    try:
+        return (date.fromisoformat(text) - _EPOCH_DATE).days
+    except ValueError:
+        raise _InvalidValue(f"Aggregate.date is not an ISO date: {text!r}") from None
+
+
+@lru_cache(maxsize=4096)
+def _micros_of_day(text: str) -> int | None:
+    if not text:
+        return None
+    try:
+        parsed = time.fromisoformat(text)
+    except ValueError:
+        raise _InvalidValue(f"Aggregate.time is not an ISO time of day: {text!r}") from None
+    return ((parsed.hour * 60 + parsed.minute) * 60 + parsed.second) * 1_000_000 + parsed.microsecond
+
+
+def _levels(book: dict[str, _WireLevel]) -> list[BookLevel]:
+    levels = []
+    for key, wire in book.items():
+        if not key.isdigit() or key[0] == "0":
+            raise _InvalidValue(f"BestLimit level key must be a positive integer, got {key!r}")
+        levels.append(
+            BookLevel(
+                int(key),
+                _whole(wire.buy_quantity, "buy_quantity"),
+                wire.buy_price,
+                _whole(wire.sell_quantity, "sell_quantity"),
+                wire.sell_price,
+            )
+        )
+    if len(levels) > 1:
+        levels.sort(key=_level_number)
+    return levels
+
+
+def _level_number(level: BookLevel) -> int:
+    return level.level
+
+
+def _aggregate(wire: _WireAggregate) -> Aggregate:
+    return Aggregate(
+        _days_since_epoch(wire.date),
+        _micros_of_day(wire.time),
+        _whole(wire.trade_count, "trade_count"),
+        _whole(wire.total_volume, "total_volume"),
+        wire.total_value,
+        wire.closing_price,
+        wire.last_price,
+        wire.low_price,
+        wire.high_price,
+        wire.open_price,
+        wire.previous_close,
+    )
+
+
+def _contract_info(wire: _WireContractInfo) -> ContractInfo:
+    return ContractInfo(
+        _whole(wire.open_interest, "open_interest"),
+        _whole(wire.open_interest_changes, "open_interest_changes"),
+    )
+
+
+class Normalizer:
+    """Turns raw frames into records. Holds only configuration and the contract lookups.
+
+    `names_by_id` and `ids_by_name` come from the static lookup; the key of a record is always the
+    contract id, so a frame that names its contract by a name the lookup did not resolve is rejected
+    rather than published under a guessed key.
+    """
+
+    def __init__(
+        self,
+        *,
+        session_id: str,
+        naive_timezone: tzinfo = UTC,
+        names_by_id: Mapping[str, str] | None = None,
+        ids_by_name: Mapping[str, str] | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.naive_timezone = naive_timezone
+        self.names_by_id: Mapping[str, str] = names_by_id if names_by_id is not None else {}
+        self.ids_by_name: Mapping[str, str] = ids_by_name if ids_by_name is not None else {}
+
+    def __call__(self, raw: str | bytes, endpoint: Endpoint, receive_time: int) -> ContractUpdate | Rejected:
+        """Normalize one frame received at `receive_time` (epoch µs). The record's sequence is 0."""
+        try:
+            frame = _decode_frame(raw)
+        except msgspec.ValidationError as exc:
+            return self._reject(RejectReason.INVALID_FRAME, str(exc), raw)
+        except msgspec.DecodeError as exc:
+            return self._reject(RejectReason.INVALID_JSON, str(exc), raw)
+
+        contract_id, contract_name = self._identify(frame)
+        if contract_id is None:
+            if contract_name is None:
+                detail = "frame has none of contractId, ContractId, contractName"
+                return self._reject(RejectReason.MISSING_IDENTIFIER, detail, raw)
+            detail = f"contract name {contract_name!r} is not resolved to a contract id"
+            return self._reject(RejectReason.UNKNOWN_CONTRACT, detail, raw)
+
+        try:
+            exchange_time = self._epoch_micros(frame.timestamp)
+        except ValueError:
+            detail = f"timestamp is not ISO-8601: {frame.timestamp!r}"
+            return self._reject(RejectReason.INVALID_TIMESTAMP, detail, raw, contract_id)
+
+        data = frame.data
+        try:
+            best_limit = _levels(data.BestLimit) if data.BestLimit else []
+            aggregate = None if data.Aggregate is None else _aggregate(data.Aggregate)
+            contract_info = None if data.ContractInfo is None else _contract_info(data.ContractInfo)
+        except _InvalidValue as exc:
+            return self._reject(RejectReason.INVALID_VALUE, str(exc), raw, contract_id)
+
+        price_range = data.AllowedPriceRange
+        return ContractUpdate(
+            contract_id,
+            contract_name,
+            "ID" if endpoint is Endpoint.ID else "NAME",
+            frame.channel,
+            exchange_time,
+            receive_time,
+            best_limit,
+            aggregate,
+            None
+            if price_range is None
+            else AllowedPriceRange(price_range.minAllowedPrice, price_range.maxAllowedPrice),
+            contract_info,
+            0,
+            self.session_id,
+        )
+
+    def _identify(self, frame: _WireFrame) -> tuple[str | None, str | None]:
+        """(contract id, contract name) of a frame; the id is None when it cannot be known."""
+        raw_id = frame.contractId if frame.contractId is not None else frame.ContractId
+        if raw_id is not None and raw_id != "":
+            contract_id = str(raw_id)
+            return contract_id, frame.contractName or self.names_by_id.get(contract_id)
+        name = frame.contractName
+        if not name:
+            return None, None
+        return self.ids_by_name.get(name), name
+
+    def _epoch_micros(self, timestamp: str) -> int:
+        parsed = datetime.fromisoformat(timestamp)
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=self.naive_timezone)
+        return (parsed - _EPOCH) // _MICROSECOND
+
+    @staticmethod
+    def _reject(reason: RejectReason, detail: str, raw: str | bytes, contract_id: str | None = None) -> Rejected:
+        data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+        return Rejected(reason, detail, data, contract_id)

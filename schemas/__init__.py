@@ -1,0 +1,1 @@
+"""The Avro schemas, shipped inside the package as `bridge.schemas` (see schemas/README.md)."""
