@@ -40,6 +40,11 @@ class Endpoint(enum.StrEnum):
         return f"{LIVE_PATH_PREFIX}/{self.value}"
 
     @property
+    def legacy_path(self) -> str:
+        """The same endpoint as the earlier document serves it, without the /data-engine/ime prefix."""
+        return f"{LEGACY_LIVE_PATH_PREFIX}/{self.value}"
+
+    @property
     def query_params(self) -> tuple[str, ...]:
         """Accepted query-parameter spellings, the one the bridge sends first."""
         if self is Endpoint.ID:

@@ -1,0 +1,726 @@
+"""The IME simulator: the pure market (catalogue, generator, rendering) and the server over real sockets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import itertools
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import aiohttp
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from bridge.market import (
+    UNLIMITED_PRICE_RANGE,
+    FrameRenderer,
+    MarketGenerator,
+    Snapshot,
+    build_catalogue,
+    prerender,
+)
+from bridge.protocol import (
+    MARKETS,
+    STATIC_BY_ID_PATH,
+    STATIC_BY_NAME_PATH,
+    STATIC_SEARCH_PATH,
+    TOKEN_PATH,
+    Endpoint,
+    authorization_header,
+    live_url,
+)
+from bridge.simulator import (
+    GARBAGE_KINDS,
+    PolicyCause,
+    Simulator,
+    SimulatorConfig,
+    add_arguments,
+    run_from_args,
+)
+
+NOW = datetime(2026, 5, 29, 12, 0, 0, 123456, tzinfo=UTC)
+WAIT = 5.0  # deadline for conditions that should hold almost at once
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+# --- the catalogue
+
+
+def test_catalogue_is_unique_deterministic_and_covers_every_family() -> None:
+    contracts = build_catalogue(5000)
+    assert len({c.id for c in contracts}) == len({c.name for c in contracts}) == 5000
+    assert [c.id for c in contracts[:3]] == ["1001", "1002", "1003"]
+    assert build_catalogue(64) == contracts[:64]
+    assert {c.market for c in contracts[:7]} == set(MARKETS)
+    patterns = {
+        "future": r"(GC|SAF)\d{4}",
+        "call": r"GCC\d{4}-\d+",
+        "put": r"GCP\d{4}-\d+",
+        "certificate": r"(GB|SAF|CM)DC\d{4}",
+    }
+    for contract in contracts:
+        assert re.fullmatch(patterns[contract.kind], contract.name), contract
+    assert contracts[0].name == "GC0504"  # Persian 1405, month 4
+
+
+def test_catalogue_needs_a_contract() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        build_catalogue(0)
+
+
+def test_static_item_describes_the_contract() -> None:
+    option = build_catalogue(3)[2]
+    item = option.static_item()
+    assert item["contractId"] == "1003"
+    assert item["contractName"] == option.name
+    assert item["market"] == "IMEOption"
+    assert item["optionType"] == "call"
+    assert item["strikePrice"] == option.strike
+
+
+# --- the generator
+
+
+def snapshots(count: int, *, contracts: int = 32, seed: int = 1) -> list[Snapshot]:
+    return MarketGenerator(build_catalogue(contracts), seed=seed).steps(count, NOW)
+
+
+def test_generator_is_deterministic_per_seed() -> None:
+    assert [s.data for s in snapshots(200)] == [s.data for s in snapshots(200)]
+    assert [s.data for s in snapshots(200)] != [s.data for s in snapshots(200, seed=2)]
+
+
+def test_generator_keeps_the_book_and_aggregates_consistent() -> None:
+    last: dict[str, dict[str, Any]] = {}
+    for snapshot in snapshots(5000):
+        data = snapshot.data
+        assert list(data) == ["BestLimit", "Aggregate", "AllowedPriceRange", "ContractInfo"]
+        book = data["BestLimit"]
+        assert list(book) == ["1", "2", "3"]
+        low, high = data["AllowedPriceRange"]["minAllowedPrice"], data["AllowedPriceRange"]["maxAllowedPrice"]
+        for side, better in (("buy", float.__gt__), ("sell", float.__lt__)):
+            levels = [(book[k][f"{side}_quantity"], book[k][f"{side}_price"]) for k in book]
+            filled = [level for level in levels if level != (0, 0)]
+            assert levels[: len(filled)] == filled, "empty levels come after filled ones"
+            assert all(type(quantity) is int and quantity > 0 for quantity, _ in filled)
+            assert all(low <= price <= high for _, price in filled)
+            prices = [float(price) for _, price in filled]
+            assert all(better(a, b) for a, b in itertools.pairwise(prices))
+        if book["1"]["buy_quantity"] and book["1"]["sell_quantity"]:
+            assert book["1"]["buy_price"] < book["1"]["sell_price"]
+        aggregate = data["Aggregate"]
+        if aggregate["trade_count"] == 0:
+            assert aggregate["date"] == aggregate["time"] == ""
+        else:
+            assert (aggregate["date"], aggregate["time"]) == ("2026-05-29", "12:00:00")
+            assert aggregate["low_price"] <= aggregate["last_price"] <= aggregate["high_price"]
+        assert data != last.get(snapshot.contract_id), "a snapshot is sent only when its contract changed"
+        last[snapshot.contract_id] = data
+
+
+def test_generator_prices_are_ints_except_option_premia() -> None:
+    kinds_with_floats = {
+        s.contract.kind for s in snapshots(3000) if isinstance(s.data["BestLimit"]["1"]["sell_price"], float)
+    }
+    assert kinds_with_floats <= {"call", "put"}
+    assert kinds_with_floats
+
+
+def test_generator_starts_some_contracts_dormant() -> None:
+    generator = MarketGenerator(build_catalogue(64), seed=1)
+    dormant = [
+        c.id
+        for c in build_catalogue(64)
+        if (generator.snapshot(c.id, NOW).data["AllowedPriceRange"]["minAllowedPrice"], 0)
+        == (UNLIMITED_PRICE_RANGE[0], 0)
+    ]
+    assert dormant
+    data = generator.snapshot(dormant[0], NOW).data
+    assert data["BestLimit"]["1"] == {"buy_quantity": 0, "buy_price": 0, "sell_quantity": 0, "sell_price": 0}
+    assert data["Aggregate"]["previous_close"] == 0
+    woken = generator.step_contract(dormant[0], NOW).data
+    assert woken["AllowedPriceRange"]["maxAllowedPrice"] < UNLIMITED_PRICE_RANGE[1]
+
+
+def test_aggregate_time_is_wall_time_in_the_market_zone() -> None:
+    generator = MarketGenerator(build_catalogue(1), seed=1, zone=ZoneInfo("Asia/Tehran"))
+    traded = next(s for s in generator.steps(100, NOW) if s.data["Aggregate"]["trade_count"])
+    assert traded.data["Aggregate"]["time"] == "15:30:00"
+
+
+# --- rendering
+
+
+@pytest.mark.parametrize(
+    ("dialect", "endpoint", "key", "value", "timestamp"),
+    [
+        ("ht", Endpoint.ID, "contractId", "1001", "2026-05-29T12:00:00.123456Z"),
+        ("ht", Endpoint.NAME, "contractName", "GC0504", "2026-05-29T12:00:00.123456Z"),
+        ("legacy", Endpoint.ID, "ContractId", "1001", "2026-05-29T12:00:00.123456"),
+        ("legacy", Endpoint.NAME, "contractName", "GC0504", "2026-05-29T12:00:00.123456"),
+    ],
+)
+def test_render_matches_the_documents(dialect: str, endpoint: Endpoint, key: str, value: str, timestamp: str) -> None:
+    snapshot = MarketGenerator(build_catalogue(1)).step(NOW)
+    frame = FrameRenderer(dialect).render(snapshot, endpoint)  # type: ignore[arg-type]
+    expected = {"channel": "IME Stream", key: value, "timestamp": timestamp, "data": snapshot.data}
+    assert frame == json.dumps(expected)  # same keys, same order, same separators
+
+
+def test_legacy_timestamps_are_wall_time_in_the_naive_zone() -> None:
+    renderer = FrameRenderer("legacy", ZoneInfo("Asia/Tehran"))
+    assert renderer.timestamp(NOW) == "2026-05-29T15:30:00.123456"
+
+
+def test_unknown_dialect_is_refused() -> None:
+    with pytest.raises(ValueError, match="dialect"):
+        FrameRenderer("v3")  # type: ignore[arg-type]
+
+
+def test_prerender_interleaves_every_contract() -> None:
+    contracts = build_catalogue(5)
+    frames = prerender(MarketGenerator(contracts), contracts, 3, NOW)
+    assert [f.contract_id for f in frames] == [c.id for c in contracts] * 3
+    assert len({f.tail for f in frames}) == 15
+    assert all(json.loads(b'{"t": "' + f.tail)["data"]["BestLimit"] for f in frames)
+
+
+# --- the server
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimulatorConfig(contracts=8, rate=400.0, record_sent=True)) as simulator:
+        yield simulator
+
+
+@contextlib.asynccontextmanager
+async def live(
+    simulator: Simulator,
+    contracts: list[str] | None = None,
+    *,
+    endpoint: Endpoint = Endpoint.ID,
+    token: str | None = "issue",
+    bearer: bool = False,
+    url: str | None = None,
+    **options: Any,
+) -> AsyncIterator[ClientConnection]:
+    """A websockets client subscribed to `contracts` (default: the first contract's id)."""
+    if url is None:
+        identifiers = contracts if contracts is not None else [simulator.contracts[0].id]
+        url = live_url(simulator.ws_url, endpoint, identifiers)
+    if token == "issue":
+        token = simulator.issue_token()
+    headers = {} if token is None else {"Authorization": authorization_header(token, bearer=bearer)}
+    async with connect(url, additional_headers=headers, open_timeout=WAIT, **options) as ws:
+        yield ws
+
+
+async def frames(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
+    return [json.loads(await asyncio.wait_for(ws.recv(), WAIT)) for _ in range(count)]
+
+
+async def close_of(ws: ClientConnection) -> ConnectionClosed:
+    """Read until the connection closes; the exception says how."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            try:
+                await ws.recv()
+            except ConnectionClosed as closed:
+                return closed
+
+
+def close_code(closed: ConnectionClosed) -> int | None:
+    return None if closed.rcvd is None else closed.rcvd.code
+
+
+async def post_token(simulator: Simulator, form: dict[str, str]) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(simulator.base_url + TOKEN_PATH, data=form) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def get(simulator: Simulator, path: str, params: Any = None, token: str | None = None) -> tuple[int, Any]:
+    headers = {} if token is None else {"Authorization": token}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(simulator.base_url + path, params=params, headers=headers) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def admin(simulator: Simulator, action: str, **params: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{simulator.base_url}/admin/{action}", params=params) as response,
+    ):
+        return response.status, await response.json()
+
+
+def jwt_claims(token: str, secret: str) -> dict[str, Any]:
+    header, payload, signature = token.split(".")
+    expected = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    assert base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)) == expected
+    assert json.loads(base64.urlsafe_b64decode(header + "==")) == {"alg": "HS256", "typ": "JWT"}
+    claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return claims
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"username": "demo", "password": "demo-password"},
+        {"UserName_or_Email": "demo", "Password": "demo-password"},
+    ],
+)
+async def test_token_endpoint_accepts_both_spellings(sim: Simulator, form: dict[str, str]) -> None:
+    status, body = await post_token(sim, form)
+    assert status == 201
+    claims = jwt_claims(body["Authorization"], sim.config.jwt_secret)
+    assert claims["sub"] == "demo"
+    assert claims["exp"] - claims["iat"] == 3600
+    assert claims["jti"]
+    assert sim.counters.tokens_issued == 1
+
+
+async def test_token_endpoint_refuses_bad_credentials_and_missing_fields(sim: Simulator) -> None:
+    status, body = await post_token(sim, {"username": "demo", "password": "wrong"})
+    assert (status, body) == (401, {"detail": "Incorrect username or password"})
+    status, body = await post_token(sim, {"username": "demo"})
+    assert status == 422
+    assert body["detail"][0]["loc"] == ["body", "password"]
+    assert sim.counters.tokens_issued == 0
+
+
+@pytest.mark.parametrize(("dialect", "key", "zone_suffix"), [("ht", "contractId", "Z"), ("legacy", "ContractId", "")])
+async def test_id_endpoint_streams_subscribed_contracts_in_the_dialect(
+    dialect: str, key: str, zone_suffix: str
+) -> None:
+    config = SimulatorConfig(contracts=8, rate=400.0, dialect=dialect)  # type: ignore[arg-type]
+    async with Simulator(config) as simulator, live(simulator, ["1001", "1002"]) as ws:
+        received = await frames(ws, 10)
+    assert {frame[key] for frame in received} <= {"1001", "1002"}
+    for frame in received:
+        assert list(frame) == ["channel", key, "timestamp", "data"]
+        assert frame["channel"] == "IME Stream"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}" + zone_suffix, frame["timestamp"])
+        assert list(frame["data"]) == ["BestLimit", "Aggregate", "AllowedPriceRange", "ContractInfo"]
+
+
+@pytest.mark.parametrize("bearer", [False, True])
+async def test_raw_and_bearer_authorization_both_stream(sim: Simulator, bearer: bool) -> None:
+    async with live(sim, bearer=bearer) as ws:
+        assert (await frames(ws, 1))[0]["contractId"] == "1001"
+
+
+@pytest.mark.parametrize("param", ["contract_name", "contract_names"])
+async def test_name_endpoint_accepts_both_spellings(sim: Simulator, param: str) -> None:
+    names = [sim.contracts[0].name, sim.contracts[1].name]
+    url = f"{sim.ws_url}{Endpoint.NAME.path}?{param}={names[0]}&{param}={names[1]}"
+    async with live(sim, url=url) as ws:
+        received = await frames(ws, 6)
+    assert {frame["contractName"] for frame in received} <= set(names)
+    assert all("contractId" not in frame for frame in received)
+
+
+@pytest.mark.parametrize("endpoint", list(Endpoint))
+async def test_legacy_paths_stream(sim: Simulator, endpoint: Endpoint) -> None:
+    contract = sim.contracts[0]
+    identifier = contract.id if endpoint is Endpoint.ID else contract.name
+    url = f"{sim.ws_url}{endpoint.legacy_path}?{endpoint.query_params[-1]}={identifier}"
+    async with live(sim, url=url) as ws:
+        frame = (await frames(ws, 1))[0]
+        assert sim.connections[0].path == endpoint.legacy_path
+    assert frame.get("contractId", frame.get("contractName")) == identifier
+
+
+@pytest.mark.parametrize(
+    ("token", "contracts", "cause"),
+    [
+        (None, ["1001"], PolicyCause.MISSING_TOKEN),
+        ("not.a.jwt", ["1001"], PolicyCause.BAD_TOKEN),
+        ("expired", ["1001"], PolicyCause.EXPIRED_TOKEN),
+        ("issue", ["1001", "9999"], PolicyCause.UNKNOWN_CONTRACT),
+        ("issue", [], PolicyCause.NO_CONTRACTS),
+    ],
+)
+async def test_policy_violations_close_with_1008(
+    sim: Simulator, token: str | None, contracts: list[str], cause: PolicyCause
+) -> None:
+    if token == "expired":
+        token = sim.issue_token(ttl=-1)
+    async with live(sim, contracts, token=token) as ws:
+        closed = await close_of(ws)
+    assert close_code(closed) == 1008
+    assert closed.rcvd is not None
+    assert closed.rcvd.reason == "Policy Violation"  # the same for every cause
+    assert sim.counters.policy_closes == {cause: 1}
+    assert sim.counters.connections_accepted == 1
+
+
+async def test_a_tampered_token_is_refused(sim: Simulator) -> None:
+    header, payload, signature = sim.issue_token().split(".")
+    forged = f"{header}.{payload}.{signature[:-2]}AA"
+    async with live(sim, token=forged) as ws:
+        assert close_code(await close_of(ws)) == 1008
+    assert sim.counters.policy_closes == {PolicyCause.BAD_TOKEN: 1}
+
+
+async def test_static_lookups_answer_in_order_with_null_for_unknown(sim: Simulator) -> None:
+    first, second = sim.contracts[0], sim.contracts[1]
+    status, body = await get(sim, STATIC_BY_NAME_PATH, [("contract_names", second.name), ("contract_names", "NOPE")])
+    assert status == 200
+    assert body["Status"] == {"Code": 200, "Message": "OK"}
+    assert body["Data"][0]["contractId"] == second.id
+    assert body["Data"][1] is None
+    status, body = await get(sim, STATIC_BY_ID_PATH, [("contract_ids", "42"), ("contract_ids", first.id)])
+    assert status == 200
+    assert [item and item["contractName"] for item in body["Data"]] == [None, first.name]
+
+
+async def test_static_search_by_market(sim: Simulator) -> None:
+    for market in MARKETS:
+        status, body = await get(sim, STATIC_SEARCH_PATH, {"market": market})
+        assert status == 200
+        expected = [c.id for c in sim.contracts if c.market == market]
+        assert [item["contractId"] for item in body["Data"]] == expected
+        assert expected
+    status, body = await get(sim, STATIC_SEARCH_PATH, {"market": "Nymex"})
+    assert status == 422
+    assert "market" in body["detail"]
+
+
+async def test_static_lookups_need_no_token_but_refuse_a_bad_one(sim: Simulator) -> None:
+    params = {"contract_ids": "1001"}
+    assert (await get(sim, STATIC_BY_ID_PATH, params, token=sim.issue_token()))[0] == 200
+    assert (await get(sim, STATIC_BY_ID_PATH, params, token="Bearer " + sim.issue_token()))[0] == 200
+    status, body = await get(sim, STATIC_BY_ID_PATH, params, token="garbage")
+    assert status == 401
+    assert body["detail"]
+    assert (await get(sim, STATIC_BY_ID_PATH))[0] == 422
+
+
+async def test_only_subscribed_contracts_arrive_and_the_rate_is_an_upper_bound() -> None:
+    rate = 40.0
+    started = time.monotonic()  # before the generator starts: it can never be ahead of this clock
+    async with Simulator(SimulatorConfig(contracts=4, rate=rate)) as simulator:
+        async with live(simulator, ["1001", "1003"]) as ws:
+            received = await frames(ws, 5)
+            while simulator.counters.frames_sent < 15:
+                received += await frames(ws, 1)
+        elapsed = time.monotonic() - started
+    assert {frame["contractId"] for frame in received} <= {"1001", "1003"}
+    # All four contracts share the market's rate, so two of them can never get more than all of it.
+    assert len(received) <= rate * elapsed + 1
+
+
+async def test_recorded_frames_are_what_the_client_received(sim: Simulator) -> None:
+    async with live(sim, ["1001", "1002"]) as ws:
+        texts = [await asyncio.wait_for(ws.recv(), WAIT) for _ in range(8)]
+        connection_id = sim.connections[0].id
+    sent = sim.sent_frames(connection_id=connection_id)
+    assert [frame.payload for frame in sent[:8]] == texts
+    by_contract = sim.sent_frames(contract_id="1002")
+    assert all(json.loads(frame.payload)["contractId"] == "1002" for frame in by_contract)
+
+
+async def test_recording_is_opt_in() -> None:
+    async with Simulator(SimulatorConfig(contracts=2)) as simulator:
+        with pytest.raises(RuntimeError, match="record_sent"):
+            simulator.sent_frames()
+
+
+async def test_unpaced_prerendered_mode_streams_fresh_timestamps() -> None:
+    config = SimulatorConfig(contracts=4, rate=0, prerender=True, prerender_variants=4, burst=16)
+    ids = ["1001", "1002", "1003", "1004"]
+    # Unbounded client queue: a paused websockets client cannot read the close reply behind a flood.
+    async with Simulator(config) as simulator, live(simulator, ids, max_queue=None) as ws:
+        received = await frames(ws, 200)
+    assert {frame["contractId"] for frame in received} == {"1001", "1002", "1003", "1004"}
+    assert len({frame["timestamp"] for frame in received}) > 1
+
+
+async def test_counters_and_open_connections(sim: Simulator) -> None:
+    async with live(sim, ["1002", "1001", "1002"]) as ws:
+        await frames(ws, 1)
+        [info] = sim.connections
+        assert info.endpoint is Endpoint.ID
+        assert info.contract_ids == {"1001", "1002"}
+        assert info.identifiers == ("1002", "1001", "1002")
+        assert (sim.counters.handshakes, sim.counters.connections_accepted) == (1, 1)
+    await asyncio.wait_for(sim.wait_for(lambda: not sim.connections), WAIT)
+    status, stats = await get(sim, "/admin/stats")
+    assert status == 200
+    assert stats["handshakes"] == 1
+    assert stats["connections"] == []
+
+
+# --- faults
+
+
+async def test_drop_connections_sends_no_close_frame(sim: Simulator) -> None:
+    async with live(sim) as ws:
+        await frames(ws, 1)
+        assert await sim.drop_connections() == 1
+        closed = await close_of(ws)
+    assert closed.rcvd is None
+
+
+@pytest.mark.parametrize("via_admin", [False, True])
+async def test_close_connections_with_a_code(sim: Simulator, via_admin: bool) -> None:
+    async with live(sim) as first, live(sim) as second:
+        await frames(first, 1)
+        await frames(second, 1)
+        if via_admin:
+            assert await admin(sim, "close", code="1011") == (200, {"ok": True, "connections": 2})
+        else:
+            assert await sim.close_connections(1011) == 2
+        assert close_code(await close_of(first)) == close_code(await close_of(second)) == 1011
+
+
+async def test_stall_stops_data_and_pongs_until_resumed(sim: Simulator) -> None:
+    async with live(sim, ping_interval=None) as ws:
+        await frames(ws, 1)
+        await asyncio.wait_for(await ws.ping(), WAIT)
+        sim.stall()
+        sent = sim.counters.frames_sent
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(await ws.ping(), 0.5)
+        assert sim.counters.frames_sent == sent
+        sim.stall(False)
+        await asyncio.wait_for(await ws.ping(), WAIT)
+        await asyncio.wait_for(sim.wait_for(lambda: sim.counters.frames_sent > sent), WAIT)
+
+
+async def test_stall_makes_a_keepalive_client_give_up(sim: Simulator) -> None:
+    assert await admin(sim, "stall") == (200, {"ok": True, "stalled": True})
+    async with live(sim, ping_interval=0.1, ping_timeout=0.3) as ws:
+        closed = await close_of(ws)
+    assert closed.sent is not None
+    assert closed.sent.code == 1011  # websockets' "keepalive ping timeout"
+
+
+@pytest.mark.parametrize(("code", "expected"), [(1011, 1011), (1000, 1000), (None, None)])
+async def test_accept_then_close(sim: Simulator, code: int | None, expected: int | None) -> None:
+    sim.accept_then_close(code=code)
+    async with live(sim) as ws:
+        assert close_code(await close_of(ws)) == expected
+    assert sim.counters.connections_accepted == 1
+    sim.accept_then_close(False)
+    async with live(sim) as ws:
+        await frames(ws, 1)
+
+
+async def test_revoked_tokens_are_refused_but_new_ones_work(sim: Simulator) -> None:
+    old = sim.issue_token()
+    async with live(sim, token=old) as streaming:
+        sim.revoke_tokens()
+        await frames(streaming, 1)  # validated at the handshake only
+        async with live(sim, token=old) as ws:
+            assert close_code(await close_of(ws)) == 1008
+        async with live(sim) as ws:
+            await frames(ws, 1)
+    assert sim.counters.policy_closes == {PolicyCause.REVOKED_TOKEN: 1}
+
+
+async def test_expired_tokens_are_refused_and_new_ones_get_the_new_ttl(sim: Simulator) -> None:
+    old = sim.issue_token()
+    assert await admin(sim, "tokens/expire", ttl="5") == (200, {"ok": True, "token_ttl": 5.0})
+    async with live(sim, token=old) as ws:
+        assert close_code(await close_of(ws)) == 1008
+    assert sim.counters.policy_closes == {PolicyCause.EXPIRED_TOKEN: 1}
+    status, body = await post_token(sim, {"username": "demo", "password": "demo-password"})
+    assert status == 201
+    claims = jwt_claims(body["Authorization"], sim.config.jwt_secret)
+    assert claims["exp"] - claims["iat"] in (5, 6)
+    async with live(sim, token=body["Authorization"]) as ws:
+        await frames(ws, 1)
+
+
+async def test_invalidated_contracts_close_subscribers_and_refuse_new_ones(sim: Simulator) -> None:
+    first, second = sim.contracts[0], sim.contracts[1]
+    async with live(sim, [first.id, second.id]) as affected, live(sim, [second.id]) as unaffected:
+        await frames(affected, 1)
+        assert await sim.invalidate_contracts([first.name]) == 1
+        assert close_code(await close_of(affected)) == 1008
+        await frames(unaffected, 1)
+    async with live(sim, [first.name], endpoint=Endpoint.NAME) as ws:
+        assert close_code(await close_of(ws)) == 1008
+    assert sim.counters.policy_closes == {PolicyCause.CONTRACT_INVALIDATED: 1, PolicyCause.INVALID_CONTRACT: 1}
+    assert (await get(sim, STATIC_BY_ID_PATH, {"contract_ids": first.id}))[1]["Data"] != [None]
+    sim.revalidate_contracts([first.id])
+    async with live(sim, [first.id]) as ws:
+        await frames(ws, 1)
+
+
+async def test_delisted_contracts_vanish_from_the_static_lookups(sim: Simulator) -> None:
+    first = sim.contracts[0]
+    assert await admin(sim, "contracts/invalidate", contract=first.id, delist="1") == (
+        200,
+        {"ok": True, "connections": 0},
+    )
+    assert (await get(sim, STATIC_BY_ID_PATH, {"contract_ids": first.id}))[1]["Data"] == [None]
+    body = (await get(sim, STATIC_SEARCH_PATH, {"market": first.market}))[1]
+    assert first.id not in [item["contractId"] for item in body["Data"]]
+    assert (await admin(sim, "contracts/revalidate", contract=first.name))[0] == 200
+    assert (await get(sim, STATIC_BY_ID_PATH, {"contract_ids": first.id}))[1]["Data"][0]["contractId"] == first.id
+
+
+async def test_invalidating_an_unknown_contract_is_an_error(sim: Simulator) -> None:
+    status, body = await admin(sim, "contracts/invalidate", contract="NOPE")
+    assert status == 400
+    assert "NOPE" in body["detail"]
+
+
+@pytest.mark.parametrize("kind", GARBAGE_KINDS)
+async def test_garbage_frames(sim: Simulator, kind: str) -> None:
+    async with live(sim) as ws:
+        await frames(ws, 1)
+        assert await admin(sim, "garbage", kind=kind) == (200, {"ok": True, "connections": 1})
+        async with asyncio.timeout(WAIT):
+            while True:
+                message = await ws.recv()
+                normal = '{"channel": "IME Stream", "contractId": "1001", "timestamp": "'
+                if isinstance(message, bytes) or not message.startswith(normal):
+                    break
+    if kind == "binary":
+        assert isinstance(message, bytes)
+        return
+    assert isinstance(message, str)
+    if kind == "text":
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(message)
+        return
+    frame = json.loads(message)
+    if kind == "missing_fields":
+        assert "data" not in frame
+        assert "contractId" not in frame
+    else:
+        assert frame["contractId"] == "1001"
+        assert not isinstance(frame["timestamp"], str)
+        assert isinstance(frame["data"]["BestLimit"]["1"]["buy_quantity"], str)
+
+
+async def test_unknown_garbage_kind_is_refused(sim: Simulator) -> None:
+    assert (await admin(sim, "garbage", kind="poetry"))[0] == 400
+    with pytest.raises(ValueError, match="garbage kind"):
+        sim.send_garbage("poetry")  # type: ignore[arg-type]
+
+
+async def test_oversized_frames(sim: Simulator) -> None:
+    async with live(sim, max_size=None) as ws:
+        await frames(ws, 1)
+        assert sim.send_oversized(50_000) == 1
+        async with asyncio.timeout(WAIT):
+            message: str | bytes = ""
+            while len(message) < 1000:
+                message = await ws.recv()
+    assert len(message) == 50_000
+    assert json.loads(message)["contractId"] == "1001"
+    async with live(sim) as ws:  # websockets' default limit: 1 MiB, the default max_frame_bytes
+        await frames(ws, 1)
+        assert await admin(sim, "oversized") == (200, {"ok": True, "connections": 1})
+        closed = await close_of(ws)
+    assert closed.sent is not None
+    assert closed.sent.code == CLOSE_MESSAGE_TOO_BIG
+
+
+async def test_delayed_handshakes(sim: Simulator) -> None:
+    assert (await admin(sim, "handshake/delay", seconds="0.5"))[0] == 200
+    started = time.monotonic()
+    async with live(sim) as ws:
+        assert time.monotonic() - started >= 0.5
+        await frames(ws, 1)
+    sim.delay_handshakes(0)
+    async with live(sim) as ws:
+        await frames(ws, 1)
+
+
+@pytest.mark.parametrize("status", [401, 403, 429, 500, 503])
+async def test_rejected_handshakes(sim: Simulator, status: int) -> None:
+    sim.reject_handshakes(status)
+    with pytest.raises(InvalidStatus) as rejected:
+        async with live(sim):
+            pass
+    assert rejected.value.response.status_code == status
+    assert sim.counters.connections_accepted == 0
+    assert sim.counters.handshakes == 1
+    assert await admin(sim, "handshake/reject") == (200, {"ok": True, "status": None})
+    async with live(sim) as ws:
+        await frames(ws, 1)
+
+
+async def test_rejected_token_requests(sim: Simulator) -> None:
+    good = {"username": "demo", "password": "demo-password"}
+    assert await admin(sim, "token/reject", status="401") == (200, {"ok": True, "status": 401})
+    assert (await post_token(sim, good))[0] == 401
+    sim.reject_token_requests(503)
+    assert (await post_token(sim, good))[0] == 503
+    assert await admin(sim, "reset") == (200, {"ok": True})
+    assert (await post_token(sim, good))[0] == 201
+
+
+async def test_admin_refuses_bad_parameters(sim: Simulator) -> None:
+    assert (await admin(sim, "close", code="loud"))[0] == 400
+    assert (await admin(sim, "stall", enabled="perhaps"))[0] == 400
+    assert (await admin(sim, "handshake/reject", status="42"))[0] == 400
+
+
+async def test_slow_consumers_are_closed() -> None:
+    config = SimulatorConfig(contracts=1, rate=20_000.0, max_queue=100)
+    async with Simulator(config) as simulator, live(simulator, max_queue=1) as ws:
+        await asyncio.wait_for(simulator.wait_for(lambda: simulator.counters.slow_consumer_closes > 0), 20)
+        assert close_code(await close_of(ws)) == 1011
+
+
+async def test_stop_closes_clients_with_1001_and_is_idempotent() -> None:
+    simulator = Simulator(SimulatorConfig(contracts=2))
+    await simulator.start()
+    async with live(simulator, ["1001", "1002"]) as ws:
+        await frames(ws, 1)
+        await simulator.stop()
+        assert close_code(await close_of(ws)) == 1001
+    await simulator.stop()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get(simulator, STATIC_SEARCH_PATH)
+
+
+# --- CLI glue
+
+
+@pytest.fixture
+def cli_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--contracts", "3", "--rate", "5", "--dialect", "legacy", "--prerender"])
+
+
+async def test_run_from_args_serves_until_cancelled(
+    cli_args: argparse.Namespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (cli_args.port, cli_args.username, cli_args.token_ttl) == (0, "demo", 3600.0)
+    task = asyncio.create_task(run_from_args(cli_args))
+    output = ""
+    async with asyncio.timeout(WAIT):
+        while "ws://" not in output:
+            await asyncio.sleep(0.01)  # polling captured output: there is nothing to await on
+            output += capsys.readouterr().out
+    match = re.search(r"http (http://\S+) ws (ws://\S+) username=demo password=demo-password", output)
+    assert match
+    async with aiohttp.ClientSession() as session, session.get(match[1] + STATIC_SEARCH_PATH) as response:
+        assert len((await response.json())["Data"]) == 3
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
