@@ -62,15 +62,27 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-# Zig-zag encodings of every value below 2**13 (quantities, counts, levels, lengths) looked up, not built.
-_SMALL_LONGS = tuple(_varint(zigzag) for zigzag in range(1 << 14))
-_SMALL_LIMIT = len(_SMALL_LONGS)
+# Varints are built from 14-bit groups looked up in tables rather than 7 bits at a time in a loop:
+# _FINAL[n] encodes n < 2**14 as a last group, _MIDDLE[n] as two bytes with the continuation bit set.
+_FINAL = tuple(_varint(group) for group in range(1 << 14))
+_MIDDLE = tuple(bytes(((group & 0x7F) | 0x80, (group >> 7) | 0x80)) for group in range(1 << 14))
 
 
 def _long(value: int) -> bytes:
     zigzag = (value << 1) ^ (value >> 63)
-    if 0 <= zigzag < _SMALL_LIMIT:
-        return _SMALL_LONGS[zigzag]
+    if zigzag < 0x4000:
+        return _FINAL[zigzag]
+    if zigzag < 0x10000000:
+        return _MIDDLE[zigzag & 0x3FFF] + _FINAL[zigzag >> 14]
+    if zigzag < 0x40000000000:
+        return _MIDDLE[zigzag & 0x3FFF] + _MIDDLE[(zigzag >> 14) & 0x3FFF] + _FINAL[zigzag >> 28]
+    if zigzag < 0x100000000000000:  # microsecond timestamps land here
+        return (
+            _MIDDLE[zigzag & 0x3FFF]
+            + _MIDDLE[(zigzag >> 14) & 0x3FFF]
+            + _MIDDLE[(zigzag >> 28) & 0x3FFF]
+            + _FINAL[zigzag >> 42]
+        )
     return _varint(zigzag)
 
 

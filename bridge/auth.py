@@ -1,0 +1,160 @@
+"""Tokens for the IME WebSocket: a static token, or one issued by the token endpoint and renewed.
+
+The bridge is not the token's verifier: it reads the JWT's `exp` only to renew ahead of expiry.
+Errors from the HTTP library are translated here into AuthRejected (credentials refused: retrying
+soon will not help) and AuthUnavailable (the endpoint failed: retry with backoff). Neither the token
+nor the password ever appears in an exception message or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from typing import Protocol
+
+import aiohttp
+
+from bridge import protocol
+
+
+class AuthError(Exception):
+    """Base of the token errors."""
+
+
+class AuthRejected(AuthError):
+    """The token endpoint refused the credentials."""
+
+
+class AuthUnavailable(AuthError):
+    """The token endpoint could not be reached or failed."""
+
+
+class TokenProvider(Protocol):
+    """What the source needs from auth: a current token, and a way to say it was refused."""
+
+    async def token(self) -> str:
+        """A token believed valid now."""
+        ...
+
+    def invalidate(self, token: str) -> None:
+        """`token` was refused by the server: the next `token()` must not return it."""
+        ...
+
+    @property
+    def expires_at(self) -> float | None:
+        """Unix time at which the current token expires, when known."""
+        ...
+
+
+def jwt_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT (no signature check), or None when absent or unreadable."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, ValueError):
+        return None
+    expiry = claims.get("exp") if isinstance(claims, dict) else None
+    return float(expiry) if isinstance(expiry, int | float) else None
+
+
+class StaticToken:
+    """A token from configuration. Invalidation cannot replace it, so a refusal stays visible."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def token(self) -> str:
+        """The configured token."""
+        return self._token
+
+    def invalidate(self, token: str) -> None:
+        """Nothing to renew: the source keeps reporting the refusal."""
+
+    @property
+    def expires_at(self) -> float | None:
+        """The configured token's `exp`, if it has one."""
+        return jwt_expiry(self._token)
+
+
+class IssuedToken:
+    """Issues tokens from `POST {base_url}/auth/user/token/issue` and renews them before expiry."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        username: str,
+        password: str,
+        *,
+        sdk_field_names: bool = False,
+        refresh_margin: float = 60.0,
+        timeout: float = 10.0,
+    ) -> None:
+        self._session = session
+        self._url = base_url.rstrip("/") + protocol.TOKEN_PATH
+        user_field, password_field = (
+            (protocol.USERNAME_FIELDS[1], protocol.PASSWORD_FIELDS[1])
+            if sdk_field_names
+            else (protocol.USERNAME_FIELDS[0], protocol.PASSWORD_FIELDS[0])
+        )
+        self._form = {user_field: username, password_field: password}
+        self._refresh_margin = refresh_margin
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._token: str | None = None
+        self._expires_at: float | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def expires_at(self) -> float | None:
+        """Expiry of the current token, when it has one."""
+        return self._expires_at
+
+    async def token(self) -> str:
+        """The current token, issuing a new one when there is none or it is about to expire."""
+        async with self._lock:
+            if self._token is None or self._expiring():
+                self._token = await self._issue()
+                self._expires_at = jwt_expiry(self._token)
+            return self._token
+
+    def invalidate(self, token: str) -> None:
+        """Forget `token` if it is still the current one."""
+        if token == self._token:
+            self._token = None
+            self._expires_at = None
+
+    def _expiring(self) -> bool:
+        return self._expires_at is not None and time.time() >= self._expires_at - self._refresh_margin
+
+    async def _issue(self) -> str:
+        try:
+            async with self._session.post(self._url, data=self._form, timeout=self._timeout) as response:
+                status = response.status
+                body = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise AuthUnavailable(f"token endpoint unreachable: {type(exc).__name__}") from exc
+        if status in (400, 401, 403, 422):
+            raise AuthRejected(f"token endpoint refused the credentials (HTTP {status}): {_detail(body)}")
+        if not 200 <= status < 300:
+            raise AuthUnavailable(f"token endpoint answered HTTP {status}")
+        try:
+            token = json.loads(body)["Authorization"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AuthUnavailable("token endpoint answered without an Authorization field") from exc
+        if not isinstance(token, str) or not token:
+            raise AuthUnavailable("token endpoint answered an empty Authorization field")
+        return protocol.strip_bearer(token)
+
+
+def _detail(body: bytes) -> str:
+    try:
+        detail = json.loads(body).get("detail")
+    except (ValueError, AttributeError):
+        return "no detail"
+    return str(detail)[:200] if detail else "no detail"

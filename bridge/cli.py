@@ -1,0 +1,178 @@
+"""`ime-bridge run | demo | simulate | tail | check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bridge import __version__
+from bridge.config import ConfigError, Settings, load_settings
+from bridge.logs import configure_logging
+
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """First SIGTERM/SIGINT: orderly stop. Second: exit at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            os._exit(EXIT_INTERRUPTED)
+        print(f"received {signal.Signals(signum).name}, stopping (again to exit at once)", file=sys.stderr)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _load(path: Path | None) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"ime-bridge: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from exc
+
+
+async def _run(settings: Settings) -> None:
+    from bridge.app import Bridge
+
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    await Bridge(settings).run(stop)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    configure_logging(settings.log.level, settings.log.format)
+    asyncio.run(_run(settings))
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args.config)
+    ime, kafka = settings.ime, settings.kafka
+    print(
+        f"configuration OK: {len(ime.contract_ids)} contract ids, {len(ime.contract_names)} contract names, "
+        f"ws {ime.ws_url}, kafka {','.join(kafka.bootstrap_servers)} → {kafka.topic} (dead letters {kafka.dlq_topic})"
+    )
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from bridge import simulator
+
+    configure_logging("INFO")
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        install_stop_signals(stop)
+        task = asyncio.create_task(simulator.run_from_args(args))
+        await stop.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(serve())
+    return 0
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from bridge.tail import tail
+
+    async def consume() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        task = asyncio.create_task(
+            tail(
+                args.bootstrap_servers,
+                args.topic,
+                from_beginning=not args.from_end,
+                max_records=args.max_records,
+                idle_timeout=args.idle_timeout,
+                table=args.table if args.table is not None else sys.stdout.isatty(),
+            )
+        )
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        task.cancel()
+        stopper.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+
+    asyncio.run(consume())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from bridge.demo import run_demo
+
+    configure_logging("WARNING")
+    return asyncio.run(run_demo(duration=args.duration, contracts=args.contracts, rate=args.rate))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="ime-bridge", description="IME real-time WebSocket → validated Avro → Kafka.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the bridge", description="Run the bridge until SIGTERM/SIGINT.")
+    run.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser(
+        "check-config", help="validate a configuration and exit", description="Exit 0 if valid, 2 with the reasons."
+    )
+    check.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
+    check.set_defaults(handler=_cmd_check_config)
+
+    simulate = commands.add_parser(
+        "simulate", help="run the IME simulator", description="Serve a simulated IME service on one port."
+    )
+    from bridge import simulator
+
+    simulator.add_arguments(simulate)
+    simulate.set_defaults(handler=_cmd_simulate)
+
+    tail_cmd = commands.add_parser(
+        "tail", help="print what the bridge publishes", description="Consume a topic and print decoded records."
+    )
+    tail_cmd.add_argument("--bootstrap-servers", default="localhost:9092")
+    tail_cmd.add_argument("--topic", default="ime.contract.updates")
+    tail_cmd.add_argument("--from-end", action="store_true", help="only new records (default: from the beginning)")
+    tail_cmd.add_argument("--max-records", type=int, help="stop after this many records")
+    tail_cmd.add_argument("--idle-timeout", type=float, help="stop after this many seconds without records")
+    tail_cmd.add_argument(
+        "--table",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="live table of the latest record per contract (default: on a terminal)",
+    )
+    tail_cmd.set_defaults(handler=_cmd_tail)
+
+    demo = commands.add_parser(
+        "demo",
+        help="broker + simulator + bridge, records flowing",
+        description="Start an embedded broker, the simulator and the bridge, and show records arriving in Kafka.",
+    )
+    demo.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
+    demo.add_argument("--contracts", type=int, default=8, help="simulated contracts to subscribe to")
+    demo.add_argument("--rate", type=float, default=20.0, help="simulated snapshots per second")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ime-bridge` console script."""
+    args = build_parser().parse_args(argv)
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""The bridge's settings: one strict, typed object from a YAML file plus `IME_BRIDGE_` environment overrides.
+
+Unknown keys and bad values are refused with the key and the reason (`ConfigError`), at start and by
+`ime-bridge check-config`. Environment variables override the file: `IME_BRIDGE_KAFKA__TOPIC=x` sets
+`kafka.topic`; lists take JSON (`IME_BRIDGE_IME__CONTRACT_IDS='["1001","1002"]'`). Secrets are
+`SecretStr` and never printed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    UrlConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+ENV_PREFIX = "IME_BRIDGE_"
+
+HttpUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["http", "https"], host_required=True)]
+WebSocketUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["ws", "wss"], host_required=True)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _list_from_text(value: Any) -> Any:
+    """Environment values for lists: a JSON array, or a comma-separated list."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        return json.loads(value)
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+ContractList = Annotated[list[Annotated[str, Field(min_length=1)]], NoDecode, BeforeValidator(_list_from_text)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImeSettings(_Section):
+    """Where and how to reach the IME service, and what to subscribe to."""
+
+    base_url: HttpUrl = Field(
+        default=AnyUrl("https://core.hedgetech.ir"),
+        description="HTTP root of the token and static endpoints.",
+    )
+    ws_url: WebSocketUrl = Field(
+        default=AnyUrl("wss://core.hedgetech.ir"), description="WebSocket root of the live endpoints."
+    )
+    username: str | None = Field(default=None, description="Account for the token endpoint.")
+    password: SecretStr | None = Field(default=None, description="Password for the token endpoint.")
+    token: SecretStr | None = Field(default=None, description="A static JWT, instead of username/password.")
+    token_form: Literal["documented", "sdk"] = Field(
+        default="documented",
+        description="Token form field names: username/password (documented) or UserName_or_Email/Password.",
+    )
+    bearer: bool = Field(default=False, description="Send `Authorization: Bearer <JWT>` instead of the raw JWT.")
+    contract_ids: ContractList = Field(
+        default_factory=list, description="Contracts to subscribe to on the by-id endpoint."
+    )
+    contract_names: ContractList = Field(
+        default_factory=list, description="Contracts to subscribe to on the by-name endpoint."
+    )
+    naive_timezone: str = Field(default="UTC", description="Zone in which timestamps without a zone are read.")
+    http_timeout_seconds: PositiveSeconds = 10.0
+    open_timeout_seconds: PositiveSeconds = 10.0
+    ping_interval_seconds: PositiveSeconds = 20.0
+    ping_timeout_seconds: PositiveSeconds = 20.0
+    reconnect_min_seconds: PositiveSeconds = 0.5
+    reconnect_max_seconds: PositiveSeconds = 30.0
+    max_contracts_per_connection: int = Field(default=100, ge=1, description="Contracts per WebSocket connection.")
+    max_url_length: int = Field(default=4000, ge=256, description="Longest subscription URL the bridge builds.")
+    compression: bool = Field(default=False, description="Offer permessage-deflate (costs CPU, saves bandwidth).")
+    healthy_after_seconds: PositiveSeconds = Field(
+        default=30.0, description="A connection up this long resets the reconnect backoff."
+    )
+    max_frame_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Larger frames are dead-lettered as `oversized`."
+    )
+
+    @field_validator("naive_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("contract_ids", "contract_names")
+    @classmethod
+    def _no_duplicates(cls, values: list[str]) -> list[str]:
+        duplicates = sorted({value for value in values if values.count(value) > 1})
+        if duplicates:
+            raise ValueError(f"listed more than once: {', '.join(duplicates)}")
+        return values
+
+    @model_validator(mode="after")
+    def _credentials_and_contracts(self) -> ImeSettings:
+        if self.token is None and (self.username is None or self.password is None):
+            raise ValueError("set ime.token, or both ime.username and ime.password")
+        if not self.contract_ids and not self.contract_names:
+            raise ValueError("subscribe to at least one contract: ime.contract_ids or ime.contract_names")
+        if self.reconnect_min_seconds > self.reconnect_max_seconds:
+            raise ValueError("ime.reconnect_min_seconds is larger than ime.reconnect_max_seconds")
+        return self
+
+    @property
+    def timezone(self) -> ZoneInfo:
+        """`naive_timezone` as a tzinfo."""
+        return ZoneInfo(self.naive_timezone)
+
+
+class KafkaSettings(_Section):
+    """The Kafka cluster and topics the bridge publishes to."""
+
+    bootstrap_servers: Annotated[list[str], NoDecode, BeforeValidator(_list_from_text), Field(min_length=1)] = Field(
+        default_factory=lambda: ["localhost:9092"]
+    )
+    client_id: str = "ime-bridge"
+    topic: str = Field(default="ime.contract.updates", min_length=1, max_length=249)
+    dlq_topic: str = Field(default="ime.contract.updates.dlq", min_length=1, max_length=249)
+    create_topics: bool = Field(default=True, description="Create missing topics at start.")
+    partitions: int = Field(default=6, ge=1, description="Partitions of topics the bridge creates.")
+    replication_factor: int = Field(default=3, ge=1, description="Replication of topics the bridge creates.")
+    enable_idempotence: bool = Field(
+        default=True,
+        description="Idempotent producer (no duplicates on retries); needs a broker that supports it.",
+    )
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    linger_ms: int = Field(default=5, ge=0, le=60_000)
+    max_batch_bytes: int = Field(default=262_144, ge=1024)
+    request_timeout_ms: int = Field(default=30_000, ge=1000)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_and_port(cls, servers: list[str]) -> list[str]:
+        for server in servers:
+            host, _, port = server.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{server!r} is not host:port")
+        return servers
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSettings:
+        if self.topic == self.dlq_topic:
+            raise ValueError("kafka.topic and kafka.dlq_topic must differ")
+        if self.sasl_mechanism and (self.sasl_username is None or self.sasl_password is None):
+            raise ValueError("kafka.sasl_mechanism needs kafka.sasl_username and kafka.sasl_password")
+        return self
+
+
+class BufferSettings(_Section):
+    """The buffer between the WebSocket readers and Kafka."""
+
+    capacity_records: int = Field(
+        default=100_000, ge=1, description="Records held before the readers pause until Kafka catches up."
+    )
+    max_batch_records: int = Field(default=10_000, ge=1, description="Records per publish round.")
+
+
+class MetricsSettings(_Section):
+    """The HTTP endpoint serving /metrics, /healthz and /readyz."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class LogSettings(_Section):
+    """Logging: one event per line."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["logfmt", "json"] = "logfmt"
+
+
+class Settings(BaseSettings):
+    """Everything the bridge needs to run; see config.example.yaml for every key with its default."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    ime: ImeSettings
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    buffer: BufferSettings = Field(default_factory=BufferSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    shutdown_timeout_seconds: PositiveSeconds = Field(
+        default=20.0, description="Budget for an orderly stop: close sockets, drain, flush."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file, which arrives as init arguments.
+        return env_settings, init_settings
+
+
+class ConfigError(Exception):
+    """A configuration the bridge refuses, with one line per offending key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {problem}" for problem in problems))
+        self.problems = problems
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read `path` (YAML) and the environment into Settings, or raise ConfigError naming each bad key."""
+    document: Any = {}
+    if path is not None:
+        try:
+            document = yaml.safe_load(path.read_text("utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"{path}: not valid YAML: {exc}"]) from exc
+        if not isinstance(document, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+    try:
+        return Settings(**document)
+    except ValidationError as exc:
+        raise ConfigError([_describe(error) for error in exc.errors()]) from exc
+    except (SettingsError, ValueError) as exc:
+        # The environment source fails before validation, e.g. on a malformed JSON list.
+        raise ConfigError([f"environment ({ENV_PREFIX}*): {exc} ({exc.__cause__})"]) from exc
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{key}: {message}"

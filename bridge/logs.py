@@ -1,0 +1,71 @@
+"""Structured logs: one event per line, a short lowercase event name and key=value context.
+
+log_event(logger, logging.INFO, "connected", connection="id-0", contracts=12)
+→ ts=2026-11-22T04:00:00.123Z level=info logger=bridge.source event=connected connection=id-0 contracts=12
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Literal
+
+_FIELDS = "event_fields"
+
+
+def log_event(logger: logging.Logger, level: int, event: str, /, **fields: Any) -> None:
+    """Log `event` with structured `fields`; callers never put secrets in fields."""
+    if logger.isEnabledFor(level):
+        logger.log(level, event, extra={_FIELDS: fields})
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def _logfmt_value(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(character in text for character in ' ="\n\t'):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "ts": _timestamp(record),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "event": record.getMessage(),
+    }
+    fields.update(getattr(record, _FIELDS, {}))
+    if record.exc_info and record.exc_info[1] is not None:
+        fields["error"] = repr(record.exc_info[1])
+    return fields
+
+
+class LogfmtFormatter(logging.Formatter):
+    """Renders `ts level logger event k=v…`, with any exception appended as `error=`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return " ".join(f"{key}={_logfmt_value(value)}" for key, value in _fields(record).items())
+
+
+class JsonFormatter(logging.Formatter):
+    """Renders one JSON object per line with the same keys as the logfmt form."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(_fields(record), default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", fmt: Literal["logfmt", "json"] = "logfmt") -> None:
+    """Send every log line to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # websockets logs handshake headers, Authorization included, at DEBUG: keep it above that.
+    logging.getLogger("websockets").setLevel(max(logging.INFO, logging.getLevelName(level)))
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -1,0 +1,119 @@
+"""Every Prometheus metric the bridge exports, defined in one place.
+
+Prefix `ime_bridge_`, base units, `_total` for counters, bounded labels: `endpoint` (id|name),
+`connection` (one per configured connection, e.g. `id-0`), `reason` and `error` (closed sets),
+`topic` (two topics). docs/metrics.md explains what each one tells the person on call.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.process_collector import ProcessCollector
+
+# Exchange lag spans clock skew and quiet markets; publish latency is a local round trip.
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The bridge's metrics, registered on `registry` (a fresh one per bridge by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        r = self.registry
+        self.build_info = Info("ime_bridge_build", "Version and session of this bridge process.", registry=r)
+
+        self.messages_received = Counter(
+            "ime_bridge_messages_received_total",
+            "Frames received from the IME WebSocket.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.messages_published = Counter(
+            "ime_bridge_messages_published_total",
+            "Records acknowledged by Kafka.",
+            ["topic"],
+            registry=r,
+        )
+        self.messages_rejected = Counter(
+            "ime_bridge_messages_rejected_total",
+            "Frames that could not be normalized; each goes to the dead-letter topic.",
+            ["reason"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "ime_bridge_dead_letters_total",
+            "Records acknowledged by Kafka on the dead-letter topic.",
+            ["reason"],
+            registry=r,
+        )
+        self.produce_errors = Counter(
+            "ime_bridge_produce_errors_total",
+            "Records Kafka did not acknowledge, by error class.",
+            ["error"],
+            registry=r,
+        )
+        self.reconnects = Counter(
+            "ime_bridge_reconnects_total",
+            "WebSocket reconnections, by why the previous connection ended.",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.policy_rejections = Counter(
+            "ime_bridge_policy_rejections_total",
+            "Connections closed by the server with 1008 (policy violation).",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.connection_up = Gauge(
+            "ime_bridge_connection_up",
+            "1 while the connection is open and subscribed.",
+            ["endpoint", "connection"],
+            registry=r,
+        )
+        self.connections = Gauge("ime_bridge_connections", "Open WebSocket connections.", registry=r)
+        self.subscribed_contracts = Gauge(
+            "ime_bridge_subscribed_contracts", "Contracts on open connections.", registry=r
+        )
+        self.last_message_timestamp = Gauge(
+            "ime_bridge_last_message_timestamp_seconds",
+            "Unix time of the last frame received on the connection.",
+            ["connection"],
+            registry=r,
+        )
+        self.exchange_lag = Histogram(
+            "ime_bridge_exchange_lag_seconds",
+            "Receive time minus the frame's exchange timestamp.",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.publish_latency = Histogram(
+            "ime_bridge_publish_latency_seconds",
+            "From receiving a frame to Kafka acknowledging its record.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.buffer_records = Gauge(
+            "ime_bridge_buffer_records", "Records waiting between the WebSocket readers and Kafka.", registry=r
+        )
+        self.buffer_capacity = Gauge(
+            "ime_bridge_buffer_capacity_records", "Capacity of the buffer, in records.", registry=r
+        )
+        self.token_refreshes = Counter(
+            "ime_bridge_token_refreshes_total",
+            "Token issue attempts, by outcome (ok, rejected, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.token_expiry = Gauge(
+            "ime_bridge_token_expiry_timestamp_seconds",
+            "Unix time at which the current token expires (0 when unknown).",
+            registry=r,
+        )
+        self.ready = Gauge("ime_bridge_ready", "1 when /readyz answers 200.", registry=r)
+        self.undelivered_at_shutdown = Gauge(
+            "ime_bridge_undelivered_at_shutdown",
+            "Records received but not acknowledged when the last shutdown finished.",
+            registry=r,
+        )

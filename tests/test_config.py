@@ -1,0 +1,109 @@
+"""config: strict settings, errors that name the key, environment overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.config import ConfigError, load_settings
+
+MINIMAL = "ime:\n  username: demo\n  password: secret\n  contract_ids: ['1001']\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+    return caught.value.problems
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL))
+    assert str(settings.ime.base_url) == "https://core.hedgetech.ir/"
+    assert str(settings.ime.ws_url) == "wss://core.hedgetech.ir/"
+    assert settings.kafka.topic == "ime.contract.updates"
+    assert settings.kafka.dlq_topic == "ime.contract.updates.dlq"
+    assert settings.kafka.enable_idempotence is True
+    assert settings.metrics.port == 9108
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL + "  contract_nmes: [x]\n", "ime.contract_nmes: unknown key"),
+        (MINIMAL + "kafak: {}\n", "kafak: unknown key"),
+        (MINIMAL + "kafka:\n  partitions: 0\n", "kafka.partitions: Input should be greater than or equal to 1"),
+        (MINIMAL + "kafka:\n  bootstrap_servers: nohost\n", "kafka.bootstrap_servers: 'nohost' is not host:port"),
+        (MINIMAL + "kafka:\n  compression: brotli\n", "kafka.compression: Input should be"),
+        (MINIMAL + "kafka:\n  dlq_topic: ime.contract.updates\n", "kafka: kafka.topic and kafka.dlq_topic must differ"),
+        (MINIMAL + "metrics:\n  port: 70000\n", "metrics.port: Input should be less than or equal to 65535"),
+        (MINIMAL + "  naive_timezone: Mars/Olympus\n", "ime.naive_timezone: unknown time zone 'Mars/Olympus'"),
+        (MINIMAL.replace("wss", "") + "  ws_url: https://x\n", "ime.ws_url: URL scheme should be 'ws' or 'wss'"),
+        ("ime:\n  contract_ids: ['1']\n", "ime: set ime.token, or both ime.username and ime.password"),
+        ("ime:\n  token: t\n", "ime: subscribe to at least one contract"),
+        ("ime:\n  token: t\n  contract_ids: ['1', '1']\n", "ime.contract_ids: listed more than once: 1"),
+        ("- a list\n", "the top level must be a mapping"),
+        ("ime: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_key_and_the_reason(tmp_path: Path, text: str, expected: str) -> None:
+    found = problems(tmp_path, text)
+    assert any(expected in problem for problem in found), found
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IME_BRIDGE_KAFKA__TOPIC", "from-env")
+    monkeypatch.setenv("IME_BRIDGE_KAFKA__BOOTSTRAP_SERVERS", "a:1, b:2")
+    monkeypatch.setenv("IME_BRIDGE_IME__CONTRACT_NAMES", '["GC1405", "SAF1405"]')
+    monkeypatch.setenv("IME_BRIDGE_IME__PASSWORD", "from-secret")
+    settings = load_settings(write(tmp_path, MINIMAL + "kafka:\n  topic: from-file\n  partitions: 3\n"))
+    assert settings.kafka.topic == "from-env"
+    assert settings.kafka.partitions == 3
+    assert settings.kafka.bootstrap_servers == ["a:1", "b:2"]
+    assert settings.ime.contract_names == ["GC1405", "SAF1405"]
+    assert settings.ime.contract_ids == ["1001"]
+    assert settings.ime.password is not None
+    assert settings.ime.password.get_secret_value() == "from-secret"
+
+
+def test_malformed_environment_value_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IME_BRIDGE_IME__CONTRACT_IDS", "[not json")
+    assert any(problem.startswith("ime.contract_ids: ") for problem in problems(tmp_path, MINIMAL))
+
+
+def test_secrets_are_not_printed(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL))
+    assert "secret" not in repr(settings)
+    assert "secret" not in str(settings.model_dump())
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True, text=True, check=False)
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config", str(write(tmp_path, MINIMAL)))
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK: 1 contract ids" in result.stdout
+    assert "secret" not in result.stdout + result.stderr
+
+
+def test_check_config_refuses_a_bad_file_with_exit_2(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config", str(write(tmp_path, MINIMAL + "  bogus: 1\n")))
+    assert result.returncode == 2
+    assert "ime.bogus: unknown key" in result.stderr
+
+
+def test_example_config_is_valid_with_the_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IME_BRIDGE_IME__PASSWORD", "from-a-secret")
+    settings = load_settings(Path(__file__).parent.parent / "config.example.yaml")
+    assert settings.ime.contract_ids == ["1001", "1002"]
+    assert settings.kafka.replication_factor == 3
