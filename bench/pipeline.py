@@ -1,0 +1,190 @@
+"""`make bench`: simulator → bridge → broker, at full speed and paced, with the bridge's own figures.
+
+Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck)
+and `ime-bridge run`. Figures come from the bridge's /metrics over a measurement window after a
+warm-up: records acknowledged per second, the bridge process's CPU µs per record
+(process_cpu_seconds_total), and receive→ack latency quantiles interpolated from the
+ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from bridge.broker import EmbeddedBroker, free_port
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """The counters the benchmark reads, at one instant."""
+
+    at: float
+    cpu_seconds: float
+    received: float
+    published: float
+    latency_buckets: dict[float, float]
+
+
+def scrape(port: int) -> Scrape:
+    """Read the bridge's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    at = time.monotonic()
+    values: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "ime_bridge_publish_latency_seconds_bucket":
+                buckets[float(sample.labels["le"])] = sample.value
+            elif sample.name == "ime_bridge_messages_published_total" and sample.labels.get("topic") == "bench":
+                values["published"] = sample.value
+            elif sample.name in ("process_cpu_seconds_total", "ime_bridge_messages_received_total"):
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return Scrape(
+        at,
+        values.get("process_cpu_seconds_total", 0.0),
+        values.get("ime_bridge_messages_received_total", 0.0),
+        values.get("published", 0.0),
+        buckets,
+    )
+
+
+def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float:
+    """histogram_quantile over the bucket increments between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[bound] - before.get(bound, 0.0) for bound in bounds]
+    total = counts[-1]
+    if total <= 0:
+        return float("nan")
+    rank = q * total
+    previous_bound, previous_count = 0.0, 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= rank:
+            if bound == float("inf"):
+                return previous_bound
+            return previous_bound + (bound - previous_bound) * (rank - previous_count) / max(
+                count - previous_count, 1e-9
+            )
+        previous_bound, previous_count = bound, count
+    return previous_bound
+
+
+@contextlib.contextmanager
+def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command`, stopping exactly that process (by PID) afterwards."""
+    with log.open("wb") as output:
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        try:
+            yield child
+        finally:
+            child.terminate()
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def wait_until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Poll `condition()` until true or fail naming `what`."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if condition():
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"bench: timed out waiting for {what}")
+
+
+def run_phase(
+    name: str, rate: float, args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path
+) -> dict[str, float]:
+    """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible)."""
+    executable = str(Path(sys.executable).parent / "ime-bridge")
+    sim_port, metrics_port = free_port(), free_port()
+    contracts = [str(1001 + n) for n in range(args.contracts)]
+    config = {
+        "ime": {
+            "base_url": f"http://127.0.0.1:{sim_port}",
+            "ws_url": f"ws://127.0.0.1:{sim_port}",
+            "username": "demo",
+            "password": "demo-password",
+            "contract_ids": contracts,
+        },
+        "kafka": {
+            "bootstrap_servers": [broker.bootstrap_servers],
+            "topic": "bench",
+            "dlq_topic": "bench.dlq",
+            "partitions": 6,
+            "replication_factor": 1,
+            "enable_idempotence": False,
+            "linger_ms": args.linger_ms,
+        },
+        "metrics": {"host": "127.0.0.1", "port": metrics_port},
+        "log": {"level": "WARNING"},
+    }
+    config_path = workdir / f"{name}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(args.contracts)]
+    simulator_command += ["--rate", str(rate), "--prerender"]
+    with (
+        process(simulator_command, workdir / f"{name}-simulator.log"),
+        process([executable, "run", "--config", str(config_path)], workdir / f"{name}-bridge.log"),
+    ):
+        wait_until(lambda: scrape(metrics_port).published > 0, f"{name}: first record acknowledged", within=60)
+        time.sleep(args.warmup)
+        before = scrape(metrics_port)
+        time.sleep(args.seconds)
+        after = scrape(metrics_port)
+    published = after.published - before.published
+    elapsed = after.at - before.at
+    return {
+        "msgs_per_s": published / elapsed,
+        "cpu_us_per_msg": (after.cpu_seconds - before.cpu_seconds) / max(published, 1) * 1e6,
+        "cpu_share": (after.cpu_seconds - before.cpu_seconds) / elapsed,
+        "p50_ms": quantile(0.5, before.latency_buckets, after.latency_buckets) * 1e3,
+        "p99_ms": quantile(0.99, before.latency_buckets, after.latency_buckets) * 1e3,
+        "backlog": after.received - after.published,
+    }
+
+
+def main() -> None:
+    """Run both phases and print one table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contracts", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--paced-rate", type=float, default=5000.0)
+    parser.add_argument("--linger-ms", type=int, default=5)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="ime-bridge-bench-") as directory, EmbeddedBroker() as broker:
+        workdir = Path(directory)
+        results = {
+            "full speed": run_phase("full", 0, args, broker, workdir),
+            f"paced {args.paced_rate:g}/s": run_phase("paced", args.paced_rate, args, broker, workdir),
+        }
+    print(f"\nime-bridge bench: {args.contracts} contracts, {args.seconds:g}s windows, {os.cpu_count()} cores")
+    print(f"{'phase':<16}{'msgs/s':>10}{'CPU µs/msg':>12}{'CPU share':>11}{'p50 ms':>9}{'p99 ms':>9}")
+    for phase, figures in results.items():
+        print(
+            f"{phase:<16}{figures['msgs_per_s']:>10,.0f}{figures['cpu_us_per_msg']:>12.1f}"
+            f"{figures['cpu_share']:>10.0%}{figures['p50_ms']:>9.2f}{figures['p99_ms']:>9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`ime-bridge tail`: read a topic and print its records decoded, as JSON lines or a live table.
+
+Values are decoded with the schema their `schema` header names (from schemas/); dead letters print
+their headers and raw frame. This is what a downstream developer runs to see what the bridge publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from aiokafka import AIOKafkaConsumer
+from fastavro import schemaless_reader
+
+from bridge.encode import Schema, load_schema
+
+Decoded = dict[str, Any]
+
+
+def decode_record(
+    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]], schemas: dict[str, Schema]
+) -> Decoded:
+    """A consumed record as plain data: key, headers, and the value decoded when its schema is known."""
+    header_map = {name: raw.decode("utf-8", "replace") for name, raw in headers}
+    decoded: Decoded = {"key": key.decode("utf-8", "replace") if key is not None else None, "headers": header_map}
+    schema = schemas.get(header_map.get("schema", ""))
+    if schema is not None and value is not None:
+        decoded["value"] = schemaless_reader(io.BytesIO(value), schema.parsed, schema.parsed)
+    else:
+        decoded["raw"] = (value or b"").decode("utf-8", "replace")
+    return decoded
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _format_table(latest: dict[str, Decoded]) -> str:
+    lines = [f"{'contract':>10} {'name':<14} {'seq':>7} {'bid':>12} {'ask':>12} {'last':>12}  exchange time"]
+    for contract_id in sorted(latest):
+        value = latest[contract_id]["value"]
+        level = value["best_limit"][0] if value["best_limit"] else {}
+        aggregate = value["aggregate"] or {}
+        exchange_time = value["exchange_time"]
+        lines.append(
+            f"{contract_id:>10} {(value['contract_name'] or ''):<14} {value['sequence']:>7} "
+            f"{level.get('buy_price', 0):>12,.0f} {level.get('sell_price', 0):>12,.0f} "
+            f"{aggregate.get('last_price', 0):>12,.0f}  {exchange_time.astimezone(UTC):%H:%M:%S.%f}"
+        )
+    return "\n".join(lines)
+
+
+async def tail(
+    bootstrap_servers: str,
+    topic: str,
+    *,
+    from_beginning: bool = True,
+    max_records: int | None = None,
+    idle_timeout: float | None = None,
+    table: bool = False,
+    out: TextIO | None = sys.stdout,
+    on_record: Callable[[Decoded], None] | None = None,
+) -> int:
+    """Print records of `topic` until `max_records` were read or nothing arrived for `idle_timeout` s.
+
+    Each decoded record goes to `on_record` when given, and to `out` (JSON lines, or the table) unless None.
+    """
+    schemas = {schema.name: schema for schema in (load_schema(),)}
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap_servers,
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    printed = 0
+    latest: dict[str, Decoded] = {}
+    loop = asyncio.get_running_loop()
+    last_seen = loop.time()
+    try:
+        while max_records is None or printed < max_records:
+            batches = await consumer.getmany(
+                timeout_ms=200, max_records=None if max_records is None else max_records - printed
+            )
+            for messages in batches.values():
+                for message in messages:
+                    decoded = decode_record(message.key, message.value, message.headers, schemas)
+                    decoded |= {"partition": message.partition, "offset": message.offset}
+                    printed += 1
+                    if on_record is not None:
+                        on_record(decoded)
+                    if table and "value" in decoded:
+                        latest[decoded["key"]] = decoded
+                    elif not table and out is not None:
+                        out.write(json.dumps(decoded, default=_json_default, ensure_ascii=False) + "\n")
+            if batches:
+                last_seen = loop.time()
+                if out is not None:
+                    if table:
+                        out.write("\x1b[H\x1b[J" + _format_table(latest) + "\n")
+                    out.flush()
+            elif idle_timeout is not None and loop.time() - last_seen > idle_timeout:
+                break
+    finally:
+        await consumer.stop()
+    return printed
