@@ -98,15 +98,16 @@ def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 child.wait()
 
 
-def wait_until(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
-    """Poll `condition()` until true or fail naming `what`."""
+def wait_until(condition: Callable[[], bool], what: str, logs: tuple[Path, ...], within: float = 30.0) -> None:
+    """Poll `condition()` until true, or fail naming `what` with the end of each process's log."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError):
             if condition():
                 return
         time.sleep(0.1)
-    raise SystemExit(f"bench: timed out waiting for {what}")
+    tails = "\n".join(f"--- {log.name}\n" + "\n".join(log.read_text().splitlines()[-15:]) for log in logs)
+    raise SystemExit(f"bench: timed out waiting for {what}\n{tails}")
 
 
 def run_phase(
@@ -140,11 +141,12 @@ def run_phase(
     config_path.write_text(yaml.safe_dump(config))
     simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(args.contracts)]
     simulator_command += ["--rate", str(rate), "--prerender"]
+    logs = (workdir / f"{name}-simulator.log", workdir / f"{name}-bridge.log")
     with (
-        process(simulator_command, workdir / f"{name}-simulator.log"),
-        process([executable, "run", "--config", str(config_path)], workdir / f"{name}-bridge.log"),
+        process(simulator_command, logs[0]),
+        process([executable, "run", "--config", str(config_path)], logs[1]),
     ):
-        wait_until(lambda: scrape(metrics_port).published > 0, f"{name}: first record acknowledged", within=60)
+        wait_until(lambda: scrape(metrics_port).published > 0, f"{name}: first record acknowledged", logs, within=60)
         time.sleep(args.warmup)
         before = scrape(metrics_port)
         time.sleep(args.seconds)

@@ -19,6 +19,7 @@ import aiohttp
 
 from bridge import __version__
 from bridge.auth import IssuedToken, StaticToken, TokenProvider
+from bridge.buffer import DeliveryBuffer, Overflow
 from bridge.catalog import CatalogUnavailable, ContractCatalog, HttpContractCatalog
 from bridge.config import Settings
 from bridge.encode import load_schema
@@ -26,10 +27,12 @@ from bridge.health import HealthServer
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import Normalizer
-from bridge.pipeline import FramePipeline, Publisher, RecordBuffer
+from bridge.pipeline import FramePipeline, Publisher
 from bridge.planner import plan_subscriptions
+from bridge.protocol import Endpoint
 from bridge.sink import KafkaSink, Sink, SinkUnavailable
 from bridge.source import Backoff, SourceSettings, WebSocketSource
+from bridge.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +51,23 @@ class Bridge:
     _source: WebSocketSource | None = None
     _publisher: Publisher | None = None
     _publisher_task: asyncio.Task[None] | None = None
+    _buffer: DeliveryBuffer | None = None
+    _fsync_task: asyncio.Task[None] | None = None
     _sink_started: bool = False
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when Kafka is connected and at least one subscription is connected."""
+        """Ready when Kafka takes records and at least one subscription is connected."""
         source = self._source
         connections = source.status() if source is not None else {}
         up = source.connections_up if source is not None else 0
-        ready = self._sink_started and up > 0
+        kafka = self._sink_started and (self._publisher is None or self._publisher.healthy)
+        ready = kafka and up > 0
         self.metrics.ready.set(1 if ready else 0)
-        return ready, {"kafka": self._sink_started, "connections_up": up, "connections": connections}
+        detail: dict[str, Any] = {"kafka": kafka, "connections_up": up, "connections": connections}
+        if self._buffer is not None:
+            detail["buffer_records"] = len(self._buffer)
+            detail["spool_full"] = self._buffer.spool_full
+        return ready, detail
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the bridge until `stop` is set, then shut down in order."""
@@ -110,9 +120,8 @@ class Bridge:
         self.sink = sink
         await self._start_sink(sink, stop)
 
-        buffer = RecordBuffer(settings.buffer.capacity_records)
-        self.metrics.buffer_capacity.set(buffer.capacity)
-        self.metrics.buffer_records.set_function(lambda: len(buffer))
+        buffer = self._open_buffer()
+        self._buffer = buffer
         pipeline = FramePipeline(
             normalizer=Normalizer(
                 session_id=self.session_id,
@@ -126,9 +135,20 @@ class Bridge:
             topic=settings.kafka.topic,
             dlq_topic=settings.kafka.dlq_topic,
             max_frame_bytes=ime.max_frame_bytes,
+            suppress_duplicates=settings.buffer.suppress_duplicates,
         )
-        self._publisher = Publisher(buffer, sink, self.metrics, max_batch_records=settings.buffer.max_batch_records)
+        self._publisher = Publisher(
+            buffer,
+            sink,
+            self.metrics,
+            dlq_topic=settings.kafka.dlq_topic,
+            max_batch_records=settings.buffer.max_batch_records,
+        )
         self._publisher_task = asyncio.create_task(self._publisher.run(), name="publisher")
+        if buffer.spool is not None:
+            self._fsync_task = asyncio.create_task(
+                self._sync_spool(buffer, settings.buffer.spool_fsync_interval_seconds), name="spool-fsync"
+            )
         self._source = WebSocketSource(
             settings=SourceSettings(
                 ws_url=str(ime.ws_url),
@@ -157,6 +177,39 @@ class Bridge:
             contract_names=len(ids_by_name),
             topic=settings.kafka.topic,
         )
+
+    def _open_buffer(self) -> DeliveryBuffer:
+        """The delivery buffer; in spool mode, the spool is recovered first (replayed before anything new)."""
+        config = self.settings.buffer
+        spool = None
+        if config.overflow == "spool":
+            assert config.spool_dir is not None  # required by BufferSettings
+            spool = Spool(config.spool_dir, max_bytes=config.spool_max_bytes)
+            recovery = spool.open()
+            self.metrics.spool_damaged_entries.inc(recovery.torn_entries + recovery.corrupt_segments)
+            log_event(
+                logger,
+                logging.INFO,
+                "spool_opened",
+                directory=str(config.spool_dir),
+                records=recovery.records,
+                bytes=recovery.bytes,
+                torn_entries=recovery.torn_entries,
+                corrupt_segments=recovery.corrupt_segments,
+            )
+        return DeliveryBuffer(
+            capacity=config.capacity_records,
+            overflow=Overflow(config.overflow),
+            metrics=self.metrics,
+            spool=spool,
+            spool_after=config.spool_after_records,
+        )
+
+    @staticmethod
+    async def _sync_spool(buffer: DeliveryBuffer, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            buffer.sync()
 
     async def _resolve_contracts(
         self, catalog: ContractCatalog, stop: asyncio.Event
@@ -217,18 +270,31 @@ class Bridge:
                     await publisher.wait_drained()
         except TimeoutError:
             log_event(logger, logging.ERROR, "shutdown_timeout", timeout_seconds=timeout)
+        for task in (self._publisher_task, self._fsync_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         undelivered = 0
-        if publisher is not None and self._publisher_task is not None:
-            undelivered = len(publisher.buffer) + publisher.in_flight + publisher.undelivered
-            self._publisher_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._publisher_task
+        if self._buffer is not None and publisher is not None:
+            undelivered = self._buffer.close(publisher.in_flight) + publisher.undeliverable
         if self.sink is not None and self._sink_started:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(max(1.0, timeout / 4)):
                     await self.sink.stop()
         self.metrics.undelivered_at_shutdown.set(undelivered)
-        log_event(logger, logging.INFO if undelivered == 0 else logging.ERROR, "stopped", undelivered=undelivered)
+        received = sum(
+            self.metrics.registry.get_sample_value("ime_bridge_messages_received_total", {"endpoint": endpoint}) or 0
+            for endpoint in Endpoint
+        )
+        log_event(
+            logger,
+            logging.INFO if undelivered == 0 else logging.ERROR,
+            "stopped",
+            received=int(received),
+            undelivered=undelivered,
+            kept_in_spool=self._buffer is not None and self._buffer.spool is not None,
+        )
 
 
 async def _until_stopped(stop: asyncio.Event, work: Any) -> bool:

@@ -150,7 +150,7 @@ class KafkaSettings(_Section):
     )
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
     linger_ms: int = Field(default=5, ge=0, le=60_000)
-    max_batch_bytes: int = Field(default=262_144, ge=1024)
+    max_batch_bytes: int = Field(default=524_288, ge=1024, description="Bytes per partition per publish round.")
     request_timeout_ms: int = Field(default=30_000, ge=1000)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -177,12 +177,32 @@ class KafkaSettings(_Section):
 
 
 class BufferSettings(_Section):
-    """The buffer between the WebSocket readers and Kafka."""
+    """The buffer between the WebSocket readers and Kafka; see bridge/buffer.py."""
 
+    overflow: Literal["conflate", "spool"] = Field(
+        default="conflate", description="When Kafka is slower than the feed: keep the latest per contract, or spool."
+    )
     capacity_records: int = Field(
-        default=100_000, ge=1, description="Records held before the readers pause until Kafka catches up."
+        default=100_000, ge=1, description="conflate: records in memory before conflation starts."
     )
     max_batch_records: int = Field(default=10_000, ge=1, description="Records per publish round.")
+    suppress_duplicates: bool = Field(
+        default=False, description="Drop a snapshot whose market data equals the contract's previous one."
+    )
+    spool_dir: Path | None = Field(default=None, description="spool: directory of the spool (required for spool).")
+    spool_after_records: int = Field(
+        default=1000, ge=1, description="spool: records in memory before new ones go to the spool."
+    )
+    spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20, description="spool: the spool's size limit.")
+    spool_fsync_interval_seconds: PositiveSeconds = Field(
+        default=0.2, description="spool: fsync period, what a power loss can take at most."
+    )
+
+    @model_validator(mode="after")
+    def _spool_needs_a_directory(self) -> BufferSettings:
+        if self.overflow == "spool" and self.spool_dir is None:
+            raise ValueError("buffer.overflow: spool needs buffer.spool_dir")
+        return self
 
 
 class MetricsSettings(_Section):

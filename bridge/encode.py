@@ -97,6 +97,7 @@ _seven_doubles = struct.Struct("<ddddddd").pack
 _NULL = b"\x00"  # union branch 0 (null); also the end of an array
 _PRESENT = b"\x02"  # union branch 1
 _ENDPOINT_SYMBOLS = {"ID": _long(0), "NAME": _long(1)}
+_TRUE, _FALSE = b"\x01", b"\x00"
 
 
 def encode_update(update: ContractUpdate) -> bytes:
@@ -154,4 +155,6 @@ def encode_update(update: ContractUpdate) -> bytes:
     parts.append(_NULL if info is None else _PRESENT + _long(info.open_interest) + _long(info.open_interest_change))
     parts.append(_long(update.sequence))
     parts.append(_string(update.session_id))
+    parts.append(_long(update.skipped))
+    parts.append(_TRUE if update.first_after_subscribe else _FALSE)
     return b"".join(parts)

@@ -100,6 +100,31 @@ class Metrics:
         self.buffer_capacity = Gauge(
             "ime_bridge_buffer_capacity_records", "Capacity of the buffer, in records.", registry=r
         )
+        self.conflated = Counter(
+            "ime_bridge_conflated_total",
+            "Snapshots replaced by a newer one of their contract before Kafka took them (overflow: conflate).",
+            registry=r,
+        )
+        self.duplicates_suppressed = Counter(
+            "ime_bridge_duplicates_suppressed_total",
+            "Snapshots identical to the contract's previous one, not published (buffer.suppress_duplicates).",
+            registry=r,
+        )
+        self.spool_bytes = Gauge("ime_bridge_spool_bytes", "Bytes in the spool waiting for Kafka.", registry=r)
+        self.spool_records = Gauge("ime_bridge_spool_records", "Records in the spool waiting for Kafka.", registry=r)
+        self.spool_full = Gauge(
+            "ime_bridge_spool_full",
+            "1 while the spool refuses writes (buffer.spool_max_bytes reached or the disk failing).",
+            registry=r,
+        )
+        self.spool_damaged_entries = Counter(
+            "ime_bridge_spool_damaged_entries_total",
+            "Spool entries found torn or corrupt when the spool was opened, dropped.",
+            registry=r,
+        )
+        self.producer_restarts = Counter(
+            "ime_bridge_producer_restarts_total", "Kafka producers replaced after becoming unusable.", registry=r
+        )
         self.token_refreshes = Counter(
             "ime_bridge_token_refreshes_total",
             "Token issue attempts, by outcome (ok, rejected, error).",

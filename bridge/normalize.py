@@ -35,6 +35,7 @@ class RejectReason(enum.StrEnum):
     INVALID_TIMESTAMP = "invalid_timestamp"
     INVALID_VALUE = "invalid_value"
     OVERSIZED = "oversized"
+    RECORD_TOO_LARGE = "record_too_large"  # Kafka refused the encoded record as too large
 
 
 # --- The normalized record. Field for field the Avro schema schemas/contract_update.avsc
@@ -97,6 +98,8 @@ class ContractUpdate(msgspec.Struct):
     contract_info: ContractInfo | None
     sequence: int
     session_id: str
+    skipped: int = 0
+    first_after_subscribe: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,11 @@
-"""Between source and sink: frame → record, a bounded buffer, and the publisher loop.
+"""Between source and sink: frame → record into the delivery buffer, and the publisher loop.
 
-`FramePipeline.on_frame` runs synchronously in the WebSocket reader for each frame: normalize, give
-the update its per-contract sequence number, encode, and append to the buffer (or build a
-dead-letter record for a rejected frame). Only when the buffer is full does it hand the reader an
-awaitable, so the reader stops taking frames until Kafka catches up; nothing is dropped.
-`Publisher` takes everything buffered at once, publishes it as one set of per-partition batches and
-accounts for every record's outcome.
+`FramePipeline.on_frame` runs synchronously in the WebSocket reader for each frame and never waits:
+normalize, mark the first snapshot of each contract after a (re)subscription, drop exact repeats when
+configured, give the update its per-contract sequence number, and add it to the buffer (or a
+dead-letter record for a rejected frame). `Publisher` takes a round from the buffer, publishes it as
+per-partition batches, and settles it: every record's outcome is observed, failed ones are queued
+again at the head (never re-sent out of order), and a producer that became unusable is replaced.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable
 
-from bridge.encode import Schema, encode_update
+from aiokafka.errors import MessageSizeTooLargeError
+
+from bridge.buffer import DeliveryBuffer, Round
+from bridge.encode import Schema
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
-from bridge.sink import Headers, OutgoingRecord, Sink
-from bridge.source import ConnectionInfo
+from bridge.sink import Headers, NotSent, OutgoingRecord, Sink, SinkUnavailable
+from bridge.source import Backoff, ConnectionInfo
 
 logger = logging.getLogger(__name__)
 
@@ -37,52 +38,6 @@ HEADER_RECEIVE_TIME = "receive-time-us"
 DEAD_LETTER_MAX_RAW = 512 * 1024
 
 
-class RecordBuffer:
-    """A FIFO of records with a capacity. Never drops: a full buffer tells the caller to wait."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._records: deque[OutgoingRecord] = deque()
-        self._not_empty = asyncio.Event()
-        self._has_space = asyncio.Event()
-        self._has_space.set()
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    @property
-    def full(self) -> bool:
-        """At or over capacity: producers should await `wait_for_space()`."""
-        return len(self._records) >= self.capacity
-
-    def put(self, record: OutgoingRecord) -> None:
-        """Append a record."""
-        self._records.append(record)
-        if len(self._records) == 1:
-            self._not_empty.set()
-        if len(self._records) >= self.capacity:
-            self._has_space.clear()
-
-    async def wait_for_space(self) -> None:
-        """Return once the buffer is below capacity."""
-        await self._has_space.wait()
-
-    async def take(self, max_records: int) -> list[OutgoingRecord]:
-        """Wait for at least one record; remove and return up to `max_records`, oldest first."""
-        while not self._records:
-            self._not_empty.clear()
-            await self._not_empty.wait()
-        records = self._records
-        if len(records) <= max_records:
-            taken = list(records)
-            records.clear()
-        else:
-            taken = [records.popleft() for _ in range(max_records)]
-        if len(records) < self.capacity:
-            self._has_space.set()
-        return taken
-
-
 class FramePipeline:
     """The synchronous per-frame work of the readers."""
 
@@ -90,12 +45,13 @@ class FramePipeline:
         self,
         *,
         normalizer: Normalizer,
-        buffer: RecordBuffer,
+        buffer: DeliveryBuffer,
         metrics: Metrics,
         schema: Schema,
         topic: str,
         dlq_topic: str,
         max_frame_bytes: int,
+        suppress_duplicates: bool = False,
     ) -> None:
         self.normalizer = normalizer
         self.buffer = buffer
@@ -107,13 +63,18 @@ class FramePipeline:
             (HEADER_SCHEMA, schema.name.encode()),
             (HEADER_FINGERPRINT, schema.fingerprint.encode()),
         ]
+        self.suppress_duplicates = suppress_duplicates
         self._sequences: dict[str, int] = {}
         self._headers: dict[str, tuple[str, Headers]] = {}
+        # Per subscription: the attempt seen last, and the contracts seen on it since it opened.
+        self._subscribed: dict[str, tuple[int, set[str]]] = {}
+        self._last_state: dict[str, tuple[object, ...]] = {}
+        self._carry_first: set[str] = set()  # a suppressed first-after-subscribe passes its flag on
         self._observe_lag = metrics.exchange_lag.observe
 
-    def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> Awaitable[None] | None:
-        """Turn one frame into a record in the buffer; returns an awaitable when the reader must wait."""
-        received = time.monotonic()
+    def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
+        """Turn one frame into a record in the buffer (or a dead letter). Never blocks."""
+        received = receive_time / 1e6
         result: ContractUpdate | Rejected
         if len(raw) > self.max_frame_bytes:
             detail = f"frame of {len(raw)} characters exceeds ime.max_frame_bytes={self.max_frame_bytes}"
@@ -122,17 +83,39 @@ class FramePipeline:
             result = self.normalizer(raw, connection.subscription.endpoint, receive_time)
         if isinstance(result, Rejected):
             self._dead_letter(result, receive_time, connection, received)
-        else:
-            contract_id = result.contract_id
-            sequence = self._sequences.get(contract_id, 0) + 1
-            self._sequences[contract_id] = sequence
-            result.sequence = sequence
-            self._observe_lag((receive_time - result.exchange_time) / 1e6)
-            label, headers = self._headers.get(connection.subscription.name) or ("", [])
-            if label != connection.label:
-                headers = self._connection_headers(connection)
-            self.buffer.put(OutgoingRecord(self.topic, contract_id.encode(), encode_update(result), headers, received))
-        return self.buffer.wait_for_space() if self.buffer.full else None
+            return
+        contract_id = result.contract_id
+        attempt, seen = self._subscribed.get(connection.subscription.name) or (0, set())
+        if attempt != connection.attempt:
+            seen = set()
+            self._subscribed[connection.subscription.name] = (connection.attempt, seen)
+        if contract_id not in seen:
+            seen.add(contract_id)
+            result.first_after_subscribe = True
+        if self.suppress_duplicates and self._is_repeat(result):
+            return
+        sequence = self._sequences.get(contract_id, 0) + 1
+        self._sequences[contract_id] = sequence
+        result.sequence = sequence
+        self._observe_lag((receive_time - result.exchange_time) / 1e6)
+        label, headers = self._headers.get(connection.subscription.name) or ("", [])
+        if label != connection.label:
+            headers = self._connection_headers(connection)
+        self.buffer.add_update(result, self.topic, headers, received)
+
+    def _is_repeat(self, update: ContractUpdate) -> bool:
+        """The same market data as the contract's previous snapshot (a resend, e.g. after a reconnect)."""
+        state = (update.best_limit, update.aggregate, update.allowed_price_range, update.contract_info)
+        if self._last_state.get(update.contract_id) == state:
+            self.metrics.duplicates_suppressed.inc()
+            if update.first_after_subscribe:
+                self._carry_first.add(update.contract_id)
+            return True
+        self._last_state[update.contract_id] = state
+        if update.contract_id in self._carry_first:
+            self._carry_first.discard(update.contract_id)
+            update.first_after_subscribe = True
+        return False
 
     def _connection_headers(self, connection: ConnectionInfo) -> Headers:
         headers = [
@@ -164,7 +147,7 @@ class FramePipeline:
         ]
         key = rejected.contract_id.encode() if rejected.contract_id else None
         raw = rejected.raw[:DEAD_LETTER_MAX_RAW]
-        self.buffer.put(OutgoingRecord(self.dlq_topic, key, raw, headers, received, dead_letter_reason=reason))
+        self.buffer.add_record(OutgoingRecord(self.dlq_topic, key, raw, headers, received, dead_letter_reason=reason))
 
 
 def _as_bytes(raw: str | bytes) -> bytes:
@@ -172,43 +155,88 @@ def _as_bytes(raw: str | bytes) -> bytes:
 
 
 class Publisher:
-    """Moves records from the buffer to the sink and accounts for each one."""
+    """Moves rounds from the buffer to the sink, one round in flight, and accounts for every record."""
 
-    def __init__(self, buffer: RecordBuffer, sink: Sink, metrics: Metrics, *, max_batch_records: int = 10_000) -> None:
+    def __init__(
+        self,
+        buffer: DeliveryBuffer,
+        sink: Sink,
+        metrics: Metrics,
+        *,
+        dlq_topic: str,
+        max_batch_records: int = 10_000,
+        retry_backoff: Backoff | None = None,
+    ) -> None:
         self.buffer = buffer
         self.sink = sink
         self.metrics = metrics
+        self.dlq_topic = dlq_topic
         self.max_batch_records = max_batch_records
-        self.in_flight = 0
-        self.undelivered = 0
+        self.in_flight: Round | None = None
+        self.undeliverable = 0
+        self.healthy = True
+        self._backoff = retry_backoff or Backoff(0.1, 5.0)
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def run(self) -> None:
         """Publish until cancelled."""
         while True:
-            records = await self.buffer.take(self.max_batch_records)
+            taken = await self.buffer.take(self.max_batch_records)
             self._idle.clear()
-            self.in_flight = len(records)
+            self.in_flight = taken
             try:
-                outcomes = await self.sink.publish(records)
-                self._account(records, outcomes)
+                outcomes = await self._publish(taken.records)
+                done, failed = self._account(taken.records, outcomes)
+                self.buffer.settle(taken, done)
             finally:
-                self.in_flight = 0
+                self.in_flight = None
                 if not len(self.buffer):
                     self._idle.set()
+            self.healthy = failed == 0
+            if failed:
+                delay = self._backoff.next_delay()
+                log_event(logger, logging.WARNING, "publish_retry", records=failed, retry_in=round(delay, 3))
+                await asyncio.sleep(delay)
+            else:
+                self._backoff.reset()
+
+    async def _publish(self, records: list[OutgoingRecord]) -> list[Exception | None]:
+        try:
+            return await self.sink.publish(records)
+        except SinkUnavailable as exc:
+            # The producer is unusable (its sender died): replace it, and send the round again.
+            log_event(logger, logging.ERROR, "producer_unusable", error=str(exc))
+            self.metrics.producer_restarts.inc()
+            await self._restart_sink()
+            return [exc] * len(records)
+
+    async def _restart_sink(self) -> None:
+        await self.sink.stop()
+        backoff = Backoff(0.5, 30.0)
+        while True:
+            try:
+                await self.sink.start()
+                return
+            except SinkUnavailable as exc:
+                delay = backoff.next_delay()
+                log_event(logger, logging.WARNING, "kafka_unavailable", error=str(exc), retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
 
     async def wait_drained(self) -> None:
         """Return once the buffer is empty and nothing is in flight."""
-        while len(self.buffer) or self.in_flight:
+        while len(self.buffer) or self.in_flight is not None:
             self._idle.clear()
             await self._idle.wait()
 
-    def _account(self, records: list[OutgoingRecord], outcomes: list[Exception | None]) -> None:
-        now = time.monotonic()
+    def _account(self, records: list[OutgoingRecord], outcomes: list[Exception | None]) -> tuple[list[bool], int]:
+        """Count outcomes: (True for each record that needs no further send, how many failed)."""
+        now = time.time()
         observe = self.metrics.publish_latency.observe
         published: dict[str, int] = {}
         errors: dict[str, int] = {}
+        done: list[bool] = []
+        not_sent = 0
         for record, outcome in zip(records, outcomes, strict=True):
             if outcome is None:
                 published[record.topic] = published.get(record.topic, 0) + 1
@@ -216,12 +244,38 @@ class Publisher:
                     observe(now - record.received)
                 else:
                     self.metrics.dead_letters.labels(record.dead_letter_reason).inc()
+                done.append(True)
+                continue
+            if isinstance(outcome, NotSent):
+                done.append(False)
+                not_sent += 1
+                continue
+            errors[type(outcome).__name__] = errors.get(type(outcome).__name__, 0) + 1
+            if isinstance(outcome, MessageSizeTooLargeError):
+                done.append(self._too_large(record))
             else:
-                name = type(outcome).__name__
-                errors[name] = errors.get(name, 0) + 1
+                done.append(False)
         for topic, count in published.items():
             self.metrics.messages_published.labels(topic).inc(count)
         for name, count in errors.items():
             self.metrics.produce_errors.labels(name).inc(count)
-            self.undelivered += count
-            log_event(logger, logging.ERROR, "records_not_delivered", error=name, records=count)
+            log_event(logger, logging.WARNING, "records_not_acknowledged", error=name, records=count)
+        failed = sum(
+            1
+            for record_done, outcome in zip(done, outcomes, strict=True)
+            if not record_done and not isinstance(outcome, NotSent)
+        )
+        return done, failed
+
+    def _too_large(self, record: OutgoingRecord) -> bool:
+        """Kafka will never take this record: dead-letter it (a dead letter too large is dropped, loudly)."""
+        if record.dead_letter_reason is not None:
+            self.undeliverable += 1
+            log_event(logger, logging.ERROR, "dead_letter_too_large_dropped", bytes=len(record.value))
+            return True
+        reason = RejectReason.RECORD_TOO_LARGE.value
+        self.metrics.messages_rejected.labels(reason).inc()
+        headers = [*record.headers, (HEADER_REASON, reason.encode())]
+        value = record.value[: DEAD_LETTER_MAX_RAW // 8]
+        self.buffer.add_record(OutgoingRecord(self.dlq_topic, record.key, value, headers, record.received, reason))
+        return True

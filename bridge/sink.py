@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 
 from bridge.config import KafkaSettings
@@ -40,7 +40,11 @@ class OutgoingRecord:
 
 
 class SinkUnavailable(Exception):
-    """Kafka could not be reached or refused the operation."""
+    """Kafka could not be reached, or the producer became unusable and must be replaced."""
+
+
+class NotSent(Exception):
+    """The record was not handed to Kafka in this round (its partition's batch was full): send it next round."""
 
 
 class Sink(Protocol):
@@ -150,50 +154,55 @@ class KafkaSink:
         return cached
 
     async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
-        """Group `records` into one batch per partition (several when one fills up) and await every ack."""
+        """One batch per partition, in record order; each record's outcome (None = acknowledged).
+
+        A partition never gets a second batch in the same round, so a batch that fails cannot be
+        overtaken by a later one of its partition: what does not fit comes back as NotSent.
+        Raises SinkUnavailable when the producer itself failed (its sender task died).
+        """
         producer = self._producer
         if producer is None:
             raise SinkUnavailable("publish before start")
-        groups: dict[tuple[str, int], list[int]] = {}
-        for index, record in enumerate(records):
-            groups.setdefault((record.topic, self._partition(record.topic, record.key)), []).append(index)
-
-        pending: list[tuple[asyncio.Future[Any] | Exception, list[int]]] = []
-        for (topic, partition), indices in groups.items():
-            position = 0
-            while position < len(indices):
-                batch = producer.create_batch()
-                start = position
-                while position < len(indices):
-                    record = records[indices[position]]
-                    if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
-                        break
-                    position += 1
-                if position == start:  # a single record larger than a whole batch
-                    pending.append((SinkUnavailable("record larger than kafka.max_batch_bytes"), [indices[start]]))
-                    position += 1
-                    continue
-                try:
-                    future = await producer.send_batch(batch, topic, partition=partition)
-                except KafkaError as exc:
-                    pending.append((exc, indices[start:position]))
-                    continue
-                pending.append((future, indices[start:position]))
-
         outcomes: list[Exception | None] = [None] * len(records)
-        for future, indices in pending:
-            error: Exception | None
-            if isinstance(future, Exception):
-                error = future
-            else:
-                try:
-                    await future
-                    error = None
-                except KafkaError as exc:
-                    error = exc
-            if error is not None:
-                for index in indices:
-                    outcomes[index] = error
+        batches: dict[tuple[str, int], tuple[Any, list[int]]] = {}
+        for index, record in enumerate(records):
+            slot = (record.topic, self._partition(record.topic, record.key))
+            batch, indices = batches.get(slot) or (None, [])
+            if batch is None:
+                batch = producer.create_batch()
+                batches[slot] = (batch, indices)
+            elif indices and indices[-1] < 0:  # this partition's batch is full for this round
+                outcomes[index] = NotSent()
+                continue
+            if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
+                if not indices:  # a single record larger than a whole batch
+                    outcomes[index] = MessageSizeTooLargeError(f"record of {len(record.value)} bytes")
+                    continue
+                indices.append(-1)
+                outcomes[index] = NotSent()
+                continue
+            indices.append(index)
+
+        pending: list[tuple[asyncio.Future[Any], list[int]]] = []
+        for (topic, partition), (batch, indices) in batches.items():
+            sent = [index for index in indices if index >= 0]
+            if not sent:
+                continue
+            try:
+                pending.append((await producer.send_batch(batch, topic, partition=partition), sent))
+            except KafkaError as exc:
+                for index in sent:
+                    outcomes[index] = exc
+            except Exception as exc:
+                raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
+        for future, sent in pending:
+            try:
+                await future
+            except KafkaError as exc:
+                for index in sent:
+                    outcomes[index] = exc
+            except Exception as exc:
+                raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
         return outcomes
 
     async def stop(self) -> None:

@@ -1,7 +1,7 @@
 """The IME WebSocket side: one long-lived task per subscription, each reconnecting on its own.
 
 A frame is handed to the pipeline as it arrives, with its receive time, synchronously; the handler
-returns an awaitable only when the reader must wait (the buffer is full). Every ended connection is
+never blocks, so the reader keeps answering pings whatever Kafka does. Every ended connection is
 classified into a bounded `reason` and followed by a jittered, capped exponential backoff that resets
 only after the connection stayed up for `healthy_after` seconds, so a server that accepts and closes
 at once is not hammered. A 1008 close is answered by one token re-issue; a second 1008 on a fresh
@@ -16,7 +16,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,7 +30,7 @@ from bridge.planner import Subscription
 
 logger = logging.getLogger(__name__)
 
-FrameHandler = Callable[[str | bytes, int, "ConnectionInfo"], Awaitable[None] | None]
+FrameHandler = Callable[[str | bytes, int, "ConnectionInfo"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +232,7 @@ class WebSocketSource:
             now_us = time.time_ns() // 1000
             received.inc()
             last_message_at[name] = now_us / 1e6
-            waiter = handler(message, now_us, info)
-            if waiter is not None:
-                await waiter
+            handler(message, now_us, info)
 
     def _mark_up(self, info: ConnectionInfo, ws: ClientConnection) -> None:
         subscription = info.subscription

@@ -49,6 +49,8 @@ updates = st.builds(
     st.one_of(st.none(), st.builds(ContractInfo, longs, longs)),
     st.integers(min_value=0, max_value=2**40),
     texts,
+    st.integers(min_value=0, max_value=2**40),
+    st.booleans(),
 )
 
 

@@ -1,22 +1,23 @@
-"""pipeline: frames to records, the buffer's backpressure and the publisher's accounting, in memory."""
+"""pipeline: frames to records, flags and duplicates, and the publisher's accounting, in memory."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import json
+from collections.abc import Sequence
 
-import pytest
 from fastavro import schemaless_reader
 
+from bridge.buffer import DeliveryBuffer, Overflow
 from bridge.encode import load_schema
 from bridge.metrics import Metrics
 from bridge.normalize import Normalizer
-from bridge.pipeline import FramePipeline, Publisher, RecordBuffer
+from bridge.pipeline import FramePipeline, Publisher
 from bridge.planner import Subscription
 from bridge.protocol import Endpoint
 from bridge.sink import MemorySink, OutgoingRecord, SinkUnavailable
-from bridge.source import ConnectionInfo
+from bridge.source import Backoff, ConnectionInfo
 
 SCHEMA = load_schema()
 BY_ID = ConnectionInfo(Subscription("id-0", Endpoint.ID, ("1001", "1002")), attempt=3)
@@ -34,18 +35,25 @@ def frame(identifier: dict[str, str], last_price: int = 100) -> str:
     )
 
 
-def make_pipeline(capacity: int = 100, max_frame_bytes: int = 10_000) -> tuple[FramePipeline, Metrics]:
+def make_pipeline(
+    capacity: int = 100, max_frame_bytes: int = 10_000, suppress_duplicates: bool = False
+) -> tuple[FramePipeline, Metrics]:
     metrics = Metrics()
     pipeline = FramePipeline(
         normalizer=Normalizer(session_id="s", names_by_id={"1001": "GC1405"}, ids_by_name={"GC1405": "1001"}),
-        buffer=RecordBuffer(capacity),
+        buffer=DeliveryBuffer(capacity=capacity, overflow=Overflow.CONFLATE, metrics=metrics),
         metrics=metrics,
         schema=SCHEMA,
         topic="updates",
         dlq_topic="dead",
         max_frame_bytes=max_frame_bytes,
+        suppress_duplicates=suppress_duplicates,
     )
     return pipeline, metrics
+
+
+async def take_all(pipeline: FramePipeline) -> list[OutgoingRecord]:
+    return (await pipeline.buffer.take(1000)).records
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -61,11 +69,11 @@ def decode(record: OutgoingRecord) -> dict[str, object]:
 
 async def test_same_key_and_one_sequence_per_contract_whichever_endpoint() -> None:
     pipeline, _ = make_pipeline()
-    assert pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID) is None
+    pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID)
     pipeline.on_frame(frame({"contractName": "GC1405"}), 2, BY_NAME)
     pipeline.on_frame(frame({"contractId": "1002"}), 3, BY_ID)
 
-    records = await pipeline.buffer.take(10)
+    records = await take_all(pipeline)
     assert [record.key for record in records] == [b"1001", b"1001", b"1002"]
     assert [decode(record)["sequence"] for record in records] == [1, 2, 1]
     assert [decode(record)["endpoint"] for record in records] == ["ID", "NAME", "ID"]
@@ -84,7 +92,7 @@ async def test_rejected_and_oversized_frames_become_dead_letters() -> None:
     pipeline.on_frame("{broken", 5, BY_ID)
     pipeline.on_frame(frame({"contractId": "1001"}) + " " * 3000, 6, BY_ID)
 
-    broken, oversized = await pipeline.buffer.take(10)
+    broken, oversized = await take_all(pipeline)
     assert (broken.topic, broken.key, broken.value) == ("dead", None, b"{broken")
     assert dict(broken.headers)["reason"] == b"invalid_json"
     assert dict(broken.headers)["receive-time-us"] == b"5"
@@ -95,23 +103,40 @@ async def test_rejected_and_oversized_frames_become_dead_letters() -> None:
     assert sample(metrics, "ime_bridge_messages_rejected_total", reason="oversized") == 1
 
 
-async def test_a_full_buffer_makes_the_reader_wait_and_loses_nothing() -> None:
-    pipeline, _ = make_pipeline(capacity=2)
-    assert pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID) is None
-    waiter = pipeline.on_frame(frame({"contractId": "1001"}), 2, BY_ID)
-    assert waiter is not None
-    waiting = asyncio.ensure_future(waiter)
-    await asyncio.sleep(0)
-    assert not waiting.done()
-    assert len(await pipeline.buffer.take(1)) == 1
-    await asyncio.wait_for(waiting, timeout=5)
-    assert len(pipeline.buffer) == 1
+async def test_first_record_after_each_subscription_is_flagged() -> None:
+    pipeline, _ = make_pipeline()
+    reconnected = ConnectionInfo(BY_ID.subscription, attempt=4)
+    for connection in (BY_ID, BY_ID, reconnected, reconnected):
+        pipeline.on_frame(frame({"contractId": "1001"}), 1, connection)
+    pipeline.on_frame(frame({"contractId": "1002"}), 1, reconnected)
+    flags = [(record.key, decode(record)["first_after_subscribe"]) for record in await take_all(pipeline)]
+    assert flags == [(b"1001", True), (b"1001", False), (b"1001", True), (b"1001", False), (b"1002", True)]
+
+
+async def test_identical_snapshots_are_suppressed_when_configured_and_counted() -> None:
+    pipeline, metrics = make_pipeline(suppress_duplicates=True)
+    reconnected = ConnectionInfo(BY_ID.subscription, attempt=4)
+    pipeline.on_frame(frame({"contractId": "1001"}, 5), 1, BY_ID)
+    pipeline.on_frame(frame({"contractId": "1001"}, 5), 2, BY_ID)
+    pipeline.on_frame(frame({"contractId": "1001"}, 5), 3, reconnected)  # a resend after the reconnect
+    pipeline.on_frame(frame({"contractId": "1001"}, 6), 4, reconnected)
+    values = [decode(record) for record in await take_all(pipeline)]
+    assert [(v["sequence"], v["first_after_subscribe"]) for v in values] == [(1, True), (2, True)]
+    assert values[1]["contract_info"]["open_interest"] == 6
+    assert sample(metrics, "ime_bridge_duplicates_suppressed_total") == 2
+
+
+async def test_without_suppression_identical_snapshots_are_published() -> None:
+    pipeline, _ = make_pipeline()
+    for _ in range(3):
+        pipeline.on_frame(frame({"contractId": "1001"}, 5), 1, BY_ID)
+    assert [decode(record)["sequence"] for record in await take_all(pipeline)] == [1, 2, 3]
 
 
 async def test_publisher_accounts_for_every_outcome() -> None:
     pipeline, metrics = make_pipeline()
     sink = MemorySink()
-    publisher = Publisher(pipeline.buffer, sink, metrics)
+    publisher = Publisher(pipeline.buffer, sink, metrics, dlq_topic="dead")
     task = asyncio.create_task(publisher.run())
     for price in range(5):
         pipeline.on_frame(frame({"contractId": "1001"}, price), price, BY_ID)
@@ -125,26 +150,29 @@ async def test_publisher_accounts_for_every_outcome() -> None:
     assert sample(metrics, "ime_bridge_publish_latency_seconds_count") == 5
 
 
-async def test_publisher_counts_records_kafka_did_not_take() -> None:
+async def test_failed_records_are_sent_again_in_order_and_counted() -> None:
     pipeline, metrics = make_pipeline()
-    publisher = Publisher(pipeline.buffer, MemorySink(fail_with=SinkUnavailable("down")), metrics)
+    sink = FlakySink(failures=2)
+    publisher = Publisher(pipeline.buffer, sink, metrics, dlq_topic="dead", retry_backoff=Backoff(0.001, 0.01))
     task = asyncio.create_task(publisher.run())
-    pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID)
+    for price in range(4):
+        pipeline.on_frame(frame({"contractId": "1001"}, price), price, BY_ID)
     await asyncio.wait_for(publisher.wait_drained(), timeout=5)
     task.cancel()
-    assert sample(metrics, "ime_bridge_produce_errors_total", error="SinkUnavailable") == 1
-    assert publisher.undelivered == 1
+    assert [decode(record)["sequence"] for record in sink.records] == [1, 2, 3, 4]
+    assert sample(metrics, "ime_bridge_produce_errors_total", error="SinkUnavailable") == 8
+    assert sample(metrics, "ime_bridge_messages_published_total", topic="updates") == 4
 
 
-@pytest.mark.parametrize("count", [0, 1, 7])
-async def test_buffer_take_returns_oldest_first_up_to_the_limit(count: int) -> None:
-    buffer = RecordBuffer(100)
-    for n in range(count):
-        buffer.put(OutgoingRecord("t", None, bytes([n]), [], 0.0))
-    if count == 0:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(buffer.take(3), timeout=0.05)
-        return
-    taken = await buffer.take(3)
-    assert [record.value for record in taken] == [bytes([n]) for n in range(min(count, 3))]
-    assert len(buffer) == max(0, count - 3)
+class FlakySink(MemorySink):
+    """Fails the first `failures` rounds entirely."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
+        if self.failures:
+            self.failures -= 1
+            return [SinkUnavailable("down")] * len(records)
+        return await super().publish(records)
