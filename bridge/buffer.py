@@ -6,8 +6,9 @@ and in order:
 - `conflate`: past `capacity_records`, a contract's newest snapshot replaces its newest pending one
   (snapshots are complete, so the latest state is never lost) and carries the count of snapshots it
   replaced in `skipped`. Memory holds at most capacity + one record per contract.
-- `spool`: past `spool_after_records` in memory, records go to the on-disk spool, and so does everything
-  after them until the spool has drained, so a contract's new snapshots queue behind its spooled ones.
+- `spool`: when `spool_after_records` wait in memory, they move to the on-disk spool, in order, and so does
+  everything after them until the spool has drained; a contract's new snapshots queue behind its spooled
+  ones. Memory then holds only a failed round waiting to be sent again, so a crash loses at most one round.
   A full spool (or a failing disk) is an alerted state in which the newest snapshot of each contract is
   held in memory, conflated, and written to the spool before anything newer as soon as it has room.
 
@@ -99,7 +100,7 @@ class DeliveryBuffer:
     def add_update(self, update: ContractUpdate, topic: str, headers: Headers, received: float) -> None:
         """Queue a normalized snapshot (its key is its contract id)."""
         key = update.contract_id.encode()
-        if self._spooling or (self.overflow is Overflow.SPOOL and len(self._memory) >= self.spool_after):
+        if self._spooling or self._should_spill():
             record = OutgoingRecord(topic, key, encode_update(update), headers, received)
             self._to_spool(_Entry(record, update))
             return
@@ -116,7 +117,7 @@ class DeliveryBuffer:
 
     def add_record(self, record: OutgoingRecord) -> None:
         """Queue a finished record (a dead letter): never conflated."""
-        if self._spooling or (self.overflow is Overflow.SPOOL and len(self._memory) >= self.spool_after):
+        if self._spooling or self._should_spill():
             self._to_spool(_Entry(record))
             return
         self._memory.append(_Entry(record))
@@ -134,6 +135,20 @@ class DeliveryBuffer:
         entry.record.headers = headers
         entry.record.received = received
         self.metrics.conflated.inc()
+        return True
+
+    def _should_spill(self) -> bool:
+        """Kafka is not keeping up (spool mode): move what waits in memory to the spool, oldest first."""
+        if self.overflow is not Overflow.SPOOL or len(self._memory) < self.spool_after:
+            return False
+        waiting = list(self._memory)
+        self._memory.clear()
+        self._latest.clear()
+        self._spooling = True
+        for entry in waiting:
+            if entry.update is not None:
+                entry.record.value = encode_update(entry.update)
+            self._to_spool(entry)
         return True
 
     def _to_spool(self, entry: _Entry) -> None:
