@@ -6,14 +6,19 @@ import asyncio
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 from aiokafka import ConsumerRecord
 from fastavro import schemaless_reader
+from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import Bridge
 from bridge.broker import free_port
@@ -42,6 +47,15 @@ class RunningBridge:
         value = self.bridge.metrics.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 
+    def metric_total(self, name: str) -> float:
+        """The sum of a metric over all its label sets."""
+        return sum(
+            sample.value
+            for family in self.bridge.metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == name
+        )
+
     def published(self) -> float:
         """Records Kafka acknowledged on the updates topic so far."""
         return self.metric("ime_bridge_messages_published_total", topic=self.settings.kafka.topic)
@@ -53,6 +67,11 @@ class RunningBridge:
 
 def bridge_settings(simulator: Simulator, broker: BrokerInfo, **sections: dict[str, Any]) -> Settings:
     """Settings pointing at `simulator` and `broker`, on fresh topics; `sections` override per section."""
+    return Settings(**bridge_config(simulator, broker, **sections))
+
+
+def bridge_config(simulator: Simulator, broker: BrokerInfo, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The configuration document of bridge_settings, for a bridge run as a process from a YAML file."""
     suffix = uuid.uuid4().hex[:8]
     document: dict[str, Any] = {
         "ime": {
@@ -77,7 +96,54 @@ def bridge_settings(simulator: Simulator, broker: BrokerInfo, **sections: dict[s
     }
     for section, values in sections.items():
         document[section] = {**document.get(section, {}), **values} if isinstance(values, dict) else values
-    return Settings(**document)
+    return document
+
+
+class BridgeProcess:
+    """`ime-bridge run` as a child process, for tests that signal or kill it; stopped by its PID."""
+
+    def __init__(self, config: dict[str, Any], directory: Path) -> None:
+        self.config = config
+        self.config_path = directory / f"bridge-{uuid.uuid4().hex[:6]}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = self.config_path.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path)], stdout=log, stderr=log
+            )
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.config['metrics']['port']}/metrics"
+
+    async def metric(self, name: str, **labels: str) -> float:
+        """A sample from the process's /metrics (0 when absent or not yet serving)."""
+        try:
+            async with aiohttp.ClientSession() as session, session.get(self.metrics_url) as response:
+                text = await response.text()
+        except aiohttp.ClientError:
+            return 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return float(sample.value)
+        return 0.0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Terminate (if still running) and reap the process."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 @contextlib.asynccontextmanager
