@@ -37,6 +37,10 @@ from bridge.spool import Spool
 logger = logging.getLogger(__name__)
 
 
+class PublisherFailed(Exception):
+    """The publisher task ended with an error: records would no longer reach Kafka."""
+
+
 @dataclass
 class Bridge:
     """One bridge process. `run()` until `stop` is set; the parts are replaceable for tests."""
@@ -84,11 +88,24 @@ class Bridge:
                     http, str(settings.ime.base_url), tokens, timeout=settings.ime.http_timeout_seconds
                 )
                 started = await _until_stopped(stop, self._start(tokens, catalog, stop))
-                if started:
-                    await stop.wait()
-                await self._shutdown()
+                try:
+                    if started:
+                        await self._run_until(stop)
+                finally:
+                    await self._shutdown()
         finally:
             await health.stop()
+
+    async def _run_until(self, stop: asyncio.Event) -> None:
+        """Wait for `stop`; a publisher that dies instead takes the process down rather than leaving it mute."""
+        assert self._publisher_task is not None
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({stopped, self._publisher_task}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if self._publisher_task.done() and not self._publisher_task.cancelled():
+            error = self._publisher_task.exception()
+            log_event(logger, logging.CRITICAL, "publisher_failed", error=repr(error))
+            raise PublisherFailed("the publisher stopped unexpectedly") from error
 
     def _token_provider(self, http: aiohttp.ClientSession) -> TokenProvider:
         ime = self.settings.ime
@@ -203,6 +220,7 @@ class Bridge:
             metrics=self.metrics,
             spool=spool,
             spool_after=config.spool_after_records,
+            topics=(self.settings.kafka.topic, self.settings.kafka.dlq_topic),
         )
 
     @staticmethod
@@ -266,12 +284,12 @@ class Bridge:
             async with asyncio.timeout(timeout):
                 if self._source is not None:
                     await self._source.stop()
-                if publisher is not None:
+                if publisher is not None and self._publisher_task is not None and not self._publisher_task.done():
                     await publisher.wait_drained()
         except TimeoutError:
             log_event(logger, logging.ERROR, "shutdown_timeout", timeout_seconds=timeout)
         for task in (self._publisher_task, self._fsync_task):
-            if task is not None:
+            if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

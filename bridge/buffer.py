@@ -70,6 +70,7 @@ class DeliveryBuffer:
         metrics: Metrics,
         spool: Spool | None = None,
         spool_after: int = 1000,
+        topics: tuple[str, str] | None = None,
     ) -> None:
         if overflow is Overflow.SPOOL and spool is None:
             raise ValueError("spool overflow needs a spool")
@@ -78,6 +79,8 @@ class DeliveryBuffer:
         self.metrics = metrics
         self.spool = spool
         self.spool_after = spool_after
+        # (updates, dead letters): a spool written under another configuration replays into today's topics.
+        self.topics = topics
         self.spool_full = False
         self._memory: deque[_Entry] = deque()
         self._latest: dict[bytes, _Entry] = {}  # newest pending memory entry per contract key
@@ -219,7 +222,11 @@ class DeliveryBuffer:
                     self._release_held()
                 spooled = self.spool.read(max_records - len(taken.records))
                 taken.spooled = spooled
-                taken.records.extend(spooled_record.record for spooled_record in spooled)
+                for spooled_record in spooled:
+                    record = spooled_record.record
+                    if self.topics is not None:
+                        record.topic = self.topics[record.dead_letter_reason is not None]
+                    taken.records.append(record)
                 if not spooled and not self.spool.records and not self._held:
                     self._spooling = False
             if taken.records:

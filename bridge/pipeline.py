@@ -184,15 +184,14 @@ class Publisher:
         while True:
             taken = await self.buffer.take(self.max_batch_records)
             self._idle.clear()
+            # Cancelled while publishing (shutdown), the round stays in `in_flight` for the buffer to keep.
             self.in_flight = taken
-            try:
-                outcomes = await self._publish(taken.records)
-                done, failed = self._account(taken.records, outcomes)
-                self.buffer.settle(taken, done)
-            finally:
-                self.in_flight = None
-                if not len(self.buffer):
-                    self._idle.set()
+            outcomes = await self._publish(taken.records)
+            done, failed = self._account(taken.records, outcomes)
+            self.buffer.settle(taken, done)
+            self.in_flight = None
+            if not len(self.buffer):
+                self._idle.set()
             self.healthy = failed == 0
             if failed:
                 delay = self._backoff.next_delay()

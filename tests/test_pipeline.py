@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Sequence
 
+from aiokafka.errors import MessageSizeTooLargeError
 from fastavro import schemaless_reader
 
 from bridge.buffer import DeliveryBuffer, Overflow
@@ -176,3 +177,63 @@ class FlakySink(MemorySink):
             self.failures -= 1
             return [SinkUnavailable("down")] * len(records)
         return await super().publish(records)
+
+
+class BrokenProducerSink(MemorySink):
+    """A sink whose producer dies once (its sender task failed): publish raises until restarted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+        self.starts = 0
+
+    async def start(self) -> None:
+        self.starts += 1
+        self.broken = False
+        await super().start()
+
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
+        if self.broken:
+            raise SinkUnavailable("the producer failed: RuntimeError('sender died')")
+        return await super().publish(records)
+
+
+async def test_an_unusable_producer_is_replaced_and_the_round_sent_again() -> None:
+    pipeline, metrics = make_pipeline()
+    sink = BrokenProducerSink()
+    publisher = Publisher(pipeline.buffer, sink, metrics, dlq_topic="dead", retry_backoff=Backoff(0.001, 0.01))
+    task = asyncio.create_task(publisher.run())
+    pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID)
+    await asyncio.wait_for(publisher.wait_drained(), timeout=5)
+    task.cancel()
+    assert sink.starts == 1
+    assert sample(metrics, "ime_bridge_producer_restarts_total") == 1
+    assert [decode(record)["sequence"] for record in sink.records] == [1]
+
+
+class TooLargeSink(MemorySink):
+    """Kafka refuses records on the updates topic as too large."""
+
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
+        outcomes: list[Exception | None] = []
+        for record in records:
+            if record.topic == "updates":
+                outcomes.append(MessageSizeTooLargeError())
+            else:
+                self.records.append(record)
+                outcomes.append(None)
+        return outcomes
+
+
+async def test_a_record_kafka_finds_too_large_goes_to_the_dead_letter_topic() -> None:
+    pipeline, metrics = make_pipeline()
+    sink = TooLargeSink()
+    publisher = Publisher(pipeline.buffer, sink, metrics, dlq_topic="dead")
+    task = asyncio.create_task(publisher.run())
+    pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID)
+    await asyncio.wait_for(publisher.wait_drained(), timeout=5)
+    task.cancel()
+    (letter,) = sink.records
+    assert (letter.topic, letter.key, dict(letter.headers)["reason"]) == ("dead", b"1001", b"record_too_large")
+    assert decode(letter)["contract_id"] == "1001", "the dead letter keeps the encoded record"
+    assert sample(metrics, "ime_bridge_dead_letters_total", reason="record_too_large") == 1
