@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-unit lint typecheck bench clean
+.PHONY: help install demo test test-unit test-tools lint bench clean
 
 help:
 	@echo "make demo   run the bridge against the built-in simulator and an embedded broker"
@@ -28,7 +28,19 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check bridge tests bench
 	$(BIN)/mypy
 
-test: lint
+# Debian's prometheus package: promtool and the server that tests/test_monitoring.py runs. Installed only
+# where missing and only as root with apt-get; elsewhere the tests say what is missing (fail under CI=true).
+test-tools:
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus package (promtool and the server, for tests/test_monitoring.py)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "promtool or prometheus missing: apt-get install prometheus (the tests fail under CI=true without them)" >&2; \
+	  fi; \
+	fi
+
+test: lint test-tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
