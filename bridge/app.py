@@ -13,6 +13,7 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,19 +21,19 @@ import aiohttp
 from bridge import __version__
 from bridge.auth import IssuedToken, StaticToken, TokenProvider
 from bridge.buffer import DeliveryBuffer, Overflow
-from bridge.catalog import CatalogUnavailable, ContractCatalog, HttpContractCatalog
-from bridge.config import Settings
+from bridge.catalog import ContractCatalog, HttpContractCatalog
+from bridge.config import ConfigError, Settings, load_settings
 from bridge.encode import load_schema
 from bridge.health import HealthServer
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import Normalizer
 from bridge.pipeline import FramePipeline, Publisher
-from bridge.planner import plan_subscriptions
 from bridge.protocol import Endpoint
 from bridge.sink import KafkaSink, Sink, SinkUnavailable
 from bridge.source import Backoff, SourceSettings, WebSocketSource
 from bridge.spool import Spool
+from bridge.subscriptions import SubscriptionManager
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +52,16 @@ class Bridge:
     sink: Sink | None = None
     catalog: ContractCatalog | None = None
     health_port: int | None = None
+    config_path: Path | None = None
     kafka_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _source: WebSocketSource | None = None
     _publisher: Publisher | None = None
     _publisher_task: asyncio.Task[None] | None = None
     _buffer: DeliveryBuffer | None = None
     _fsync_task: asyncio.Task[None] | None = None
+    _manager: SubscriptionManager | None = None
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     _sink_started: bool = False
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -71,7 +76,31 @@ class Bridge:
         if self._buffer is not None:
             detail["buffer_records"] = len(self._buffer)
             detail["spool_full"] = self._buffer.spool_full
+        if self._manager is not None:
+            detail["quarantined"] = self._manager.status()
         return ready, detail
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the configuration file and reconcile the subscriptions."""
+        self._reload_requested.set()
+
+    async def _reload_on_request(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            if self._manager is None:
+                continue
+            try:
+                settings = load_settings(self.config_path)
+            except ConfigError as exc:
+                log_event(logger, logging.ERROR, "reload_refused", problems="; ".join(exc.problems))
+                continue
+            if settings.model_dump(exclude={"ime"}) != self.settings.model_dump(exclude={"ime"}):
+                log_event(
+                    logger, logging.WARNING, "reload_partial", note="only ime.* applies live; restart for the rest"
+                )
+            opened = await self._manager.reload(settings.ime)
+            log_event(logger, logging.INFO, "reloaded", reopened=sorted(opened))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the bridge until `stop` is set, then shut down in order."""
@@ -99,9 +128,15 @@ class Bridge:
     async def _run_until(self, stop: asyncio.Event) -> None:
         """Wait for `stop`; a publisher that dies instead takes the process down rather than leaving it mute."""
         assert self._publisher_task is not None
+        assert self._source is not None
         stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({stopped, self._publisher_task}, return_when=asyncio.FIRST_COMPLETED)
+        source_failed = asyncio.create_task(self._source.failed.wait())
+        await asyncio.wait({stopped, source_failed, self._publisher_task}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
+        source_failed.cancel()
+        if self._source.fatal_error is not None:
+            log_event(logger, logging.CRITICAL, "source_failed", error=str(self._source.fatal_error))
+            raise self._source.fatal_error
         if self._publisher_task.done() and not self._publisher_task.cancelled():
             error = self._publisher_task.exception()
             log_event(logger, logging.CRITICAL, "publisher_failed", error=repr(error))
@@ -113,30 +148,35 @@ class Bridge:
             return StaticToken(ime.token.get_secret_value())
         assert ime.username is not None  # ImeSettings requires a token or both credentials
         assert ime.password is not None
-        return IssuedToken(
+        tokens = IssuedToken(
             http,
             str(ime.base_url),
             ime.username,
             ime.password.get_secret_value(),
             sdk_field_names=ime.token_form == "sdk",
             timeout=ime.http_timeout_seconds,
+            refresh_margin=ime.token_refresh_margin_seconds,
+            rejected_backoff=ime.auth_rejected_backoff_seconds,
+            on_issue=self._token_issued,
         )
+        self._background.append(asyncio.create_task(tokens.refresh_ahead(), name="token-refresh"))
+        return tokens
+
+    def _token_issued(self, outcome: str, expires_at: float | None) -> None:
+        self.metrics.token_refreshes.labels(outcome).inc()
+        if outcome == "ok":
+            self.metrics.token_expiry.set(expires_at or 0)
+        log_event(logger, logging.INFO if outcome == "ok" else logging.ERROR, "token_issued", outcome=outcome)
 
     async def _start(self, tokens: TokenProvider, catalog: ContractCatalog, stop: asyncio.Event) -> None:
         settings = self.settings
         ime = settings.ime
-        names_by_id, ids_by_name = await self._resolve_contracts(catalog, stop)
-        subscriptions = plan_subscriptions(
-            str(ime.ws_url),
-            ime.contract_ids,
-            [name for name in ime.contract_names if name in ids_by_name],
-            max_contracts=ime.max_contracts_per_connection,
-            max_url_length=ime.max_url_length,
-        )
         sink = self.sink or KafkaSink(settings.kafka)
         self.sink = sink
         await self._start_sink(sink, stop)
 
+        names_by_id: dict[str, str] = {}  # filled by the subscription manager, read by the normalizer
+        ids_by_name: dict[str, str] = {}
         buffer = self._open_buffer()
         self._buffer = buffer
         pipeline = FramePipeline(
@@ -176,22 +216,29 @@ class Bridge:
                 ping_timeout=ime.ping_timeout_seconds,
                 reconnect_min=ime.reconnect_min_seconds,
                 reconnect_max=ime.reconnect_max_seconds,
+                auth_rejected_backoff=ime.auth_rejected_backoff_seconds,
+                rate_limited_backoff=ime.rate_limited_backoff_seconds,
                 healthy_after=ime.healthy_after_seconds,
+                stale_after=ime.stale_after_seconds,
                 max_message_bytes=4 * ime.max_frame_bytes,
             ),
             tokens=tokens,
             handler=pipeline.on_frame,
             metrics=self.metrics,
-            subscriptions=subscriptions,
+            calendar=ime.calendar,
         )
-        self._source.start()
+        self._manager = SubscriptionManager(
+            ime, catalog, self._source, self.metrics, names_by_id=names_by_id, ids_by_name=ids_by_name
+        )
+        await self._manager.start()
+        self._background.append(asyncio.create_task(self._reload_on_request(), name="reload"))
         log_event(
             logger,
             logging.INFO,
             "started",
-            connections=len(subscriptions),
+            connections=len(self._source.subscriptions),
             contract_ids=len(ime.contract_ids),
-            contract_names=len(ids_by_name),
+            contract_names=len(ime.contract_names),
             topic=settings.kafka.topic,
         )
 
@@ -229,38 +276,6 @@ class Bridge:
             await asyncio.sleep(interval)
             buffer.sync()
 
-    async def _resolve_contracts(
-        self, catalog: ContractCatalog, stop: asyncio.Event
-    ) -> tuple[dict[str, str], dict[str, str]]:
-        """Names must resolve to ids (they key the records): retried until the lookup answers.
-
-        Names of subscribed ids only label records, so one failed attempt is logged and accepted.
-        """
-        ime = self.settings.ime
-        ids_by_name: dict[str, str] = {}
-        backoff = Backoff(ime.reconnect_min_seconds, ime.reconnect_max_seconds)
-        while ime.contract_names and not stop.is_set():
-            try:
-                refs = await catalog.by_names(ime.contract_names)
-                break
-            except CatalogUnavailable as exc:
-                log_event(logger, logging.WARNING, "name_lookup_failed", error=str(exc))
-                await asyncio.sleep(backoff.next_delay())
-        else:
-            refs = {}
-        ids_by_name = {name: ref.contract_id for name, ref in refs.items()}
-        for name in ime.contract_names:
-            if name not in ids_by_name:
-                log_event(logger, logging.ERROR, "contract_name_unresolved", contract_name=name)
-        names_by_id = {ref.contract_id: name for name, ref in refs.items()}
-        if ime.contract_ids:
-            try:
-                described = await catalog.by_ids(ime.contract_ids)
-                names_by_id |= {contract_id: ref.contract_name for contract_id, ref in described.items()}
-            except CatalogUnavailable as exc:
-                log_event(logger, logging.WARNING, "id_lookup_failed", error=str(exc))
-        return names_by_id, ids_by_name
-
     async def _start_sink(self, sink: Sink, stop: asyncio.Event) -> None:
         """Kafka may be down at start: keep trying (not ready meanwhile)."""
         backoff = Backoff(1.0, 30.0)
@@ -280,8 +295,13 @@ class Bridge:
         timeout = self.settings.shutdown_timeout_seconds
         log_event(logger, logging.INFO, "stopping", timeout_seconds=timeout)
         publisher = self._publisher
+        for background in self._background:
+            background.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         try:
             async with asyncio.timeout(timeout):
+                if self._manager is not None:
+                    await self._manager.stop()
                 if self._source is not None:
                     await self._source.stop()
                 if publisher is not None and self._publisher_task is not None and not self._publisher_task.done():

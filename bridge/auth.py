@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import aiohttp
@@ -95,6 +97,8 @@ class IssuedToken:
         sdk_field_names: bool = False,
         refresh_margin: float = 60.0,
         timeout: float = 10.0,
+        rejected_backoff: float = 300.0,
+        on_issue: Callable[[str, float | None], None] | None = None,
     ) -> None:
         self._session = session
         self._url = base_url.rstrip("/") + protocol.TOKEN_PATH
@@ -109,6 +113,9 @@ class IssuedToken:
         self._token: str | None = None
         self._expires_at: float | None = None
         self._lock = asyncio.Lock()
+        self._rejected_backoff = rejected_backoff
+        self._rejected: tuple[float, AuthRejected] | None = None
+        self._on_issue = on_issue
 
     @property
     def expires_at(self) -> float | None:
@@ -116,12 +123,48 @@ class IssuedToken:
         return self._expires_at
 
     async def token(self) -> str:
-        """The current token, issuing a new one when there is none or it is about to expire."""
+        """The current token, issuing a new one when there is none or it is about to expire.
+
+        A refusal of the credentials is remembered for `rejected_backoff` seconds: every caller gets it
+        again without a request, so many connections cannot hammer the endpoint with bad credentials.
+        """
         async with self._lock:
             if self._token is None or self._expiring():
-                self._token = await self._issue()
-                self._expires_at = jwt_expiry(self._token)
+                if self._rejected is not None and time.monotonic() < self._rejected[0]:
+                    raise self._rejected[1]
+                try:
+                    token = await self._issue()
+                except AuthRejected as exc:
+                    self._rejected = (time.monotonic() + self._rejected_backoff, exc)
+                    self._report("rejected", None)
+                    raise
+                except AuthUnavailable:
+                    self._report("error", None)
+                    raise
+                self._rejected = None
+                self._token, self._expires_at = token, jwt_expiry(token)
+                self._report("ok", self._expires_at)
             return self._token
+
+    def _report(self, outcome: str, expires_at: float | None) -> None:
+        if self._on_issue is not None:
+            self._on_issue(outcome, expires_at)
+
+    async def refresh_ahead(self) -> None:
+        """Keep a fresh token ready (run as a task): renew `refresh_margin` before each expiry.
+
+        Renewing does not interrupt open connections; the token is only sent in handshakes, so every
+        reconnect finds a valid one instead of meeting a 1008.
+        """
+        while True:
+            with contextlib.suppress(AuthError):  # logged and counted by the callers and the metrics
+                await self.token()
+            expires_at = self._expires_at
+            if expires_at is None:
+                delay = self._rejected_backoff if self._rejected is not None else self._refresh_margin
+            else:
+                delay = max(1.0, expires_at - self._refresh_margin - time.time())
+            await asyncio.sleep(delay)
 
     def invalidate(self, token: str) -> None:
         """Forget `token` if it is still the current one."""

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from bridge import protocol
-from bridge.auth import TokenProvider
+from bridge.auth import AuthError, TokenProvider
 
 # Identifiers per request, so that URLs stay short.
 _CHUNK = 50
@@ -76,7 +76,10 @@ class HttpContractCatalog:
         return refs
 
     async def _get(self, path: str, params: list[tuple[str, str]]) -> list[Any]:
-        headers = {"Authorization": await self._tokens.token()}
+        try:
+            headers = {"Authorization": await self._tokens.token()}
+        except AuthError as exc:
+            raise CatalogUnavailable(f"no token for the static endpoint: {exc}") from exc
         try:
             async with self._session.get(
                 self._base_url + path, params=params, headers=headers, timeout=self._timeout

@@ -40,18 +40,26 @@ def _load(path: Path | None) -> Settings:
         raise SystemExit(EXIT_CONFIG) from exc
 
 
-async def _run(settings: Settings) -> None:
+async def _run(settings: Settings, config_path: Path | None) -> None:
     from bridge.app import Bridge
 
     stop = asyncio.Event()
     install_stop_signals(stop)
-    await Bridge(settings).run(stop)
+    bridge = Bridge(settings, config_path=config_path)
+    # SIGHUP: re-read the file and reconcile subscriptions (only connections whose contracts change reopen).
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, bridge.request_reload)
+    await bridge.run(stop)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from bridge.app import PublisherFailed
+
     settings = _load(args.config)
     configure_logging(settings.log.level, settings.log.format)
-    asyncio.run(_run(settings))
+    try:
+        asyncio.run(_run(settings, args.config))
+    except PublisherFailed:
+        return 1  # logged as publisher_failed: the orchestrator restarts the process
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -34,6 +35,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     SettingsError,
 )
+
+from bridge.calendar import DEFAULT_IME_SESSIONS, TradingCalendar
 
 ENV_PREFIX = "IME_BRIDGE_"
 
@@ -98,8 +101,34 @@ class ImeSettings(_Section):
     max_frame_bytes: int = Field(
         default=1_048_576, ge=1024, description="Larger frames are dead-lettered as `oversized`."
     )
+    token_refresh_margin_seconds: PositiveSeconds = Field(
+        default=120.0, description="Issue a new token this long before the current one expires."
+    )
+    auth_rejected_backoff_seconds: PositiveSeconds = Field(
+        default=300.0, description="Wait after the token endpoint refuses the credentials (no hot loop)."
+    )
+    rate_limited_backoff_seconds: PositiveSeconds = Field(
+        default=30.0, description="Least wait after a handshake answered 429."
+    )
+    stale_after_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="Reconnect a connection silent this long during trading sessions (0 = no watchdog).",
+    )
+    trading_sessions: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_IME_SESSIONS),
+        description="When IME trades (the watchdog is off outside), e.g. 'sat-wed 08:30-17:30'.",
+    )
+    trading_timezone: str = Field(default="Asia/Tehran", description="Zone of trading_sessions and holidays.")
+    holidays: list[date] = Field(default_factory=list, description="Dates without trading (watchdog off).")
+    quarantine_reprobe_seconds: PositiveSeconds = Field(
+        default=600.0, description="How often quarantined contracts are tried again."
+    )
+    name_refresh_seconds: PositiveSeconds = Field(
+        default=3600.0, description="How often contract names are resolved to ids again."
+    )
 
-    @field_validator("naive_timezone")
+    @field_validator("naive_timezone", "trading_timezone")
     @classmethod
     def _known_zone(cls, value: str) -> str:
         try:
@@ -107,6 +136,12 @@ class ImeSettings(_Section):
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
         return value
+
+    @field_validator("trading_sessions")
+    @classmethod
+    def _sessions_parse(cls, specs: list[str]) -> list[str]:
+        TradingCalendar.parse(specs)  # raises ValueError naming the bad spec
+        return specs
 
     @field_validator("contract_ids", "contract_names")
     @classmethod
@@ -130,6 +165,13 @@ class ImeSettings(_Section):
     def timezone(self) -> ZoneInfo:
         """`naive_timezone` as a tzinfo."""
         return ZoneInfo(self.naive_timezone)
+
+    @property
+    def calendar(self) -> TradingCalendar:
+        """The trading calendar the data watchdog follows."""
+        return TradingCalendar.parse(
+            self.trading_sessions, self.trading_timezone, [day.isoformat() for day in self.holidays]
+        )
 
 
 class KafkaSettings(_Section):

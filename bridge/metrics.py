@@ -125,6 +125,18 @@ class Metrics:
         self.producer_restarts = Counter(
             "ime_bridge_producer_restarts_total", "Kafka producers replaced after becoming unusable.", registry=r
         )
+        self.quarantined_contracts = Gauge(
+            "ime_bridge_quarantined_contracts",
+            "Contracts not subscribed: refused by the service (rejected) or names without an id (unresolved).",
+            ["reason"],
+            registry=r,
+        )
+        self.contract_probes = Counter(
+            "ime_bridge_contract_probes_total",
+            "Probe connections opened to find invalid contracts (bisect) or to re-check quarantined ones (reprobe).",
+            ["purpose"],
+            registry=r,
+        )
         self.token_refreshes = Counter(
             "ime_bridge_token_refreshes_total",
             "Token issue attempts, by outcome (ok, rejected, error).",

@@ -11,6 +11,7 @@ token means an invalid contract in the list.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -18,15 +19,18 @@ import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from bridge import protocol
 from bridge.auth import AuthError, AuthRejected, TokenProvider
+from bridge.calendar import ALWAYS_OPEN, TradingCalendar
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.planner import Subscription
+from bridge.protocol import Endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +60,14 @@ class SourceSettings:
     open_timeout: float = 10.0
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
-    close_timeout: float = 5.0
+    # After a ping timeout websockets still waits this long for a close reply a dead path never sends.
+    close_timeout: float = 1.0
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     auth_rejected_backoff: float = 300.0
+    rate_limited_backoff: float = 30.0
     healthy_after: float = 30.0
+    stale_after: float = 300.0
     max_message_bytes: int = 16 * 1024 * 1024
     # Frames websockets buffers before pausing the socket; 16 (its default) pauses on every burst.
     max_queued_frames: int = 128
@@ -86,56 +93,110 @@ class Backoff:
         self.failures = 0
 
 
+# How long a probe connection must stay open (or deliver a frame) to count as accepted. The service
+# refuses an invalid subscription right after the handshake.
+PROBE_WINDOW = 3.0
+
+
+class SourceUnavailable(Exception):
+    """The service could not be reached or did not answer in a way that tells anything."""
+
+
+class SourceFatal(Exception):
+    """A failure that retrying cannot fix (TLS verification): the bridge must stop, loudly."""
+
+
 @dataclass
-class _ConnectionState:
+class _Connection:
+    subscription: Subscription
+    task: asyncio.Task[None]
+    ws: ClientConnection | None = None
     up: bool = False
     last_close: str = "never connected"
+    stale: bool = False  # the watchdog closed it
 
 
 @dataclass
 class WebSocketSource:
-    """Keeps every subscription connected and feeds their frames to `handler`."""
+    """Keeps every subscription connected and feeds their frames to `handler`.
+
+    `apply(plan)` changes the subscriptions live: connections whose contract set is unchanged stay open.
+    A subscription refused with 1008 even on a fresh token is handed to `on_invalid_contract` and no
+    longer retried here: its list holds an invalid contract, which the caller finds and quarantines.
+    """
 
     settings: SourceSettings
     tokens: TokenProvider
     handler: FrameHandler
     metrics: Metrics
-    subscriptions: Sequence[Subscription]
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _open: dict[str, ClientConnection] = field(default_factory=dict)
-    _states: dict[str, _ConnectionState] = field(default_factory=dict)
+    calendar: TradingCalendar = ALWAYS_OPEN
+    on_invalid_contract: Callable[[Subscription], None] | None = None
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    fatal_error: SourceFatal | None = None
+    _connections: dict[str, _Connection] = field(default_factory=dict)
     _last_message_at: dict[str, float] = field(default_factory=dict)
     _stopping: bool = False
 
-    def start(self) -> None:
-        """Start one task per subscription."""
-        for subscription in self.subscriptions:
-            self._states[subscription.name] = _ConnectionState()
-            self._last_message_at[subscription.name] = 0.0
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        """The subscriptions currently kept."""
+        return [connection.subscription for connection in self._connections.values()]
+
+    async def apply(self, plan: Sequence[Subscription]) -> set[str]:
+        """Keep exactly `plan`: start new subscriptions, reopen changed ones, close removed ones.
+
+        Returns the names of the connections opened or reopened.
+        """
+        wanted = {subscription.name: subscription for subscription in plan}
+        for name in [name for name in self._connections if wanted.get(name) != self._connections[name].subscription]:
+            await self._close(name)
+        started = set()
+        for name, subscription in wanted.items():
+            if name not in self._connections:
+                self._start(subscription)
+                started.add(name)
+        self._refresh_totals()
+        return started
+
+    def _start(self, subscription: Subscription) -> None:
+        name = subscription.name
+        if name not in self._last_message_at:
+            self._last_message_at[name] = 0.0
             # Read at scrape time: the per-frame cost is one dict store.
-            self.metrics.last_message_timestamp.labels(subscription.name).set_function(
-                functools.partial(self._last_message_at.__getitem__, subscription.name)
+            self.metrics.last_message_timestamp.labels(name).set_function(
+                functools.partial(self._last_message_at.__getitem__, name)
             )
-            task = asyncio.create_task(self._keep_connected(subscription), name=f"source-{subscription.name}")
-            self._tasks.append(task)
+        task = asyncio.create_task(self._keep_connected(subscription), name=f"source-{name}")
+        self._connections[name] = _Connection(subscription, task)
+
+    async def _close(self, name: str) -> None:
+        connection = self._connections.pop(name)
+        if connection.ws is not None:
+            await connection.ws.close(1001, "subscription changed")
+        connection.task.cancel()
+        await asyncio.gather(connection.task, return_exceptions=True)
+        self.metrics.connection_up.labels(connection.subscription.endpoint.value, name).set(0)
 
     def status(self) -> dict[str, dict[str, object]]:
         """Per connection: whether it is up, and how the last connection ended."""
-        return {name: {"up": state.up, "last_close": state.last_close} for name, state in self._states.items()}
+        return {
+            name: {
+                "up": connection.up,
+                "last_close": connection.last_close,
+                "contracts": len(connection.subscription.contracts),
+            }
+            for name, connection in self._connections.items()
+        }
 
     @property
     def connections_up(self) -> int:
         """How many subscriptions currently have an open connection."""
-        return sum(state.up for state in self._states.values())
+        return sum(connection.up for connection in self._connections.values())
 
     async def stop(self) -> None:
         """Stop intake: close every connection with 1001 (going away) and end the tasks."""
         self._stopping = True
-        await asyncio.gather(*(ws.close(1001, "bridge shutting down") for ws in list(self._open.values())))
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await asyncio.gather(*(self._close(name) for name in list(self._connections)))
 
     async def _keep_connected(self, subscription: Subscription) -> None:
         backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
@@ -147,7 +208,7 @@ class WebSocketSource:
             reason, opened_at = await self._connect_once(ConnectionInfo(subscription, attempt))
             if self._stopping:
                 return
-            self._states[subscription.name].last_close = reason
+            self._connections[subscription.name].last_close = reason
             if opened_at is not None and time.monotonic() - opened_at >= self.settings.healthy_after:
                 backoff.reset()
             delay = backoff.next_delay()
@@ -156,12 +217,22 @@ class WebSocketSource:
                 cause = "contract" if refused_after_reissue else "auth"
                 self.metrics.policy_rejections.labels(endpoint, cause).inc()
                 refused_after_reissue = True
-                if cause == "auth":
-                    delay = min(delay, self.settings.reconnect_min)
+                if cause == "contract" and self.on_invalid_contract is not None:
+                    self.metrics.reconnects.labels(endpoint, reason).inc()
+                    log_event(logger, logging.WARNING, "invalid_contract_suspected", connection=subscription.name)
+                    self.on_invalid_contract(subscription)
+                    return
+                delay = min(delay, self.settings.reconnect_min)
             elif opened_at is not None:
                 refused_after_reissue = False
             if reason == "auth_rejected":
                 delay = self.settings.auth_rejected_backoff
+            elif reason == "http_429":
+                delay = max(delay, self.settings.rate_limited_backoff)
+            elif reason == "tls_error":
+                self.fatal_error = SourceFatal(f"TLS verification failed for {self.settings.ws_url}")
+                self.failed.set()
+                return
             self.metrics.reconnects.labels(endpoint, reason).inc()
             log_event(
                 logger,
@@ -187,6 +258,7 @@ class WebSocketSource:
 
         settings = self.settings
         opened_at: float | None = None
+        connection = self._connections[subscription.name]
         try:
             async with connect(
                 subscription.url(settings.ws_url),
@@ -201,19 +273,25 @@ class WebSocketSource:
                 proxy=None,
             ) as ws:
                 opened_at = time.monotonic()
-                self._mark_up(info, ws)
-                await self._read(ws, info)
-            return _close_reason(ws.close_code), opened_at
+                self._mark_up(info, connection, ws)
+                watchdog = asyncio.create_task(self._watch(connection, ws, opened_at))
+                try:
+                    await self._read(ws, info)
+                finally:
+                    watchdog.cancel()
+            return ("stale" if connection.stale else _close_reason(ws.close_code)), opened_at
         except ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
                 self.tokens.invalidate(token)
                 return "policy_violation", opened_at
+            if connection.stale:
+                return "stale", opened_at
             return _close_reason(exc.rcvd.code if exc.rcvd is not None else None), opened_at
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
                 self.tokens.invalidate(token)
-            return f"http_{status}", None
+            return f"http_{status}" if status in _HTTP_REASONS else f"http_{status // 100}xx", None
         except ssl.SSLCertVerificationError as exc:
             log_event(logger, logging.CRITICAL, "tls_verification_failed", connection=subscription.name, error=str(exc))
             return "tls_error", None
@@ -221,7 +299,56 @@ class WebSocketSource:
             log_event(logger, logging.WARNING, "connect_failed", connection=subscription.name, error=repr(exc))
             return "network_error" if opened_at is None else "connection_lost", opened_at
         finally:
-            self._mark_down(info)
+            self._mark_down(info, connection)
+
+    async def probe(self, endpoint: Endpoint, contracts: Sequence[str], purpose: str) -> bool:
+        """Whether the service accepts a subscription to `contracts`: one short-lived probe connection.
+
+        Refused with 1008 → False; still open after PROBE_WINDOW seconds or a first frame → True.
+        Raises SourceUnavailable when the probe cannot tell (network, handshake or token failure).
+        """
+        self.metrics.contract_probes.labels(purpose).inc()
+        try:
+            token = await self.tokens.token()
+            url = Subscription("probe", endpoint, tuple(contracts)).url(self.settings.ws_url)
+            headers = {"Authorization": protocol.authorization_header(token, bearer=self.settings.bearer)}
+            async with connect(
+                url, additional_headers=headers, open_timeout=self.settings.open_timeout, proxy=None, compression=None
+            ) as ws:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ws.recv(), timeout=PROBE_WINDOW)
+                return True
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
+                return False
+            raise SourceUnavailable(
+                f"probe connection closed: {_close_reason(exc.rcvd.code if exc.rcvd else None)}"
+            ) from exc
+        except (AuthError, InvalidHandshake, OSError, TimeoutError) as exc:
+            raise SourceUnavailable(f"probe failed: {type(exc).__name__}") from exc
+
+    async def _watch(self, connection: _Connection, ws: ClientConnection, opened_at: float) -> None:
+        """The data watchdog: close a connection silent for `stale_after` during trading sessions.
+
+        IME sends only on change and is quiet outside its sessions, so silence there is normal. A connection
+        that never received anything counts as silent since it opened.
+        """
+        stale_after = self.settings.stale_after
+        if stale_after <= 0:
+            return
+        name = connection.subscription.name
+        opened_wall = time.time() - (time.monotonic() - opened_at)
+        while True:
+            await asyncio.sleep(min(stale_after / 4, 5.0))
+            now = time.time()
+            last = max(self._last_message_at.get(name, 0.0), opened_wall)
+            if now - last >= stale_after and self.calendar.is_open(datetime.fromtimestamp(now, UTC)):
+                log_event(
+                    logger, logging.WARNING, "stale_connection", connection=name, silent_seconds=round(now - last)
+                )
+                connection.stale = True
+                await ws.close(1000, "no data")
+                return
 
     async def _read(self, ws: ClientConnection, info: ConnectionInfo) -> None:
         handler = self.handler
@@ -234,10 +361,9 @@ class WebSocketSource:
             last_message_at[name] = now_us / 1e6
             handler(message, now_us, info)
 
-    def _mark_up(self, info: ConnectionInfo, ws: ClientConnection) -> None:
+    def _mark_up(self, info: ConnectionInfo, connection: _Connection, ws: ClientConnection) -> None:
         subscription = info.subscription
-        self._open[subscription.name] = ws
-        self._states[subscription.name].up = True
+        connection.ws, connection.up, connection.stale = ws, True, False
         self.metrics.connection_up.labels(subscription.endpoint.value, subscription.name).set(1)
         self._refresh_totals()
         log_event(
@@ -249,19 +375,20 @@ class WebSocketSource:
             contracts=len(subscription.contracts),
         )
 
-    def _mark_down(self, info: ConnectionInfo) -> None:
-        subscription = info.subscription
-        if self._open.pop(subscription.name, None) is None:
+    def _mark_down(self, info: ConnectionInfo, connection: _Connection) -> None:
+        if connection.ws is None:
             return
-        self._states[subscription.name].up = False
-        self.metrics.connection_up.labels(subscription.endpoint.value, subscription.name).set(0)
+        connection.ws, connection.up = None, False
+        self.metrics.connection_up.labels(info.subscription.endpoint.value, info.subscription.name).set(0)
         self._refresh_totals()
 
     def _refresh_totals(self) -> None:
-        self.metrics.connections.set(len(self._open))
-        self.metrics.subscribed_contracts.set(sum(len(s.contracts) for s in self.subscriptions if s.name in self._open))
+        up = [connection for connection in self._connections.values() if connection.up]
+        self.metrics.connections.set(len(up))
+        self.metrics.subscribed_contracts.set(sum(len(connection.subscription.contracts) for connection in up))
 
 
+_HTTP_REASONS = {401, 403, 404, 429, 500, 502, 503, 504}
 _CLOSE_REASONS = {1000: "closed_by_server", 1001: "server_going_away", 1011: "server_error"}
 
 

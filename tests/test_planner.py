@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+from collections.abc import Sequence
+
 import pytest
 
-from bridge.planner import plan_subscriptions
+from bridge.planner import find_invalid, plan_subscriptions, replan
 from bridge.protocol import Endpoint
 
 WS = "wss://core.hedgetech.ir"
@@ -38,3 +42,39 @@ def test_url_carries_repeated_query_parameters() -> None:
 def test_a_contract_too_long_for_any_url_is_refused() -> None:
     with pytest.raises(ValueError, match="alone makes a URL longer"):
         plan_subscriptions(WS, ["x" * 400], [], max_contracts=10, max_url_length=300)
+
+
+def test_replan_keeps_unchanged_subscriptions_and_reopens_only_changed_ones() -> None:
+    current = plan_subscriptions(WS, [str(n) for n in range(10)], [], max_contracts=4, max_url_length=4000)
+    assert [s.contracts for s in current] == [("0", "1", "2", "3"), ("4", "5", "6", "7"), ("8", "9")]
+    wanted = [c for c in (str(n) for n in range(10)) if c != "5"] + ["10", "11", "12"]
+    plan = replan(current, WS, wanted, [], max_contracts=4, max_url_length=4000)
+    by_name = {s.name: s.contracts for s in plan}
+    assert by_name["id-0"] == ("0", "1", "2", "3"), "untouched"
+    assert by_name["id-2"] == ("8", "9"), "untouched: additions never reopen an unchanged connection"
+    assert by_name["id-1"] == ("4", "6", "7", "10"), "changed anyway, so it takes a new contract"
+    assert by_name["id-3"] == ("11", "12")
+    assert sorted(c for s in plan for c in s.contracts) == sorted(wanted)
+
+
+def test_replan_drops_emptied_subscriptions() -> None:
+    current = plan_subscriptions(WS, ["1", "2", "3"], [], max_contracts=2, max_url_length=4000)
+    assert [s.name for s in replan(current, WS, ["1", "2"], [], max_contracts=2, max_url_length=4000)] == ["id-0"]
+
+
+@pytest.mark.parametrize("invalid_count", [1, 2, 3])
+def test_find_invalid_stays_within_k_times_log2_n_plus_1_probes(invalid_count: int) -> None:
+    contracts = [str(1001 + n) for n in range(64)]
+    worst = 0
+    for bad in itertools.combinations(range(0, 64, 1 if invalid_count < 3 else 7), invalid_count):
+        invalid = {contracts[i] for i in bad}
+        probes = 0
+
+        async def probe(subset: Sequence[str], invalid: set[str] = invalid) -> bool:
+            nonlocal probes
+            probes += 1
+            return not set(subset) & invalid
+
+        assert set(asyncio.run(find_invalid(contracts, probe))) == invalid
+        worst = max(worst, probes)
+    assert worst <= invalid_count * (6 + 1)

@@ -39,7 +39,7 @@ async def simulator() -> AsyncIterator[Simulator]:
 
 
 def source_for(
-    simulator: Simulator, tokens: TokenProvider, subscriptions: list[Subscription], *, bearer: bool = False
+    simulator: Simulator, tokens: TokenProvider, *, bearer: bool = False
 ) -> tuple[WebSocketSource, Captured, Metrics]:
     captured, metrics = Captured(), Metrics()
     source = WebSocketSource(
@@ -47,7 +47,6 @@ def source_for(
         tokens=tokens,
         handler=captured,
         metrics=metrics,
-        subscriptions=subscriptions,
     )
     return source, captured, metrics
 
@@ -65,8 +64,8 @@ def policy(metrics: Metrics, reason: str) -> float:
 async def test_frames_from_both_endpoints_arrive_with_their_connection(simulator: Simulator) -> None:
     ids = Subscription("id-0", Endpoint.ID, tuple(c.id for c in simulator.contracts[:3]))
     names = Subscription("name-0", Endpoint.NAME, tuple(c.name for c in simulator.contracts[3:]))
-    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()), [ids, names])
-    source.start()
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([ids, names])
     try:
         await wait_for(lambda: captured.count("id-0") >= 5 and captured.count("name-0") >= 5)
         assert source.connections_up == 2
@@ -86,8 +85,8 @@ async def test_frames_from_both_endpoints_arrive_with_their_connection(simulator
 @pytest.mark.parametrize("bearer", [False, True])
 async def test_both_authorization_spellings_are_accepted(simulator: Simulator, bearer: bool) -> None:
     subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
-    source, captured, _ = source_for(simulator, StaticToken(simulator.issue_token()), [subscription], bearer=bearer)
-    source.start()
+    source, captured, _ = source_for(simulator, StaticToken(simulator.issue_token()), bearer=bearer)
+    await source.apply([subscription])
     try:
         await wait_for(lambda: len(captured.frames) >= 2)
     finally:
@@ -100,8 +99,8 @@ async def test_both_authorization_spellings_are_accepted(simulator: Simulator, b
 )
 async def test_dropped_connections_are_reopened_and_classified(simulator: Simulator, fault: str, reason: str) -> None:
     subscription = Subscription("id-0", Endpoint.ID, tuple(c.id for c in simulator.contracts))
-    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()), [subscription])
-    source.start()
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([subscription])
     try:
         await wait_for(lambda: len(captured.frames) >= 3)
         if fault == "drop":
@@ -118,8 +117,8 @@ async def test_dropped_connections_are_reopened_and_classified(simulator: Simula
 
 async def test_1008_on_a_refused_token_counts_auth_then_contract(simulator: Simulator) -> None:
     subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
-    source, captured, metrics = source_for(simulator, StaticToken("not-a-token"), [subscription])
-    source.start()
+    source, captured, metrics = source_for(simulator, StaticToken("not-a-token"))
+    await source.apply([subscription])
     try:
         await wait_for(lambda: policy(metrics, "contract") >= 1, what="a second 1008")
         assert policy(metrics, "auth") == 1
@@ -132,8 +131,8 @@ async def test_1008_after_revocation_is_recovered_by_a_fresh_token(simulator: Si
     subscription = Subscription("id-0", Endpoint.ID, tuple(c.id for c in simulator.contracts[:2]))
     async with aiohttp.ClientSession() as http:
         tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
-        source, captured, metrics = source_for(simulator, tokens, [subscription])
-        source.start()
+        source, captured, metrics = source_for(simulator, tokens)
+        await source.apply([subscription])
         try:
             await wait_for(lambda: len(captured.frames) >= 2)
             issued = simulator.counters.tokens_issued
@@ -151,8 +150,8 @@ async def test_1008_after_revocation_is_recovered_by_a_fresh_token(simulator: Si
 async def test_handshake_refused_with_http_status(simulator: Simulator) -> None:
     simulator.reject_handshakes(503)
     subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
-    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()), [subscription])
-    source.start()
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([subscription])
     try:
         await wait_for(lambda: reconnects(metrics, "id", "http_503") >= 2)
         simulator.reject_handshakes(None)
@@ -194,8 +193,8 @@ async def test_static_lookups_resolve_names_and_ids_and_leave_out_unknown_ones(s
 
 async def test_stop_closes_connections_with_going_away(simulator: Simulator) -> None:
     subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
-    source, captured, _ = source_for(simulator, StaticToken(simulator.issue_token()), [subscription])
-    source.start()
+    source, captured, _ = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([subscription])
     await wait_for(lambda: len(captured.frames) >= 1)
     await asyncio.wait_for(source.stop(), timeout=10)
     await wait_for(lambda: not simulator.connections, what="the simulator to see the close")

@@ -1,0 +1,242 @@
+"""Which contracts the bridge subscribes to, kept true while the world changes.
+
+The SubscriptionManager owns the wanted contracts (from the configuration, reloaded on SIGHUP), resolves
+names to ids (at start and every `name_refresh_seconds`; a name that does not resolve is quarantined,
+never published under a guessed key), keeps a quarantine of contracts the service refuses, and turns all
+of it into a plan that changes as few connections as possible (planner.replan).
+
+A 1008 that a fresh token does not cure means an invalid contract in that connection's list: the manager
+finds it by bisection with short-lived probe connections, quarantines it, and resubscribes the rest.
+Quarantined contracts are probed again every `quarantine_reprobe_seconds` (a new listing becomes valid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from bridge.catalog import CatalogUnavailable, ContractCatalog
+from bridge.config import ImeSettings
+from bridge.logs import log_event
+from bridge.metrics import Metrics
+from bridge.planner import Subscription, find_invalid, replan
+from bridge.protocol import Endpoint
+from bridge.source import SourceUnavailable, WebSocketSource
+
+logger = logging.getLogger(__name__)
+
+
+class QuarantineReason(enum.StrEnum):
+    """Why a contract is not subscribed (the `reason` label of ime_bridge_quarantined_contracts)."""
+
+    REJECTED = "rejected"  # the service closed its subscription with 1008
+    UNRESOLVED = "unresolved"  # a name the static lookup does not know
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A contract left out of the subscriptions, and why."""
+
+    endpoint: Endpoint
+    identifier: str
+    reason: QuarantineReason
+    since: float
+
+
+@dataclass
+class SubscriptionManager:
+    """See the module docstring. `names_by_id`/`ids_by_name` are shared with the normalizer and kept current."""
+
+    settings: ImeSettings
+    catalog: ContractCatalog
+    source: WebSocketSource
+    metrics: Metrics
+    names_by_id: dict[str, str] = field(default_factory=dict)
+    ids_by_name: dict[str, str] = field(default_factory=dict)
+    quarantine: dict[tuple[Endpoint, str], Quarantined] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time
+    _bisecting: set[str] = field(default_factory=set)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def start(self) -> None:
+        """Resolve names, subscribe, and start the re-probe and name-refresh schedules."""
+        self.source.on_invalid_contract = self._on_invalid_contract
+        await self.resolve_names(retry_until_answered=True)
+        await self.reconcile()
+        self._tasks = [
+            asyncio.create_task(self._every(self.settings.quarantine_reprobe_seconds, self.reprobe), name="reprobe"),
+            asyncio.create_task(self._every(self.settings.name_refresh_seconds, self._refresh_names), name="names"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the schedules (the source is stopped by its owner)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def reload(self, settings: ImeSettings) -> set[str]:
+        """Apply new contract lists (SIGHUP); returns the connections opened or reopened."""
+        async with self._lock:
+            self.settings = settings
+        await self.resolve_names(retry_until_answered=False)
+        return await self.reconcile()
+
+    def wanted(self) -> tuple[list[str], list[str]]:
+        """(ids, names) to subscribe to now: configured, resolved, not quarantined."""
+        ids = [c for c in self.settings.contract_ids if (Endpoint.ID, c) not in self.quarantine]
+        names = [n for n in self.settings.contract_names if (Endpoint.NAME, n) not in self.quarantine]
+        return ids, names
+
+    async def reconcile(self) -> set[str]:
+        """Bring the connections in line with what is wanted; only changed connections reopen."""
+        async with self._lock:
+            ids, names = self.wanted()
+            current = [s for s in self.source.subscriptions if s.name not in self._bisecting]
+            plan = replan(
+                current,
+                str(self.settings.ws_url),
+                ids,
+                names,
+                max_contracts=self.settings.max_contracts_per_connection,
+                max_url_length=self.settings.max_url_length,
+            )
+            opened = await self.source.apply(plan)
+            self._export()
+        if opened:
+            log_event(logger, logging.INFO, "subscriptions_applied", connections=len(plan), opened=sorted(opened))
+        return opened
+
+    async def resolve_names(self, *, retry_until_answered: bool) -> None:
+        """Resolve configured names to ids (the records' keys); describe configured ids with their names."""
+        names = list(self.settings.contract_names)
+        delay = self.settings.reconnect_min_seconds
+        while names:
+            try:
+                refs = await self.catalog.by_names(names)
+                break
+            except CatalogUnavailable as exc:
+                log_event(logger, logging.WARNING, "name_lookup_failed", error=str(exc))
+                if not retry_until_answered:
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+        else:
+            refs = {}
+        now = self.clock()
+        for name in names:
+            key = (Endpoint.NAME, name)
+            ref = refs.get(name)
+            if ref is None:
+                if key not in self.quarantine:
+                    log_event(logger, logging.ERROR, "contract_name_unresolved", contract_name=name)
+                    self.quarantine[key] = Quarantined(Endpoint.NAME, name, QuarantineReason.UNRESOLVED, now)
+                continue
+            self.ids_by_name[name] = ref.contract_id
+            self.names_by_id[ref.contract_id] = name
+            if key in self.quarantine and self.quarantine[key].reason is QuarantineReason.UNRESOLVED:
+                del self.quarantine[key]
+                log_event(
+                    logger, logging.INFO, "contract_name_resolved", contract_name=name, contract_id=ref.contract_id
+                )
+        if self.settings.contract_ids:
+            try:
+                described = await self.catalog.by_ids(self.settings.contract_ids)
+            except CatalogUnavailable as exc:
+                log_event(logger, logging.WARNING, "id_lookup_failed", error=str(exc))
+                return
+            self.names_by_id.update({contract_id: ref.contract_name for contract_id, ref in described.items()})
+
+    async def _refresh_names(self) -> None:
+        before = set(self.quarantine)
+        await self.resolve_names(retry_until_answered=False)
+        if set(self.quarantine) != before:
+            await self.reconcile()
+
+    def _on_invalid_contract(self, subscription: Subscription) -> None:
+        """Called by the source: this subscription is refused even on a fresh token."""
+        if subscription.name in self._bisecting:
+            return
+        self._bisecting.add(subscription.name)
+        self._tasks.append(asyncio.create_task(self._isolate(subscription), name=f"bisect-{subscription.name}"))
+
+    async def _isolate(self, subscription: Subscription) -> None:
+        """Find the invalid contracts of `subscription` by bisection, quarantine them, resubscribe the rest."""
+        started = time.monotonic()
+        try:
+            invalid, probes = await self._bisect(subscription)
+        finally:
+            self._bisecting.discard(subscription.name)
+        now = self.clock()
+        for identifier in invalid:
+            self.quarantine[(subscription.endpoint, identifier)] = Quarantined(
+                subscription.endpoint, identifier, QuarantineReason.REJECTED, now
+            )
+        log_event(
+            logger,
+            logging.ERROR,
+            "contracts_quarantined",
+            connection=subscription.name,
+            contracts=",".join(invalid),
+            probes=probes,
+            seconds=round(time.monotonic() - started, 2),
+        )
+        await self.reconcile()
+
+    async def _bisect(self, subscription: Subscription) -> tuple[list[str], int]:
+        """(invalid contracts, probe connections used)."""
+        delay = self.settings.reconnect_min_seconds
+        probes = 0
+
+        async def probe(subset: Sequence[str]) -> bool:
+            nonlocal probes
+            probes += 1
+            return await self.source.probe(subscription.endpoint, subset, "bisect")
+
+        while True:
+            try:
+                return await find_invalid(subscription.contracts, probe), probes
+            except SourceUnavailable as exc:  # the service is unreachable: try the search again later
+                log_event(logger, logging.WARNING, "probe_failed", connection=subscription.name, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+
+    async def reprobe(self) -> None:
+        """Probe each refused contract alone; those the service now accepts are subscribed again."""
+        released = []
+        for key, entry in list(self.quarantine.items()):
+            if entry.reason is not QuarantineReason.REJECTED:
+                continue
+            with contextlib.suppress(SourceUnavailable):
+                if await self.source.probe(entry.endpoint, [entry.identifier], "reprobe"):
+                    del self.quarantine[key]
+                    released.append(entry.identifier)
+        if released:
+            log_event(logger, logging.INFO, "contracts_released", contracts=",".join(released))
+            await self.reconcile()
+        self._export()
+
+    @staticmethod
+    async def _every(interval: float, action: Callable[[], object]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            result = action()
+            if asyncio.iscoroutine(result):
+                await result
+
+    def _export(self) -> None:
+        for reason in QuarantineReason:
+            count = sum(1 for entry in self.quarantine.values() if entry.reason is reason)
+            self.metrics.quarantined_contracts.labels(reason.value).set(count)
+
+    def status(self) -> dict[str, dict[str, str]]:
+        """What is quarantined and why, for /readyz."""
+        return {
+            f"{entry.endpoint.value}:{entry.identifier}": {"reason": entry.reason.value, "since": f"{entry.since:.0f}"}
+            for entry in self.quarantine.values()
+        }
