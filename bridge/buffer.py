@@ -83,7 +83,10 @@ class DeliveryBuffer:
         self.topics = topics
         self.spool_full = False
         self._memory: deque[_Entry] = deque()
-        self._latest: dict[bytes, _Entry] = {}  # newest pending memory entry per contract key
+        # Newest pending memory entry per contract key: kept only while conflation can happen (from capacity
+        # down to half of it), so the common path does no per-record index work.
+        self._latest: dict[bytes, _Entry] = {}
+        self._indexed = False
         self._held: dict[bytes, _Entry] = {}  # conflated while the spool refuses writes
         self._held_dead_letters = itertools.count()
         self._spooling = spool is not None and spool.records > 0
@@ -103,28 +106,38 @@ class DeliveryBuffer:
     def add_update(self, update: ContractUpdate, topic: str, headers: Headers, received: float) -> None:
         """Queue a normalized snapshot (its key is its contract id)."""
         key = update.contract_id.encode()
-        if self._spooling or self._should_spill():
+        if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill()):
             record = OutgoingRecord(topic, key, encode_update(update), headers, received)
             self._to_spool(_Entry(record, update))
             return
-        if (
-            self.overflow is Overflow.CONFLATE
-            and len(self._memory) >= self.capacity
-            and self._conflate(self._latest, key, update, headers, received)
-        ):
-            return
+        memory = self._memory
+        if self.overflow is Overflow.CONFLATE and len(memory) >= self.capacity:
+            if not self._indexed:
+                self._index(memory)
+            if self._conflate(self._latest, key, update, headers, received):
+                return
         entry = _Entry(OutgoingRecord(topic, key, b"", headers, received), update)
-        self._memory.append(entry)
-        self._latest[key] = entry
-        self._available.set()
+        memory.append(entry)
+        if self._indexed:
+            self._latest[key] = entry
+        if len(memory) == 1:  # the event stays set while anything waits (take() clears it only when empty)
+            self._available.set()
 
     def add_record(self, record: OutgoingRecord) -> None:
         """Queue a finished record (a dead letter): never conflated."""
-        if self._spooling or self._should_spill():
+        if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill()):
             self._to_spool(_Entry(record))
             return
         self._memory.append(_Entry(record))
         self._available.set()
+
+    def _index(self, memory: deque[_Entry]) -> None:
+        """Build the newest-pending index once, when the buffer reaches capacity."""
+        self._latest.clear()
+        for entry in memory:
+            if entry.update is not None and entry.record.key is not None:
+                self._latest[entry.record.key] = entry
+        self._indexed = True
 
     def _conflate(
         self, pending: dict[bytes, _Entry], key: bytes, update: ContractUpdate, headers: Headers, received: float
@@ -142,7 +155,7 @@ class DeliveryBuffer:
 
     def _should_spill(self) -> bool:
         """Kafka is not keeping up (spool mode): move what waits in memory to the spool, oldest first."""
-        if self.overflow is not Overflow.SPOOL or len(self._memory) < self.spool_after:
+        if len(self._memory) < self.spool_after:
             return False
         waiting = list(self._memory)
         self._memory.clear()
@@ -207,15 +220,19 @@ class DeliveryBuffer:
         """Wait for records; return a round of at most `max_records`, memory first, then the spool."""
         while True:
             taken = Round()
+            indexed = self._indexed
             while self._memory and len(taken.records) < max_records:
                 entry = self._memory.popleft()
                 key = entry.record.key
-                if key is not None and self._latest.get(key) is entry:
+                if indexed and key is not None and self._latest.get(key) is entry:
                     del self._latest[key]
                 if entry.update is not None:
                     entry.record.value = encode_update(entry.update)
                 taken.entries.append(entry)
                 taken.records.append(entry.record)
+            if indexed and len(self._memory) < self.capacity // 2:
+                self._latest.clear()
+                self._indexed = False
             if self._spooling and len(taken.records) < max_records:
                 assert self.spool is not None
                 if self._held:
@@ -244,7 +261,7 @@ class DeliveryBuffer:
         for entry in reversed(retry):
             self._memory.appendleft(entry)
             key = entry.record.key
-            if entry.update is not None and key is not None and key not in self._latest:
+            if self._indexed and entry.update is not None and key is not None and key not in self._latest:
                 self._latest[key] = entry
         if taken.spooled:
             assert self.spool is not None

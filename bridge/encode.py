@@ -91,6 +91,20 @@ def _string(value: str) -> bytes:
     return _long(len(data)) + data
 
 
+# Contract ids and names, the channel and the session id repeat on every record: encode each once.
+_STRING_CACHE: dict[str, bytes] = {}
+_STRING_CACHE_LIMIT = 100_000
+
+
+def _cached_string(value: str) -> bytes:
+    encoded = _STRING_CACHE.get(value)
+    if encoded is None:
+        if len(_STRING_CACHE) >= _STRING_CACHE_LIMIT:
+            _STRING_CACHE.clear()
+        encoded = _STRING_CACHE[value] = _string(value)
+    return encoded
+
+
 _double = struct.Struct("<d").pack
 _two_doubles = struct.Struct("<dd").pack
 _seven_doubles = struct.Struct("<ddddddd").pack
@@ -104,10 +118,10 @@ def encode_update(update: ContractUpdate) -> bytes:
     """The Avro binary encoding of `update` under schemas/contract_update.avsc (no framing)."""
     name = update.contract_name
     parts = [
-        _string(update.contract_id),
-        _NULL if name is None else _PRESENT + _string(name),
+        _cached_string(update.contract_id),
+        _NULL if name is None else _PRESENT + _cached_string(name),
         _ENDPOINT_SYMBOLS[update.endpoint],
-        _string(update.channel),
+        _cached_string(update.channel),
         _long(update.exchange_time),
         _long(update.receive_time),
     ]
@@ -154,7 +168,7 @@ def encode_update(update: ContractUpdate) -> bytes:
     info = update.contract_info
     parts.append(_NULL if info is None else _PRESENT + _long(info.open_interest) + _long(info.open_interest_change))
     parts.append(_long(update.sequence))
-    parts.append(_string(update.session_id))
+    parts.append(_cached_string(update.session_id))
     parts.append(_long(update.skipped))
     parts.append(_TRUE if update.first_after_subscribe else _FALSE)
     return b"".join(parts)

@@ -203,19 +203,25 @@ def _micros_of_day(text: str) -> int | None:
 
 def _levels(book: dict[str, _WireLevel]) -> list[BookLevel]:
     levels = []
+    previous = 0
+    ordered = True
     for key, wire in book.items():
         if not key.isdigit() or key[0] == "0":
             raise _InvalidValue(f"BestLimit level key must be a positive integer, got {key!r}")
+        number = int(key)
+        ordered = ordered and number > previous
+        previous = number
+        buy, sell = wire.buy_quantity, wire.sell_quantity
         levels.append(
             BookLevel(
-                int(key),
-                _whole(wire.buy_quantity, "buy_quantity"),
+                number,
+                buy if type(buy) is int else _whole(buy, "buy_quantity"),
                 wire.buy_price,
-                _whole(wire.sell_quantity, "sell_quantity"),
+                sell if type(sell) is int else _whole(sell, "sell_quantity"),
                 wire.sell_price,
             )
         )
-    if len(levels) > 1:
+    if not ordered:  # upstream sends "1", "2", "3" in order; sort only when it did not
         levels.sort(key=_level_number)
     return levels
 

@@ -11,6 +11,7 @@ again at the head (never re-sent out of order), and a producer that became unusa
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -70,6 +71,9 @@ class FramePipeline:
         self._subscribed: dict[str, tuple[int, set[str]]] = {}
         self._last_state: dict[str, tuple[object, ...]] = {}
         self._carry_first: set[str] = set()  # a suppressed first-after-subscribe passes its flag on
+        self._current: ConnectionInfo | None = None
+        self._current_seen: set[str] = set()
+        self._current_headers: Headers = []
         self._observe_lag = metrics.exchange_lag.observe
 
     def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
@@ -85,10 +89,9 @@ class FramePipeline:
             self._dead_letter(result, receive_time, connection, received)
             return
         contract_id = result.contract_id
-        attempt, seen = self._subscribed.get(connection.subscription.name) or (0, set())
-        if attempt != connection.attempt:
-            seen = set()
-            self._subscribed[connection.subscription.name] = (connection.attempt, seen)
+        if connection is not self._current:  # frames come in bursts per connection: look up once per switch
+            self._switch_to(connection)
+        seen = self._current_seen
         if contract_id not in seen:
             seen.add(contract_id)
             result.first_after_subscribe = True
@@ -98,10 +101,19 @@ class FramePipeline:
         self._sequences[contract_id] = sequence
         result.sequence = sequence
         self._observe_lag((receive_time - result.exchange_time) / 1e6)
-        label, headers = self._headers.get(connection.subscription.name) or ("", [])
+        self.buffer.add_update(result, self.topic, self._current_headers, received)
+
+    def _switch_to(self, connection: ConnectionInfo) -> None:
+        """Per-connection state: the record headers, and the contracts seen since it (re)subscribed."""
+        name = connection.subscription.name
+        attempt, seen = self._subscribed.get(name) or (0, set())
+        if attempt != connection.attempt:
+            seen = set()
+            self._subscribed[name] = (connection.attempt, seen)
+        label, headers = self._headers.get(name) or ("", [])
         if label != connection.label:
             headers = self._connection_headers(connection)
-        self.buffer.add_update(result, self.topic, headers, received)
+        self._current, self._current_seen, self._current_headers = connection, seen, headers
 
     def _is_repeat(self, update: ContractUpdate) -> bool:
         """The same market data as the contract's previous snapshot (a resend, e.g. after a reconnect)."""
@@ -232,6 +244,15 @@ class Publisher:
         """Count outcomes: (True for each record that needs no further send, how many failed)."""
         now = time.time()
         observe = self.metrics.publish_latency.observe
+        if not any(outcomes):  # the usual round: everything acknowledged
+            for record in records:
+                if record.dead_letter_reason is None:
+                    observe(now - record.received)
+                else:
+                    self.metrics.dead_letters.labels(record.dead_letter_reason).inc()
+            for topic, count in collections.Counter(record.topic for record in records).items():
+                self.metrics.messages_published.labels(topic).inc(count)
+            return [True] * len(records), 0
         published: dict[str, int] = {}
         errors: dict[str, int] = {}
         done: list[bool] = []
