@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.broker import EmbeddedBroker, free_port
+from bridge.broker import EmbeddedBroker, free_port, stop_process
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,7 @@ def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
         try:
             yield child
         finally:
-            child.terminate()
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            stop_process(child, timeout=20)
 
 
 def wait_until(condition: Callable[[], bool], what: str, logs: tuple[Path, ...], within: float = 30.0) -> None:

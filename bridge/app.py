@@ -28,10 +28,10 @@ from bridge.health import HealthServer
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import Normalizer
-from bridge.pipeline import FramePipeline, Publisher
+from bridge.pipeline import FramePipeline, Publisher, start_sink
 from bridge.protocol import Endpoint
-from bridge.sink import KafkaSink, Sink, SinkUnavailable
-from bridge.source import Backoff, SourceSettings, WebSocketSource
+from bridge.sink import KafkaSink, Sink
+from bridge.source import SourceSettings, WebSocketSource
 from bridge.spool import Spool
 from bridge.subscriptions import SubscriptionManager
 
@@ -116,7 +116,7 @@ class Bridge:
                 catalog = self.catalog or HttpContractCatalog(
                     http, str(settings.ime.base_url), tokens, timeout=settings.ime.http_timeout_seconds
                 )
-                started = await _until_stopped(stop, self._start(tokens, catalog, stop))
+                started = await _until_stopped(stop, self._start(tokens, catalog))
                 try:
                     if started:
                         await self._run_until(stop)
@@ -168,12 +168,12 @@ class Bridge:
             self.metrics.token_expiry.set(expires_at or 0)
         log_event(logger, logging.INFO if outcome == "ok" else logging.ERROR, "token_issued", outcome=outcome)
 
-    async def _start(self, tokens: TokenProvider, catalog: ContractCatalog, stop: asyncio.Event) -> None:
+    async def _start(self, tokens: TokenProvider, catalog: ContractCatalog) -> None:
         settings = self.settings
         ime = settings.ime
         sink = self.sink or KafkaSink(settings.kafka)
         self.sink = sink
-        await self._start_sink(sink, stop)
+        await self._start_sink(sink)
 
         names_by_id: dict[str, str] = {}  # filled by the subscription manager, read by the normalizer
         ids_by_name: dict[str, str] = {}
@@ -276,20 +276,12 @@ class Bridge:
             await asyncio.sleep(interval)
             buffer.sync()
 
-    async def _start_sink(self, sink: Sink, stop: asyncio.Event) -> None:
-        """Kafka may be down at start: keep trying (not ready meanwhile)."""
-        backoff = Backoff(1.0, 30.0)
-        while not stop.is_set():
-            try:
-                await sink.start()
-                self._sink_started = True
-                self.kafka_ready.set()
-                log_event(logger, logging.INFO, "kafka_connected")
-                return
-            except SinkUnavailable as exc:
-                delay = backoff.next_delay()
-                log_event(logger, logging.WARNING, "kafka_unavailable", error=str(exc), retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
+    async def _start_sink(self, sink: Sink) -> None:
+        """Kafka may be down at start: keep trying, not ready meanwhile (a stop cancels this)."""
+        await start_sink(sink)
+        self._sink_started = True
+        self.kafka_ready.set()
+        log_event(logger, logging.INFO, "kafka_connected")
 
     async def _shutdown(self) -> None:
         timeout = self.settings.shutdown_timeout_seconds

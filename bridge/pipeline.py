@@ -166,6 +166,19 @@ def _as_bytes(raw: str | bytes) -> bytes:
     return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
 
 
+async def start_sink(sink: Sink) -> None:
+    """Start `sink`, retrying with backoff while Kafka is unreachable (the bridge stays unready meanwhile)."""
+    backoff = Backoff(0.5, 30.0)
+    while True:
+        try:
+            await sink.start()
+            return
+        except SinkUnavailable as exc:
+            delay = backoff.next_delay()
+            log_event(logger, logging.WARNING, "kafka_unavailable", error=str(exc), retry_in=round(delay, 2))
+            await asyncio.sleep(delay)
+
+
 class Publisher:
     """Moves rounds from the buffer to the sink, one round in flight, and accounts for every record."""
 
@@ -224,15 +237,7 @@ class Publisher:
 
     async def _restart_sink(self) -> None:
         await self.sink.stop()
-        backoff = Backoff(0.5, 30.0)
-        while True:
-            try:
-                await self.sink.start()
-                return
-            except SinkUnavailable as exc:
-                delay = backoff.next_delay()
-                log_event(logger, logging.WARNING, "kafka_unavailable", error=str(exc), retry_in=round(delay, 2))
-                await asyncio.sleep(delay)
+        await start_sink(self.sink)
 
     async def wait_drained(self) -> None:
         """Return once the buffer is empty and nothing is in flight."""

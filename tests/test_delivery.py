@@ -129,11 +129,7 @@ async def test_spool_mode_loses_and_reorders_nothing_through_a_60s_kafka_outage(
         settings = bridge_settings(
             simulator,
             proxied_broker.info,
-            ime={
-                "contract_ids": [c.id for c in simulator.contracts],
-                "ping_interval_seconds": 1,
-                "ping_timeout_seconds": 2,
-            },
+            ime=all_contracts_strict_pings(simulator),
             kafka=fast_failing_kafka(),
             buffer={
                 "overflow": "spool",
@@ -165,11 +161,7 @@ async def test_conflate_mode_delivers_the_latest_of_every_contract_and_accounts_
         settings = bridge_settings(
             simulator,
             proxied_broker.info,
-            ime={
-                "contract_ids": [c.id for c in simulator.contracts],
-                "ping_interval_seconds": 1,
-                "ping_timeout_seconds": 2,
-            },
+            ime=all_contracts_strict_pings(simulator),
             kafka=fast_failing_kafka(),
             buffer={"overflow": "conflate", "capacity_records": capacity, "max_batch_records": batch},
         )

@@ -471,6 +471,22 @@ class PrometheusServer:
         self.log.close()
 
 
+async def prometheus_query(http: aiohttp.ClientSession, url: str, expr: str) -> dict[str, Any]:
+    """The Prometheus HTTP API's answer to an instant query."""
+    async with http.get(f"{url}/api/v1/query", params={"query": expr}) as response:
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+async def evaluated_rules(http: aiohttp.ClientSession, url: str) -> list[dict[str, Any]] | None:
+    """Every loaded rule once each has been evaluated at least once, else None."""
+    async with http.get(f"{url}/api/v1/rules") as response:
+        groups = (await response.json())["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    done = rules and all(not rule.get("lastEvaluation", "0").startswith("0") for rule in rules)
+    return rules if done else None
+
+
 async def _until(condition: Callable[[], Any], what: str, within: float = 60.0) -> Any:
     """Poll an async condition until it returns something truthy; fail naming `what` at the deadline."""
     deadline = time.monotonic() + within
@@ -515,9 +531,7 @@ async def test_rules_and_dashboard_run_on_a_real_prometheus(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
 
             async def query(expr: str) -> dict[str, Any]:
-                async with http.get(f"{server.url}/api/v1/query", params={"query": expr}) as response:
-                    body: dict[str, Any] = await response.json()
-                    return body
+                return await prometheus_query(http, server.url, expr)
 
             async def ready() -> bool:
                 if server.process.poll() is not None:
@@ -533,11 +547,7 @@ async def test_rules_and_dashboard_run_on_a_real_prometheus(
                 return bool(body["data"]["result"])
 
             async def rules_evaluated() -> list[dict[str, Any]] | None:
-                async with http.get(f"{server.url}/api/v1/rules") as response:
-                    groups = (await response.json())["data"]["groups"]
-                rules = [rule for group in groups for rule in group["rules"]]
-                done = rules and all(not rule.get("lastEvaluation", "0").startswith("0") for rule in rules)
-                return rules if done else None
+                return await evaluated_rules(http, server.url)
 
             await _until(ready, "prometheus to be ready")
             await _until(scraped_twice, "three scrapes of the bridge")
@@ -577,9 +587,7 @@ async def test_rules_and_dashboard_are_valid_against_a_running_bridge(
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
 
                     async def query(expr: str) -> dict[str, Any]:
-                        async with http.get(f"{server.url}/api/v1/query", params={"query": expr}) as response:
-                            body: dict[str, Any] = await response.json()
-                            return body
+                        return await prometheus_query(http, server.url, expr)
 
                     async def has_rates() -> bool:
                         try:  # Prometheus refuses connections until it listens
@@ -589,11 +597,7 @@ async def test_rules_and_dashboard_are_valid_against_a_running_bridge(
                         return bool(body.get("data", {}).get("result"))
 
                     async def rules_healthy() -> list[dict[str, Any]] | None:
-                        async with http.get(f"{server.url}/api/v1/rules") as response:
-                            groups = (await response.json())["data"]["groups"]
-                        rules = [rule for group in groups for rule in group["rules"]]
-                        evaluated = rules and all(not r.get("lastEvaluation", "0").startswith("0") for r in rules)
-                        return rules if evaluated else None
+                        return await evaluated_rules(http, server.url)
 
                     await _until(has_rates, "Prometheus to see records published", within=90)
                     rules = await _until(rules_healthy, "every rule to be evaluated")
