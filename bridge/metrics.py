@@ -2,7 +2,7 @@
 
 Prefix `ime_bridge_`, base units, `_total` for counters, bounded labels: `endpoint` (id|name),
 `connection` (one per configured connection, e.g. `id-0`), `reason` and `error` (closed sets),
-`topic` (two topics). docs/metrics.md explains what each one tells the person on call.
+`topic` (a handful of topics). The README's "Operating it" table says what each one tells the person on call.
 """
 
 from __future__ import annotations
