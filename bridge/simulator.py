@@ -202,6 +202,7 @@ class _Connection:
         self.wakeup = asyncio.Event()
         self.drained = asyncio.Event()
         self.closing = False
+        self.writing = False  # a frame is being written: it counts as sent once the write returns
 
     def push(self, contract_id: str | None, payload: bytes, opcode: WSMsgType = WSMsgType.TEXT) -> None:
         self.queue.append((contract_id, payload, opcode))
@@ -426,6 +427,13 @@ class Simulator:
                 connection.wakeup.set()
         self._notify()
 
+    async def stall_and_settle(self, within: float = 30.0) -> None:
+        """Stall, then wait (at most `within` seconds) until no frame is mid-write: from then on
+        `sent_frames()` and `counters` hold everything the bridge can receive, until the stall ends."""
+        self.stall()
+        async with asyncio.timeout(within):
+            await self.wait_for(lambda: not any(connection.writing for connection in self._connections.values()))
+
     def accept_then_close(self, enabled: bool = True, *, code: int | None = CLOSE_INTERNAL_ERROR) -> None:
         """New connections are upgraded and then closed at once with `code` (None: dropped)."""
         self._accept_then_close = enabled
@@ -636,7 +644,11 @@ class Simulator:
             while True:
                 while queue and not self._stalled:
                     contract_id, payload, opcode = queue.popleft()
-                    await ws.send_frame(payload, opcode)
+                    connection.writing = True
+                    try:
+                        await ws.send_frame(payload, opcode)
+                    finally:
+                        connection.writing = False
                     counters.frames_sent += 1
                     if sent is not None:
                         text = payload.decode() if opcode is WSMsgType.TEXT else payload

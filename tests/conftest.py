@@ -78,8 +78,10 @@ async def consume(
     *,
     until: Callable[[list[ConsumerRecord[Any, Any]]], bool],
     within: float = 60.0,
+    describe: Callable[[list[ConsumerRecord[Any, Any]]], str] = lambda records: f"{len(records)} records",
 ) -> list[ConsumerRecord[Any, Any]]:
-    """Read `topic` from the earliest offset until `until(records)` holds (tansu's "latest" is unreliable)."""
+    """Read `topic` from the earliest offset until `until(records)` holds (tansu's "latest" is unreliable);
+    on timeout, fail with `describe(records)`."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False
     )
@@ -89,7 +91,7 @@ async def consume(
     try:
         while not until(records):
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {within}s reading {topic}: {len(records)} records")
+                raise AssertionError(f"timed out after {within}s reading {topic}: {describe(records)}")
             for batch in (await consumer.getmany(timeout_ms=200)).values():
                 records.extend(batch)
     finally:

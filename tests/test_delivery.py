@@ -83,7 +83,7 @@ def fast_failing_kafka(**extra: Any) -> dict[str, Any]:
 
 async def settle_and_stop(simulator: Simulator, running: RunningBridge) -> None:
     """Stop the market, let the bridge receive and deliver everything sent, then stop it in order."""
-    simulator.stall()
+    await simulator.stall_and_settle()
     sent = len(simulator.sent_frames())
     await wait_for(
         lambda: running.metric("ime_bridge_messages_received_total", endpoint="id") >= sent,
@@ -224,7 +224,7 @@ async def test_kill_9_during_an_outage_in_spool_mode_loses_nothing_that_reached_
             await wait_for(_above(first, "ime_bridge_messages_published_total", 100), within=60, what="flowing")
             proxied_broker.proxy.cut()
             await wait_for(_above(first, "ime_bridge_spool_records", 500), within=60, what="records spooled")
-            simulator.stall()
+            await simulator.stall_and_settle()
             sent_before_kill = len(simulator.sent_frames())
             await wait_for(
                 _above(first, "ime_bridge_messages_received_total", sent_before_kill - 1),
@@ -245,7 +245,7 @@ async def test_kill_9_during_an_outage_in_spool_mode_loses_nothing_that_reached_
         try:
             await wait_for(_spool_replayed(second), within=120, what="spool replayed")
             await wait_for(_above(second, "ime_bridge_messages_received_total", 100), within=60, what="new frames")
-            simulator.stall()
+            await simulator.stall_and_settle()
             sent_total = len(simulator.sent_frames())
             await wait_for(
                 _above(second, "ime_bridge_messages_received_total", sent_total - sent_before_kill - 1),
@@ -400,7 +400,7 @@ async def test_shutdown_timeout_in_spool_mode_counts_the_undelivered_and_the_nex
             await wait_for(_above(first, "ime_bridge_messages_published_total", 100), within=60)
             proxied_broker.proxy.cut()
             await wait_for(_above(first, "ime_bridge_spool_records", 300), within=60, what="records spooled")
-            simulator.stall()
+            await simulator.stall_and_settle()
             sent_to_first = len(simulator.sent_frames())
             await wait_for(_above(first, "ime_bridge_messages_received_total", sent_to_first - 1), within=30)
             assert first.process is not None

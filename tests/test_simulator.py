@@ -494,7 +494,7 @@ async def test_stall_stops_data_and_pongs_until_resumed(sim: Simulator) -> None:
     async with live(sim, ping_interval=None) as ws:
         await frames(ws, 1)
         await asyncio.wait_for(await ws.ping(), WAIT)
-        sim.stall()
+        await sim.stall_and_settle(WAIT)
         sent = sim.counters.frames_sent
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(await ws.ping(), 0.5)
