@@ -30,7 +30,7 @@ from bridge.metrics import Metrics
 from bridge.normalize import Normalizer
 from bridge.pipeline import FramePipeline, Publisher, start_sink
 from bridge.protocol import Endpoint
-from bridge.sink import KafkaSink, Sink
+from bridge.sink import KafkaSink, Sink, SinkFatal
 from bridge.source import SourceSettings, WebSocketSource
 from bridge.spool import Spool
 from bridge.subscriptions import SubscriptionManager
@@ -171,7 +171,7 @@ class Bridge:
     async def _start(self, tokens: TokenProvider, catalog: ContractCatalog) -> None:
         settings = self.settings
         ime = settings.ime
-        sink = self.sink or KafkaSink(settings.kafka)
+        sink = self.sink or KafkaSink(settings.kafka, settings.schema_registry)
         self.sink = sink
         await self._start_sink(sink)
 
@@ -277,8 +277,16 @@ class Bridge:
             buffer.sync()
 
     async def _start_sink(self, sink: Sink) -> None:
-        """Kafka may be down at start: keep trying, not ready meanwhile (a stop cancels this)."""
-        await start_sink(sink)
+        """Kafka may be down at start: keep trying, not ready meanwhile (a stop cancels this).
+
+        A SinkFatal (the schema registry refused the schema or the credentials) ends the start: retrying
+        cannot fix it.
+        """
+        try:
+            await start_sink(sink)
+        except SinkFatal as exc:
+            log_event(logger, logging.CRITICAL, "sink_fatal", error=str(exc))
+            raise
         self._sink_started = True
         self.kafka_ready.set()
         log_event(logger, logging.INFO, "kafka_connected")

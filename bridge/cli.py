@@ -1,4 +1,4 @@
-"""`ime-bridge run | demo | simulate | tail | check-config`."""
+"""`ime-bridge run | demo | simulate | tail | check-config | schemas export`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
+from importlib.resources.abc import Traversable
+from pathlib import Path, PurePosixPath
 
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
@@ -53,13 +54,14 @@ async def _run(settings: Settings, config_path: Path | None) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from bridge.app import PublisherFailed
+    from bridge.sink import SinkFatal
 
     settings = _load(args.config)
     configure_logging(settings.log.level, settings.log.format)
     try:
         asyncio.run(_run(settings, args.config))
-    except PublisherFailed:
-        return 1  # logged as publisher_failed: the orchestrator restarts the process
+    except (PublisherFailed, SinkFatal):
+        return 1  # logged (publisher_failed, sink_fatal): the orchestrator restarts the process
     return 0
 
 
@@ -91,7 +93,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_tail(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from bridge.config import SchemaRegistrySettings
     from bridge.tail import tail
+
+    registry = None
+    if args.schema_registry is not None:
+        try:
+            registry = SchemaRegistrySettings.model_validate({"url": args.schema_registry, "retries": 1})
+        except ValidationError as exc:
+            print(f"ime-bridge tail: --schema-registry: {exc.errors()[0]['msg']}", file=sys.stderr)
+            return EXIT_CONFIG
 
     async def consume() -> None:
         stop = asyncio.Event()
@@ -104,6 +117,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                 max_records=args.max_records,
                 idle_timeout=args.idle_timeout,
                 table=args.table if args.table is not None else sys.stdout.isatty(),
+                schema_registry=registry,
             )
         )
         stopper = asyncio.create_task(stop.wait())
@@ -113,6 +127,35 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         await asyncio.gather(task, stopper, return_exceptions=True)
 
     asyncio.run(consume())
+    return 0
+
+
+def _schema_files(folder: Traversable, relative: PurePosixPath) -> Iterator[tuple[PurePosixPath, str]]:
+    """(path relative to the package, text) of every .avsc file the package ships under `folder`."""
+    for entry in sorted(folder.iterdir(), key=lambda entry: entry.name):
+        if entry.is_dir():
+            yield from _schema_files(entry, relative / entry.name)
+        elif entry.name.endswith(".avsc"):
+            yield relative / entry.name, entry.read_text("utf-8")
+
+
+def _cmd_schemas_export(args: argparse.Namespace) -> int:
+    import importlib.resources
+    import json
+
+    from bridge.encode import Schema
+
+    try:
+        for relative, text in _schema_files(importlib.resources.files("bridge.schemas"), PurePosixPath()):
+            definition = json.loads(text)
+            schema = Schema(f"{definition['namespace']}.{definition['name']}", definition)
+            target = args.directory / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, "utf-8")
+            print(f"{target}  {schema.name}  schema-fingerprint {schema.fingerprint}")
+    except OSError as exc:
+        print(f"ime-bridge schemas export: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -161,7 +204,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="live table of the latest record per contract (default: on a terminal)",
     )
+    tail_cmd.add_argument(
+        "--schema-registry",
+        metavar="URL",
+        help="read values in Confluent's wire format with the schema this registry holds under their id",
+    )
     tail_cmd.set_defaults(handler=_cmd_tail)
+
+    schemas = commands.add_parser(
+        "schemas",
+        help="the Avro schemas of the records",
+        description="The Avro schemas of the records the bridge publishes (schemas/ in the repository).",
+    )
+    schema_commands = schemas.add_subparsers(dest="schemas_command", required=True, metavar="ACTION")
+    export = schema_commands.add_parser(
+        "export",
+        help="write the .avsc files a consumer needs",
+        description="Write the .avsc files the bridge ships into DIRECTORY and print each one's schema-fingerprint "
+        "(the header that names the writer schema of plain Avro records).",
+    )
+    export.add_argument("directory", type=Path, metavar="DIRECTORY")
+    export.set_defaults(handler=_cmd_schemas_export)
 
     demo = commands.add_parser(
         "demo",

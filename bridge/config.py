@@ -199,6 +199,16 @@ class KafkaSettings(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: Path | None = None
+    state_topic: str = Field(
+        default="ime.contract.state",
+        min_length=1,
+        max_length=249,
+        description="Compacted topic holding the latest snapshot of each contract (key = contract id).",
+    )
+    state_topic_enabled: bool = Field(
+        default=True,
+        description="Publish the latest snapshots to state_topic too (created with cleanup.policy=compact).",
+    )
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -215,6 +225,12 @@ class KafkaSettings(_Section):
             raise ValueError("kafka.topic and kafka.dlq_topic must differ")
         if self.sasl_mechanism and (self.sasl_username is None or self.sasl_password is None):
             raise ValueError("kafka.sasl_mechanism needs kafka.sasl_username and kafka.sasl_password")
+        return self
+
+    @model_validator(mode="after")
+    def _state_topic_is_its_own(self) -> KafkaSettings:
+        if self.state_topic_enabled and self.state_topic in (self.topic, self.dlq_topic):
+            raise ValueError("kafka.state_topic must differ from kafka.topic and kafka.dlq_topic")
         return self
 
 
@@ -261,6 +277,37 @@ class LogSettings(_Section):
     format: Literal["logfmt", "json"] = "logfmt"
 
 
+class SchemaRegistrySettings(_Section):
+    """A Confluent Schema Registry: value schemas are registered at start, update values framed with their id."""
+
+    url: HttpUrl = Field(description="Base URL of the registry, e.g. https://schema-registry:8081.")
+    username: str | None = Field(default=None, description="Basic-auth user (with password).")
+    password: SecretStr | None = Field(default=None, description="Basic-auth password.")
+    ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle that verifies the registry's certificate (default: the system's)."
+    )
+    ssl_certfile: Path | None = Field(default=None, description="Client certificate (PEM) for mutual TLS.")
+    ssl_keyfile: Path | None = Field(
+        default=None, description="Private key (PEM) of ssl_certfile, when the certificate file does not hold it."
+    )
+    timeout_seconds: PositiveSeconds = Field(default=10.0, description="Deadline of each registry call.")
+    retries: int = Field(
+        default=3, ge=0, le=100, description="Retries of a failed registry call, with backoff, before the start fails."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SchemaRegistrySettings:
+        if self.url.username or self.url.password:
+            raise ValueError("schema_registry.url must not carry credentials: set username and password")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("schema_registry.username and schema_registry.password go together")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("schema_registry.ssl_keyfile needs schema_registry.ssl_certfile")
+        if self.url.scheme != "https" and (self.ssl_cafile or self.ssl_certfile):
+            raise ValueError("schema_registry.ssl_* options need an https:// url")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the bridge needs to run; see config.example.yaml for every key with its default."""
 
@@ -271,6 +318,9 @@ class Settings(BaseSettings):
     buffer: BufferSettings = Field(default_factory=BufferSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    schema_registry: SchemaRegistrySettings | None = Field(
+        default=None, description="Frame update values in the Confluent wire format; unset: plain Avro + headers."
+    )
     shutdown_timeout_seconds: PositiveSeconds = Field(
         default=20.0, description="Budget for an orderly stop: close sockets, drain, flush."
     )

@@ -5,6 +5,12 @@ client and aiokafka's default partitioner do, so every client agrees where a con
 sends one `create_batch`/`send_batch` per partition, which costs a fifth of a `send()` per record
 (see ../shared/design.md). Library errors are translated here into SinkUnavailable. `MemorySink` is
 the in-memory twin for unit tests.
+
+Updates also go to the latest-state topic (compacted, same key, value and headers): each contract's newest
+update of every publish round, under the same one-batch-per-partition rule, so per-contract order holds on
+both topics, and that update counts as delivered only once both topics acknowledged it. With a schema
+registry, update values are framed in Confluent's wire format (bridge/registry.py registers the schemas at
+start); dead letters stay raw frames.
 """
 
 from __future__ import annotations
@@ -13,18 +19,24 @@ import asyncio
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 
-from bridge.config import KafkaSettings
+from bridge.config import KafkaSettings, SchemaRegistrySettings
+from bridge.encode import Schema, load_schema
+
+if TYPE_CHECKING:
+    from bridge.registry import SchemaRegistry
 
 Headers = list[tuple[str, bytes]]
 
 _TOPIC_ALREADY_EXISTS = 36
+# The latest-state topic keeps the newest record per key; older ones are compacted away.
+STATE_TOPIC_CONFIG = {"cleanup.policy": "compact"}
 
 
 @dataclass(slots=True)
@@ -41,6 +53,10 @@ class OutgoingRecord:
 
 class SinkUnavailable(Exception):
     """Kafka could not be reached, or the producer became unusable and must be replaced."""
+
+
+class SinkFatal(Exception):
+    """A failure retrying cannot fix (the schema registry refuses the schema or the credentials): stop, loudly."""
 
 
 class NotSent(Exception):
@@ -86,20 +102,73 @@ def _client_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+class _Batch:
+    """One partition's batch of a publish round: the indices of the records in it, and whether it is full."""
+
+    __slots__ = ("builder", "full", "indices")
+
+    def __init__(self, builder: Any) -> None:
+        self.builder = builder
+        self.indices: list[int] = []
+        self.full = False
+
+    def add(self, key: bytes | None, value: bytes, headers: Headers, index: int) -> Exception | None:
+        """Add record `index`; its outcome when it is not in the batch."""
+        if self.full:  # this partition's batch is full for this round
+            return NotSent()
+        if self.builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            if not self.indices:  # a single record larger than a whole batch
+                too_large: Exception = MessageSizeTooLargeError(f"record of {len(value)} bytes")
+                return too_large
+            self.full = True
+            return NotSent()
+        self.indices.append(index)
+        return None
+
+
 class KafkaSink:
     """Sink over aiokafka, `acks=all`, idempotent unless configured otherwise."""
 
-    def __init__(self, settings: KafkaSettings) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        registry: SchemaRegistrySettings | None = None,
+        *,
+        schema: Schema | None = None,
+    ) -> None:
         self._settings = settings
+        self._schema = schema or load_schema()
+        self._registry: SchemaRegistry | None = None
+        if registry is not None:
+            from bridge.registry import SchemaRegistry  # confluent-kafka loads only when a registry is configured
+
+            self._registry = SchemaRegistry(registry)
+        self._state_topic = settings.state_topic if settings.state_topic_enabled else None
+        # The wire-format prefix of update values on each topic; empty without a registry (b"" + value is value).
+        self._updates_prefix = self._state_prefix = b""
         self._producer: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
+        self._partitions_of_update: dict[bytes, tuple[int, int]] = {}
         self._next_unkeyed = 0
 
     async def start(self) -> None:
-        """Create missing topics, start the producer and learn each topic's partition count."""
+        """Register the value schemas (registry only), create missing topics, start the producer.
+
+        Raises SinkUnavailable when Kafka or the registry cannot be reached (the caller retries), and
+        SinkFatal when the registry refuses the schema or the credentials.
+        """
         settings = self._settings
-        topics = [settings.topic, settings.dlq_topic]
+        if self._registry is not None:
+            from bridge.registry import wire_prefix
+
+            try:
+                self._updates_prefix = wire_prefix(await self._registry.register(settings.topic, self._schema))
+                if self._state_topic is not None:
+                    self._state_prefix = wire_prefix(await self._registry.register(self._state_topic, self._schema))
+            finally:
+                self._registry.close()  # the ids are cached: no connection is kept between starts
+        topics = [settings.topic, settings.dlq_topic, *([self._state_topic] if self._state_topic else [])]
         try:
             if settings.create_topics:
                 await self._create_missing_topics(topics)
@@ -135,7 +204,15 @@ class KafkaSink:
             if not missing:
                 return
             response = await admin.create_topics(
-                [NewTopic(topic, settings.partitions, settings.replication_factor) for topic in missing]
+                [
+                    NewTopic(
+                        topic,
+                        settings.partitions,
+                        settings.replication_factor,
+                        topic_configs=STATE_TOPIC_CONFIG if topic == self._state_topic else {},
+                    )
+                    for topic in missing
+                ]
             )
             for topic, code, message in response.topic_errors:
                 if code not in (0, _TOPIC_ALREADY_EXISTS):
@@ -154,44 +231,70 @@ class KafkaSink:
         return cached
 
     async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
-        """One batch per partition, in record order; each record's outcome (None = acknowledged).
+        """One batch per partition per topic, in record order; each record's outcome (None = acknowledged).
 
         A partition never gets a second batch in the same round, so a batch that fails cannot be
         overtaken by a later one of its partition: what does not fit comes back as NotSent.
-        Raises SinkUnavailable when the producer itself failed (its sender task died).
+
+        The newest update of each contract in the round also goes to the latest-state topic (the older
+        ones of the round would only be compacted away), first: if it does not fit there, it goes to
+        neither topic this round and is sent again, state copy included, before anything newer; if it
+        fits there but not in the updates topic, the state topic merely gets it twice, which a
+        latest-state reader cannot tell from once. Such an update is acknowledged once both topics
+        acknowledged it. Raises SinkUnavailable when the producer itself failed (its sender task died).
         """
         producer = self._producer
         if producer is None:
             raise SinkUnavailable("publish before start")
         outcomes: list[Exception | None] = [None] * len(records)
-        batches: dict[tuple[str, int], tuple[Any, list[int]]] = {}
+        updates_topic, state_topic = self._settings.topic, self._state_topic
+        updates_prefix, state_prefix = self._updates_prefix, self._state_prefix
+        # Batches by partition: of the updates topic, of the state topic, and by (topic, partition) of others.
+        updates: dict[int, _Batch] = {}
+        states: dict[int, _Batch] = {}
+        others: dict[tuple[str, int], _Batch] = {}
+        partitions_of_update = self._partitions_of_update
+        new_batch = producer.create_batch
+        # The state topic needs only each contract's newest update of the round (compaction keeps no other).
+        newest = (
+            {r.key: i for i, r in enumerate(records) if r.topic == updates_topic and r.dead_letter_reason is None}
+            if state_topic is not None
+            else {}
+        )
         for index, record in enumerate(records):
-            slot = (record.topic, self._partition(record.topic, record.key))
-            batch, indices = batches.get(slot) or (None, [])
-            if batch is None:
-                batch = producer.create_batch()
-                batches[slot] = (batch, indices)
-            elif indices and indices[-1] < 0:  # this partition's batch is full for this round
-                outcomes[index] = NotSent()
-                continue
-            if batch.append(key=record.key, value=record.value, timestamp=None, headers=record.headers) is None:
-                if not indices:  # a single record larger than a whole batch
-                    outcomes[index] = MessageSizeTooLargeError(f"record of {len(record.value)} bytes")
-                    continue
-                indices.append(-1)
-                outcomes[index] = NotSent()
-                continue
-            indices.append(index)
+            key = record.key
+            if record.topic != updates_topic or record.dead_letter_reason is not None or key is None:
+                slot = (record.topic, self._partition(record.topic, key))
+                batch = others.get(slot) or others.setdefault(slot, _Batch(new_batch()))
+                outcome = batch.add(key, record.value, record.headers, index)
+            else:
+                partition, state_partition = partitions_of_update.get(key) or self._update_partitions(key)
+                batch = updates.get(partition) or updates.setdefault(partition, _Batch(new_batch()))
+                if batch.full:
+                    outcome = NotSent()
+                elif newest.get(key) != index:
+                    outcome = batch.add(key, updates_prefix + record.value, record.headers, index)
+                else:
+                    state = states.get(state_partition) or states.setdefault(state_partition, _Batch(new_batch()))
+                    outcome = state.add(key, state_prefix + record.value, record.headers, index)
+                    if outcome is None:
+                        outcome = batch.add(key, updates_prefix + record.value, record.headers, index)
+            if outcome is not None:
+                outcomes[index] = outcome
 
         pending: list[tuple[asyncio.Future[Any], list[int]]] = []
-        for (topic, partition), (batch, indices) in batches.items():
-            sent = [index for index in indices if index >= 0]
-            if not sent:
+        slots = [
+            *(((updates_topic, partition), batch) for partition, batch in updates.items()),
+            *(((state_topic, partition), batch) for partition, batch in states.items() if state_topic is not None),
+            *others.items(),
+        ]
+        for (topic, partition), batch in slots:
+            if not batch.indices:
                 continue
             try:
-                pending.append((await producer.send_batch(batch, topic, partition=partition), sent))
+                pending.append((await producer.send_batch(batch.builder, topic, partition=partition), batch.indices))
             except KafkaError as exc:
-                for index in sent:
+                for index in batch.indices:
                     outcomes[index] = exc
             except Exception as exc:
                 raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
@@ -204,6 +307,16 @@ class KafkaSink:
             except Exception as exc:
                 raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
         return outcomes
+
+    def _update_partitions(self, key: bytes) -> tuple[int, int]:
+        """The partitions of an update's key on the updates and the state topic (cached)."""
+        state_topic = self._state_topic
+        partitions = (
+            self._partition(self._settings.topic, key),
+            self._partition(state_topic, key) if state_topic is not None else -1,
+        )
+        self._partitions_of_update[key] = partitions
+        return partitions
 
     async def stop(self) -> None:
         """Flush and close the producer."""

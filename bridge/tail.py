@@ -1,7 +1,12 @@
 """`ime-bridge tail`: read a topic and print its records decoded, as JSON lines or a live table.
 
-Values are decoded with the schema their `schema` header names (from schemas/); dead letters print
-their headers and raw frame. This is what a downstream developer runs to see what the bridge publishes.
+Both framings are decoded. Plain Avro values are read with the schema their `schema` header names (from
+schemas/). Values in Confluent's wire format (magic byte 0, schema id, Avro body: the bridge with a
+schema registry) are read with the schema the registry holds under that id when `schema_registry` is
+given, else with the local schema the `schema` header names if the `schema-fingerprint` header says the
+body was written with it. A ContractUpdate's plain encoding never starts with byte 0 (its first field is
+a non-empty string), so the first byte tells the framings apart. Dead letters print their headers and
+raw frame. This is what a downstream developer runs to see what the bridge publishes.
 """
 
 from __future__ import annotations
@@ -10,27 +15,43 @@ import asyncio
 import io
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from fastavro import schemaless_reader
 
+from bridge.config import SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
+from bridge.registry import SchemaRegistry, split_framed
 
 Decoded = dict[str, Any]
 
 
 def decode_record(
-    key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]], schemas: dict[str, Schema]
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    schemas: dict[str, Schema],
+    registered: Mapping[int, Schema] | None = None,
 ) -> Decoded:
-    """A consumed record as plain data: key, headers, and the value decoded when its schema is known."""
+    """A consumed record as plain data: key, headers, and the value decoded when its schema is known.
+
+    `schemas` are the local schemas by name; `registered` the registry's by id (for framed values).
+    """
     header_map = {name: raw.decode("utf-8", "replace") for name, raw in headers}
     decoded: Decoded = {"key": key.decode("utf-8", "replace") if key is not None else None, "headers": header_map}
     schema = schemas.get(header_map.get("schema", ""))
-    if schema is not None and value is not None:
-        decoded["value"] = schemaless_reader(io.BytesIO(value), schema.parsed, schema.parsed)
+    framed = split_framed(value) if value is not None and schema is not None else None
+    body = value
+    if framed is not None:
+        schema_id, body = framed
+        decoded["schema_id"] = schema_id
+        local = schema if schema is not None and schema.fingerprint == header_map.get("schema-fingerprint") else None
+        schema = (registered or {}).get(schema_id, local)
+    if schema is not None and body is not None:
+        decoded["value"] = schemaless_reader(io.BytesIO(body), schema.parsed, schema.parsed)
     else:
         decoded["raw"] = (value or b"").decode("utf-8", "replace")
     return decoded
@@ -67,12 +88,15 @@ async def tail(
     table: bool = False,
     out: TextIO | None = sys.stdout,
     on_record: Callable[[Decoded], None] | None = None,
+    schema_registry: SchemaRegistrySettings | None = None,
 ) -> int:
     """Print records of `topic` until `max_records` were read or nothing arrived for `idle_timeout` s.
 
     Each decoded record goes to `on_record` when given, and to `out` (JSON lines, or the table) unless None.
+    Framed values are read with the schema `schema_registry` holds under their id, when given.
     """
     schemas = {schema.name: schema for schema in (load_schema(),)}
+    lookup = _RegistryLookup(schema_registry) if schema_registry is not None else None
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap_servers,
@@ -92,7 +116,8 @@ async def tail(
             )
             for messages in batches.values():
                 for message in messages:
-                    decoded = decode_record(message.key, message.value, message.headers, schemas)
+                    registered = await lookup.schemas_for(message) if lookup is not None else None
+                    decoded = decode_record(message.key, message.value, message.headers, schemas, registered)
                     decoded |= {"partition": message.partition, "offset": message.offset}
                     printed += 1
                     if on_record is not None:
@@ -111,4 +136,31 @@ async def tail(
                 break
     finally:
         await consumer.stop()
+        if lookup is not None:
+            lookup.close()
     return printed
+
+
+class _RegistryLookup:
+    """The registry's schemas by id, fetched once per id; an id it cannot give is not asked for again."""
+
+    def __init__(self, settings: SchemaRegistrySettings) -> None:
+        self._registry = SchemaRegistry(settings)
+        self._known: dict[int, Schema] = {}
+        self._failed: set[int] = set()
+
+    async def schemas_for(self, message: ConsumerRecord[Any, Any]) -> Mapping[int, Schema]:
+        """The schemas known by id, including the one `message` is framed with if the registry has it."""
+        value, has_schema = message.value, any(name == "schema" for name, _ in message.headers)
+        framed = split_framed(value) if value is not None and has_schema else None
+        if framed is not None and framed[0] not in self._known and framed[0] not in self._failed:
+            try:
+                self._known[framed[0]] = await self._registry.schema(framed[0])
+            except Exception as exc:
+                self._failed.add(framed[0])
+                print(f"ime-bridge tail: schema id {framed[0]}: {exc}", file=sys.stderr)
+        return self._known
+
+    def close(self) -> None:
+        """Close the registry's HTTP session."""
+        self._registry.close()

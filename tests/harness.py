@@ -86,6 +86,7 @@ def bridge_config(simulator: Simulator, broker: BrokerInfo, **sections: dict[str
             "bootstrap_servers": [broker.bootstrap_servers],
             "topic": f"updates-{suffix}",
             "dlq_topic": f"dead-{suffix}",
+            "state_topic": f"state-{suffix}",
             "partitions": 3,
             "replication_factor": 1,
             "enable_idempotence": broker.supports_idempotence,

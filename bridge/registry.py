@@ -1,0 +1,183 @@
+"""The Confluent Schema Registry: value schemas registered at start, ids cached, the wire-format prefix.
+
+With `schema_registry:` configured, every update value goes out in Confluent's wire format: magic byte 0,
+the schema id as a 4-byte big-endian integer, then the Avro body. Schemas are registered under the
+topic-name strategy (`<topic>-value`) once per process and topic; the records themselves never wait for
+the registry.
+
+This wraps confluent-kafka's `SchemaRegistryClient`, which is synchronous: each call runs in a worker
+thread under a deadline and is retried with backoff. Its errors are translated here, at the boundary:
+a registry that cannot be reached (refused, timed out, a 5xx after the retries, any other error answer,
+an unreadable one) is `SinkUnavailable`, so the bridge retries its start and stays unready; one that
+refuses the schema (incompatible, invalid) is `SchemaRejected`, and refused credentials, unreadable TLS
+files or a certificate that fails verification are `SinkFatal`: retrying cannot fix those, the process
+must stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import struct
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from confluent_kafka.schema_registry import Schema as RegistrySchema
+from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
+
+from bridge.config import SchemaRegistrySettings
+from bridge.encode import Schema
+from bridge.sink import SinkFatal, SinkUnavailable
+from bridge.source import Backoff
+
+T = TypeVar("T")
+
+MAGIC_BYTE = 0
+_PREFIX = struct.Struct(">bI")
+# Statuses after which the same call may succeed (as confluent-kafka's own client judges them).
+_RETRIABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_REFUSED_SCHEMA_STATUSES = frozenset({409, 422})  # incompatible; invalid schema
+_REFUSED_CREDENTIALS_STATUSES = frozenset({401, 403})
+
+
+class SchemaRejected(SinkFatal):
+    """The registry refused to register a schema under a subject (incompatible, or invalid)."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        super().__init__(f"the schema registry refused the schema for subject {subject!r}: {reason}")
+        self.subject = subject
+        self.reason = reason
+
+
+def value_subject(topic: str) -> str:
+    """The subject of `topic`'s values under the topic-name strategy (the Confluent serializers' default)."""
+    return f"{topic}-value"
+
+
+def wire_prefix(schema_id: int) -> bytes:
+    """The 5 bytes that precede an Avro body in Confluent's wire format."""
+    return _PREFIX.pack(MAGIC_BYTE, schema_id)
+
+
+def split_framed(value: bytes) -> tuple[int, bytes] | None:
+    """(schema id, Avro body) of a value in Confluent's wire format, or None when it is not framed."""
+    if len(value) < _PREFIX.size or value[0] != MAGIC_BYTE:
+        return None
+    _, schema_id = _PREFIX.unpack_from(value)
+    return schema_id, value[_PREFIX.size :]
+
+
+def client_config(settings: SchemaRegistrySettings) -> dict[str, Any]:
+    """confluent-kafka's SchemaRegistryClient configuration; its own retries are off (see SchemaRegistry)."""
+    config: dict[str, Any] = {
+        "url": str(settings.url).rstrip("/"),
+        "timeout": settings.timeout_seconds,
+        "max.retries": 0,
+    }
+    if settings.username is not None and settings.password is not None:
+        config["basic.auth.user.info"] = f"{settings.username}:{settings.password.get_secret_value()}"
+    if settings.ssl_cafile is not None:
+        config["ssl.ca.location"] = str(settings.ssl_cafile)
+    if settings.ssl_certfile is not None:
+        config["ssl.certificate.location"] = str(settings.ssl_certfile)
+    if settings.ssl_keyfile is not None:
+        config["ssl.key.location"] = str(settings.ssl_keyfile)
+    return config
+
+
+def _certificate_failure(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class SchemaRegistry:
+    """Registry calls off the event loop, each under `timeout_seconds`, retried `retries` times with backoff."""
+
+    def __init__(
+        self, settings: SchemaRegistrySettings, *, backoff: Callable[[], Backoff] = lambda: Backoff(0.2, 5.0)
+    ) -> None:
+        self.settings = settings
+        self.url = str(settings.url).rstrip("/")
+        self._backoff = backoff
+        self._client: SchemaRegistryClient | None = None
+        self._ids: dict[tuple[str, str], int] = {}
+        self._schemas: dict[int, Schema] = {}
+
+    async def register(self, topic: str, schema: Schema) -> int:
+        """The id of `schema` under `topic`'s value subject, registering it on first use (then cached)."""
+        subject = value_subject(topic)
+        text = json.dumps(schema.definition, separators=(",", ":"), ensure_ascii=False)
+        cached = self._ids.get((subject, text))
+        if cached is not None:
+            return cached
+        schema_id = await self._call(
+            f"registering {subject}",
+            lambda client: client.register_schema(subject, RegistrySchema(text, "AVRO")),
+            subject=subject,
+        )
+        self._ids[(subject, text)] = schema_id
+        return schema_id
+
+    async def schema(self, schema_id: int) -> Schema:
+        """The schema registered with `schema_id` (cached): what a framed value was written with."""
+        cached = self._schemas.get(schema_id)
+        if cached is None:
+            found = await self._call(f"looking up schema id {schema_id}", lambda client: client.get_schema(schema_id))
+            definition = json.loads(found.schema_str or "null")
+            if not isinstance(definition, dict) or "name" not in definition:
+                raise SinkUnavailable(f"schema id {schema_id} in {self.url} is not an Avro named schema")
+            name, namespace = definition["name"], definition.get("namespace")
+            full_name = f"{namespace}.{name}" if namespace and "." not in name else name
+            cached = self._schemas[schema_id] = Schema(name=full_name, definition=definition)
+        return cached
+
+    def close(self) -> None:
+        """Close the HTTP session (ids stay cached; a later call opens a new one)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    async def _call(self, what: str, call: Callable[[SchemaRegistryClient], T], *, subject: str | None = None) -> T:
+        if self._client is None:
+            try:
+                self._client = SchemaRegistryClient(client_config(self.settings))
+            except (OSError, ValueError) as exc:  # an unreadable CA, certificate or key file
+                raise SinkFatal(f"cannot set up the schema registry client for {self.url}: {exc}") from exc
+        client = self._client
+        backoff = self._backoff()
+        attempts = self.settings.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with asyncio.timeout(self.settings.timeout_seconds):
+                    return await asyncio.to_thread(call, client)
+            except Exception as exc:
+                error = self._translate(exc, what, subject)
+            if attempt < attempts:
+                await asyncio.sleep(backoff.next_delay())
+        raise SinkUnavailable(
+            f"schema registry {self.url} unavailable ({what}, {attempts} attempts): {error}"
+        ) from error
+
+    def _translate(self, error: Exception, what: str, subject: str | None) -> Exception:
+        """Raise what retrying cannot fix; return what it may (the registry down, slow or failing)."""
+        if isinstance(error, SchemaRegistryError):
+            status = error.http_status_code
+            if subject is not None and status in _REFUSED_SCHEMA_STATUSES:
+                raise SchemaRejected(subject, error.error_message) from error
+            if status in _REFUSED_CREDENTIALS_STATUSES:
+                raise SinkFatal(f"the schema registry {self.url} refused the credentials ({what}): {error}") from error
+            if status not in _RETRIABLE_STATUSES:
+                raise SinkUnavailable(f"schema registry {self.url}, {what}: {error}") from error
+            return error
+        if isinstance(error, TimeoutError):
+            return TimeoutError(f"no answer within {self.settings.timeout_seconds}s")
+        # The HTTP layer's errors: refused, reset, TLS, an unreadable answer.
+        failure = _certificate_failure(error)
+        if failure is not None:
+            raise SinkFatal(f"TLS verification of the schema registry {self.url} failed: {failure}") from error
+        return error
