@@ -797,3 +797,17 @@ def test_chart_app_version_is_the_bridge_version() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text("utf-8"))
     assert chart["appVersion"] == project["version"]
     assert chart["apiVersion"] == "v2"
+
+
+def test_schema_registry_is_rendered_and_its_password_comes_from_the_secret(helm: ModuleType) -> None:
+    values = {
+        "config": {"schema_registry": {"url": "https://registry:8081", "username": "bridge"}},
+        "credentials": {"schemaRegistryPassword": "s3cret"},
+    }
+    manifests = render(helm, values)
+    (configmap,) = [m for m in manifests if m["kind"] == "ConfigMap"]
+    config = yaml.safe_load(next(iter(configmap["data"].values())))
+    assert config["schema_registry"] == {"url": "https://registry:8081", "username": "bridge"}
+    assert "s3cret" not in json.dumps(configmap)
+    env = {var["name"]: var for var in workload(manifests)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "schema-registry-password"

@@ -66,7 +66,7 @@ Does the chart create the credentials Secret? Only when it has a credential to p
 */}}
 {{- define "ime-bridge.createSecret" -}}
 {{- $c := .Values.credentials -}}
-{{- if and (not $c.existingSecret) (or $c.imePassword $c.imeToken $c.kafkaSaslPassword) -}}
+{{- if and (not $c.existingSecret) (or $c.imePassword $c.imeToken $c.kafkaSaslPassword $c.schemaRegistryPassword) -}}
 true
 {{- end -}}
 {{- end }}
@@ -98,11 +98,17 @@ volume's mount path.
 {{- $c := .Values.config -}}
 # ime-bridge configuration, rendered by the ime-bridge Helm chart from its `config` values.
 # Secrets are not here: IME_BRIDGE_IME__PASSWORD, IME_BRIDGE_IME__TOKEN and
-# IME_BRIDGE_KAFKA__SASL_PASSWORD come from the credentials Secret.
+# IME_BRIDGE_KAFKA__SASL_PASSWORD and IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD come from the credentials Secret.
 ime:
   {{- include "ime-bridge.compact" (omit $c.ime "password" "token") | nindent 2 }}
 kafka:
   {{- include "ime-bridge.compact" (omit $c.kafka "sasl_password") | nindent 2 }}
+{{- with $c.schema_registry }}
+{{- if .url }}
+schema_registry:
+  {{- include "ime-bridge.compact" (omit . "password") | nindent 2 }}
+{{- end }}
+{{- end }}
 buffer:
   {{- include "ime-bridge.compact" (omit $c.buffer "spool_dir") | nindent 2 }}
   {{- if eq (toString $c.buffer.overflow) "spool" }}
@@ -250,7 +256,8 @@ may hold only some), or the keys the chart put in its own Secret.
 {{- $vars := list
   (list "IME_BRIDGE_IME__PASSWORD" $keys.imePassword $c.imePassword)
   (list "IME_BRIDGE_IME__TOKEN" $keys.imeToken $c.imeToken)
-  (list "IME_BRIDGE_KAFKA__SASL_PASSWORD" $keys.kafkaSaslPassword $c.kafkaSaslPassword) -}}
+  (list "IME_BRIDGE_KAFKA__SASL_PASSWORD" $keys.kafkaSaslPassword $c.kafkaSaslPassword)
+  (list "IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD" $keys.schemaRegistryPassword $c.schemaRegistryPassword) -}}
 {{- range $vars }}
 {{- if or $c.existingSecret (index . 2) }}
 - name: {{ index . 0 }}
@@ -278,5 +285,8 @@ existing Secret would use.
 {{- end }}
 {{- with $c.kafkaSaslPassword }}
 {{ $keys.kafkaSaslPassword }}: {{ . | b64enc }}
+{{- end }}
+{{- with $c.schemaRegistryPassword }}
+{{ $keys.schemaRegistryPassword }}: {{ . | b64enc }}
 {{- end }}
 {{- end }}
