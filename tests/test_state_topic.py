@@ -41,7 +41,13 @@ async def test_a_consumer_reading_the_state_topic_from_the_start_reconstructs_th
             simulator, kafka_broker, ime={"contract_ids": [c.id for c in contracts]}, kafka={"state_topic": state_topic}
         )
         async with running_bridge(settings) as running:
-            await wait_for(lambda: running.published() >= 60, what="a few snapshots of every contract")
+            await wait_for(
+                lambda: (
+                    running.published() >= 60
+                    and all(simulator.sent_frames(contract_id=contract.id) for contract in contracts)
+                ),
+                what="a few snapshots, at least one of every contract (the market picks contracts by liquidity)",
+            )
             await simulator.stall_and_settle()  # the market stops moving: what it sent last is the state to reconstruct
             await wait_for(
                 lambda: running.published() == simulator.counters.frames_sent, what="every snapshot sent acknowledged"
