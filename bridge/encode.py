@@ -11,13 +11,16 @@ it covers exactly the schema's fields, so a schema change cannot silently diverg
 from __future__ import annotations
 
 import importlib.resources
+import io
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from importlib.resources.abc import Traversable
 from typing import Any
 
-from fastavro import parse_schema
+from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from bridge.normalize import ContractUpdate
@@ -46,11 +49,58 @@ class Schema:
         return str(fingerprint(canonical, "CRC-64-AVRO"))
 
 
+RELEASED_SCHEMAS = "history"  # every released version, schemas/history/<name>.v<N>.avsc
+
+
+def _schema_of(resource: Traversable) -> Schema:
+    definition = json.loads(resource.read_text("utf-8"))
+    return Schema(name=f"{definition['namespace']}.{definition['name']}", definition=definition)
+
+
 def load_schema(filename: str = CONTRACT_UPDATE_SCHEMA) -> Schema:
     """Load one .avsc file from the schemas shipped with the package."""
-    text = importlib.resources.files("bridge.schemas").joinpath(filename).read_text("utf-8")
-    definition = json.loads(text)
-    return Schema(name=f"{definition['namespace']}.{definition['name']}", definition=definition)
+    return _schema_of(importlib.resources.files("bridge.schemas").joinpath(filename))
+
+
+def load_released_schemas() -> list[Schema]:
+    """Every released version of the shipped schemas (schemas/history), by file name."""
+    folder = importlib.resources.files("bridge.schemas").joinpath(RELEASED_SCHEMAS)
+    entries = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".avsc")), key=lambda e: e.name)
+    return [_schema_of(entry) for entry in entries]
+
+
+class SchemaUpgrade:
+    """Re-encodes a value written with an older released schema into the current one.
+
+    Records outlive the process that encoded them in the spool: after an upgrade that changed the schema,
+    the spool still holds values written with the previous one. Sent as they are, they would carry the
+    current schema's registry id (or be mixed with current records on one topic), so they are read with
+    their writer schema and written with the current one (Avro schema resolution fills new fields with
+    their defaults). Rare, so fastavro's generic reader and writer are fast enough here.
+    """
+
+    def __init__(self, current: Schema, released: Sequence[Schema]) -> None:
+        self.current = current
+        self.fingerprint = current.fingerprint.encode()
+        self._older = {schema.fingerprint.encode(): schema for schema in released if schema.name == current.name}
+
+    @classmethod
+    def shipped(cls) -> SchemaUpgrade:
+        """Upgrades from every released version to the shipped schema."""
+        return cls(load_schema(), load_released_schemas())
+
+    def upgrade(self, value: bytes, fingerprint: bytes) -> bytes | None:
+        """`value` in the current schema (itself when already in it); None when `fingerprint` names no
+        released version of it (a value written by a newer bridge, before a downgrade)."""
+        if fingerprint == self.fingerprint:
+            return value
+        writer = self._older.get(fingerprint)
+        if writer is None:
+            return None
+        decoded = schemaless_reader(io.BytesIO(value), writer.parsed, self.current.parsed)
+        out = io.BytesIO()
+        schemaless_writer(out, self.current.parsed, decoded)
+        return out.getvalue()
 
 
 def _varint(value: int) -> bytes:

@@ -36,6 +36,7 @@ class RejectReason(enum.StrEnum):
     INVALID_VALUE = "invalid_value"
     OVERSIZED = "oversized"
     RECORD_TOO_LARGE = "record_too_large"  # Kafka refused the encoded record as too large
+    UNKNOWN_SCHEMA = "unknown_schema"  # a spooled update written with a schema this version does not ship
 
 
 # --- The normalized record. Field for field the Avro schema schemas/contract_update.avsc

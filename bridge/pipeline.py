@@ -18,12 +18,13 @@ import time
 from aiokafka.errors import MessageSizeTooLargeError
 
 from bridge.buffer import DeliveryBuffer, Round
-from bridge.encode import Schema
+from bridge.encode import Schema, SchemaUpgrade
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
 from bridge.sink import Headers, NotSent, OutgoingRecord, Sink, SinkUnavailable
 from bridge.source import Backoff, ConnectionInfo
+from bridge.spool import SpooledRecord
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class Publisher:
         dlq_topic: str,
         max_batch_records: int = 10_000,
         retry_backoff: Backoff | None = None,
+        schema_upgrade: SchemaUpgrade | None = None,
     ) -> None:
         self.buffer = buffer
         self.sink = sink
@@ -201,6 +203,7 @@ class Publisher:
         self.undeliverable = 0
         self.healthy = True
         self._backoff = retry_backoff or Backoff(0.1, 5.0)
+        self._schema_upgrade = schema_upgrade or SchemaUpgrade.shipped()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -209,6 +212,8 @@ class Publisher:
         while True:
             taken = await self.buffer.take(self.max_batch_records)
             self._idle.clear()
+            if taken.spooled:
+                self._in_current_schema(taken.spooled)
             # Cancelled while publishing (shutdown), the round stays in `in_flight` for the buffer to keep.
             self.in_flight = taken
             outcomes = await self._publish(taken.records)
@@ -224,6 +229,38 @@ class Publisher:
                 await asyncio.sleep(delay)
             else:
                 self._backoff.reset()
+
+    def _in_current_schema(self, spooled: list[SpooledRecord]) -> None:
+        """Spooled updates an older version wrote are re-encoded in the current schema; one written with a
+        schema this version does not know (after a downgrade) becomes a dead letter, never mislabelled."""
+        upgrade = self._schema_upgrade
+        upgraded = unknown = 0
+        for entry in spooled:
+            record = entry.record
+            if record.dead_letter_reason is not None:
+                continue
+            fingerprint = next((value for name, value in record.headers if name == HEADER_FINGERPRINT), b"")
+            if fingerprint == upgrade.fingerprint:
+                continue
+            value = upgrade.upgrade(record.value, fingerprint)
+            if value is not None:
+                record.value = value
+                record.headers = [
+                    (name, upgrade.fingerprint if name == HEADER_FINGERPRINT else header)
+                    for name, header in record.headers
+                ]
+                upgraded += 1
+                continue
+            reason = RejectReason.UNKNOWN_SCHEMA.value
+            detail = f"spooled with schema fingerprint {fingerprint.decode(errors='replace')}, not a released version"
+            record.topic, record.dead_letter_reason = self.dlq_topic, reason
+            record.headers = [*record.headers, (HEADER_REASON, reason.encode()), (HEADER_DETAIL, detail.encode())]
+            self.metrics.messages_rejected.labels(reason).inc()
+            unknown += 1
+        if upgraded:
+            log_event(logger, logging.INFO, "spooled_records_upgraded", records=upgraded)
+        if unknown:
+            log_event(logger, logging.ERROR, "spooled_records_unknown_schema", records=unknown)
 
     async def _publish(self, records: list[OutgoingRecord]) -> list[Exception | None]:
         try:

@@ -6,12 +6,13 @@ import asyncio
 import io
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiokafka.errors import MessageSizeTooLargeError
-from fastavro import schemaless_reader
+from fastavro import schemaless_reader, schemaless_writer
 
 from bridge.buffer import DeliveryBuffer, Overflow
-from bridge.encode import load_schema
+from bridge.encode import load_released_schemas, load_schema
 from bridge.metrics import Metrics
 from bridge.normalize import Normalizer
 from bridge.pipeline import FramePipeline, Publisher
@@ -19,6 +20,7 @@ from bridge.planner import Subscription
 from bridge.protocol import Endpoint
 from bridge.sink import MemorySink, OutgoingRecord, SinkUnavailable
 from bridge.source import Backoff, ConnectionInfo
+from bridge.spool import Spool
 
 SCHEMA = load_schema()
 BY_ID = ConnectionInfo(Subscription("id-0", Endpoint.ID, ("1001", "1002")), attempt=3)
@@ -237,3 +239,46 @@ async def test_a_record_kafka_finds_too_large_goes_to_the_dead_letter_topic() ->
     assert (letter.topic, letter.key, dict(letter.headers)["reason"]) == ("dead", b"1001", b"record_too_large")
     assert decode(letter)["contract_id"] == "1001", "the dead letter keeps the encoded record"
     assert sample(metrics, "ime_bridge_dead_letters_total", reason="record_too_large") == 1
+
+
+async def test_spooled_updates_an_older_version_wrote_go_out_in_the_current_schema(tmp_path: Path) -> None:
+    """After an upgrade that changed the schema, the spool still holds values written with the previous one."""
+    older = next(schema for schema in load_released_schemas() if schema.fingerprint != SCHEMA.fingerprint)
+    pipeline, _ = make_pipeline()
+    pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID)
+    (current,) = await take_all(pipeline)
+    written = io.BytesIO()
+    schemaless_writer(written, older.parsed, decode(current))  # what the previous version spooled
+    headers = [(name, value) for name, value in current.headers if name != "schema-fingerprint"]
+    previous = OutgoingRecord(
+        "updates", b"1001", written.getvalue(), [*headers, ("schema-fingerprint", older.fingerprint.encode())], 1.0
+    )
+    from_a_newer_version = OutgoingRecord(
+        "updates", b"1002", b"\x08abcd", [("schema", SCHEMA.name.encode()), ("schema-fingerprint", b"f" * 16)], 2.0
+    )
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    for record in (previous, current, from_a_newer_version):
+        spool.append(record)
+    spool.close()
+
+    metrics = Metrics()
+    restarted = Spool(tmp_path, max_bytes=1 << 20)
+    restarted.open()
+    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.SPOOL, metrics=metrics, spool=restarted)
+    sink = MemorySink()
+    publisher = Publisher(buffer, sink, metrics, dlq_topic="dead")
+    task = asyncio.create_task(publisher.run())
+    await asyncio.wait_for(publisher.wait_drained(), timeout=5)
+    task.cancel()
+
+    upgraded, unchanged, dead = sink.records
+    # The previous version's value in the current schema, the fields it lacked at their defaults.
+    assert decode(current)["first_after_subscribe"] is True
+    assert decode(upgraded) == {**decode(current), "first_after_subscribe": False, "skipped": 0}
+    assert dict(upgraded.headers) == dict(current.headers)  # the current fingerprint, other headers kept
+    assert (unchanged.value, unchanged.headers) == (current.value, current.headers)
+    assert (dead.topic, dead.value, dict(dead.headers)["reason"]) == ("dead", b"\x08abcd", b"unknown_schema")
+    assert b"ffffffffffffffff" in dict(dead.headers)["detail"]
+    assert sample(metrics, "ime_bridge_dead_letters_total", reason="unknown_schema") == 1
+    assert sample(metrics, "ime_bridge_messages_published_total", topic="updates") == 2

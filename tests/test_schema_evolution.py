@@ -7,15 +7,17 @@ shipped history, and is shown to fail on deliberately incompatible candidates.
 from __future__ import annotations
 
 import copy
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastavro import schemaless_reader, schemaless_writer
 
 from bridge.cli import main as cli_main
-from bridge.encode import Schema, load_schema
+from bridge.encode import Schema, SchemaUpgrade, load_released_schemas, load_schema
 from tests.schema_evolution import (
     HISTORY,
     SCHEMAS,
@@ -181,3 +183,35 @@ def test_schemas_export_reports_a_directory_it_cannot_write(tmp_path: Path) -> N
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     assert cli_main(["schemas", "export", str(blocker)]) == 1
+
+
+# --- spooled values an older version wrote, re-encoded in the current schema ---------------------------
+
+
+def test_the_package_ships_every_released_version() -> None:
+    shipped = {schema.fingerprint for schema in load_released_schemas()}
+    in_repository = {
+        Schema(load_schema().name, load(path)).fingerprint for _, path in released_versions("contract_update")
+    }
+    assert shipped == in_repository
+
+
+@pytest.mark.parametrize("version", [version for version, _ in released_versions("contract_update")[:-1]])
+def test_a_value_an_older_version_wrote_is_re_encoded_in_the_current_schema(version: int) -> None:
+    current = load_schema()
+    writer = Schema(current.name, load(HISTORY / f"contract_update.v{version}.avsc"))
+    upgrade = SchemaUpgrade.shipped()
+    for value in samples(writer.definition):
+        written = io.BytesIO()
+        schemaless_writer(written, writer.parsed, value)
+        upgraded = upgrade.upgrade(written.getvalue(), writer.fingerprint.encode())
+        assert upgraded is not None
+        resolved = schemaless_reader(io.BytesIO(written.getvalue()), writer.parsed, current.parsed)
+        assert schemaless_reader(io.BytesIO(upgraded), current.parsed, current.parsed) == resolved
+
+
+def test_a_current_value_is_left_alone_and_an_unknown_writer_is_refused() -> None:
+    upgrade = SchemaUpgrade.shipped()
+    value = b"\x08abcd"
+    assert upgrade.upgrade(value, load_schema().fingerprint.encode()) is value
+    assert upgrade.upgrade(value, b"0123456789abcdef") is None
