@@ -47,7 +47,12 @@ KUBE_VERSION = "1.30.0"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 RELEASE, NAMESPACE = "md", "market-data"
 FULLNAME = "md-ime-bridge"
-SECRET_ENV = ("IME_BRIDGE_IME__PASSWORD", "IME_BRIDGE_IME__TOKEN", "IME_BRIDGE_KAFKA__SASL_PASSWORD")
+SECRET_ENV = (
+    "IME_BRIDGE_IME__PASSWORD",
+    "IME_BRIDGE_IME__TOKEN",
+    "IME_BRIDGE_KAFKA__SASL_PASSWORD",
+    "IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD",
+)
 Manifest = dict[str, Any]
 
 
@@ -538,17 +543,18 @@ def _env(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
 
 def test_chart_created_secret_feeds_the_environment_never_the_configmap(helm: ModuleType) -> None:
     """Credentials land in the Secret and reach the bridge as IME_BRIDGE_* variables by reference."""
-    password, sasl = "s3cr3t-ime-password", "s3cr3t-sasl-password"
-    values = merged(all_enabled_values(), {"credentials": {"imePassword": password, "kafkaSaslPassword": sasl}})
-    manifests = render(helm, values)
+    password, sasl, registry = "s3cr3t-ime-password", "s3cr3t-sasl-password", "s3cr3t-registry-password"
+    credentials = {"imePassword": password, "kafkaSaslPassword": sasl, "schemaRegistryPassword": registry}
+    manifests = render(helm, merged(all_enabled_values(), {"credentials": credentials}))
     secret = one(manifests, "Secret")
     decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert decoded == {"ime-password": password, "kafka-sasl-password": sasl}
+    assert decoded == {"ime-password": password, "kafka-sasl-password": sasl, "schema-registry-password": registry}
     env = _env(manifests)
-    assert set(SECRET_ENV) & set(env) == {"IME_BRIDGE_IME__PASSWORD", "IME_BRIDGE_KAFKA__SASL_PASSWORD"}
+    assert set(SECRET_ENV) & set(env) == set(SECRET_ENV) - {"IME_BRIDGE_IME__TOKEN"}
     for name, key in (
         ("IME_BRIDGE_IME__PASSWORD", "ime-password"),
         ("IME_BRIDGE_KAFKA__SASL_PASSWORD", "kafka-sasl-password"),
+        ("IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD", "schema-registry-password"),
     ):
         assert "value" not in env[name]
         assert env[name]["valueFrom"]["secretKeyRef"] == {
@@ -557,12 +563,12 @@ def test_chart_created_secret_feeds_the_environment_never_the_configmap(helm: Mo
             "optional": False,
         }
     everything_but_the_secret = yaml.safe_dump([m for m in manifests if m["kind"] != "Secret"])
-    for text in (password, sasl, base64.b64encode(password.encode()).decode()):
+    for text in (password, sasl, registry, base64.b64encode(password.encode()).decode()):
         assert text not in everything_but_the_secret
 
 
 def test_existing_secret_is_referenced_and_not_created(helm: ModuleType) -> None:
-    """existingSecret: no Secret object; all three variables reference it, optionally, under its keys."""
+    """existingSecret: no Secret object; every variable references it, optionally, under its keys."""
     values = merged(
         all_enabled_values(),
         {"credentials": {"existingSecret": "ime-credentials", "existingSecretKeys": {"imeToken": "jwt"}}},
@@ -575,6 +581,11 @@ def test_existing_secret_is_referenced_and_not_created(helm: ModuleType) -> None
         "IME_BRIDGE_IME__PASSWORD": {"name": "ime-credentials", "key": "ime-password", "optional": True},
         "IME_BRIDGE_IME__TOKEN": {"name": "ime-credentials", "key": "jwt", "optional": True},
         "IME_BRIDGE_KAFKA__SASL_PASSWORD": {"name": "ime-credentials", "key": "kafka-sasl-password", "optional": True},
+        "IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD": {
+            "name": "ime-credentials",
+            "key": "schema-registry-password",
+            "optional": True,
+        },
     }
     assert "checksum/secret" not in workload(manifests)["spec"]["template"]["metadata"]["annotations"]
 
@@ -700,8 +711,8 @@ def test_schema_accepts_the_shipped_values(helm: ModuleType) -> None:
 # --- network policy, disruption budget ---------------------------------------------------------------
 
 
-def test_network_policy_allows_only_dns_kafka_ime_and_metrics_scrapes(helm: ModuleType) -> None:
-    """Egress to DNS, Kafka and the IME endpoint only; ingress to the metrics port from one namespace."""
+def test_network_policy_allows_only_dns_kafka_ime_registry_and_metrics_scrapes(helm: ModuleType) -> None:
+    """Egress to DNS, Kafka, the IME endpoint and the schema registry only; metrics ingress from one namespace."""
     manifests = render(helm, all_enabled_values())
     policy = one(manifests, "NetworkPolicy")["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
@@ -710,12 +721,40 @@ def test_network_policy_allows_only_dns_kafka_ime_and_metrics_scrapes(helm: Modu
     assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
     (source,) = ingress["from"]
     assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
-    dns, kafka, ime = policy["egress"]
+    dns, kafka, ime, registry = policy["egress"]
     assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
     assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
     assert kafka["ports"] == [{"port": 9093, "protocol": "TCP"}]
     assert kafka["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kafka"}
     assert ime == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    assert registry["to"] == kafka["to"]
+    assert registry["ports"] == [{"port": 8081, "protocol": "TCP"}]  # the port of config.schema_registry.url
+
+
+@pytest.mark.parametrize(
+    ("url", "ports", "expected"),
+    [
+        ("https://registry.example.com", [], [443]),
+        ("http://registry.example.com", [], [80]),
+        ("http://registry:8081", [], [8081]),
+        ("http://registry:8081", [18081, 18082], [18081, 18082]),
+    ],
+)
+def test_the_schema_registry_egress_port_follows_its_url_unless_given(
+    helm: ModuleType, url: str, ports: list[int], expected: list[int]
+) -> None:
+    values = {
+        "config": {"schema_registry": {"url": url}},
+        "networkPolicy": {"enabled": True, "schemaRegistry": {"ports": ports}},
+    }
+    *_, registry = one(render(helm, values), "NetworkPolicy")["spec"]["egress"]
+    assert "to" not in registry  # no peers given: any destination on those ports
+    assert registry["ports"] == [{"port": port, "protocol": "TCP"} for port in expected]
+
+
+def test_without_a_schema_registry_the_network_policy_has_no_rule_for_it(helm: ModuleType) -> None:
+    egress = one(render(helm, {"networkPolicy": {"enabled": True}}), "NetworkPolicy")["spec"]["egress"]
+    assert len(egress) == 3  # DNS, Kafka, IME
 
 
 def test_pod_disruption_budget_selects_the_pod(helm: ModuleType) -> None:
