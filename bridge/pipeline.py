@@ -168,7 +168,8 @@ def _as_bytes(raw: str | bytes) -> bytes:
 
 
 async def start_sink(sink: Sink) -> None:
-    """Start `sink`, retrying with backoff while Kafka is unreachable (the bridge stays unready meanwhile)."""
+    """Start `sink`, retrying with backoff while Kafka or the schema registry is unreachable (the bridge
+    stays unready meanwhile; the logged error says which)."""
     backoff = Backoff(0.5, 30.0)
     while True:
         try:
@@ -176,7 +177,7 @@ async def start_sink(sink: Sink) -> None:
             return
         except SinkUnavailable as exc:
             delay = backoff.next_delay()
-            log_event(logger, logging.WARNING, "kafka_unavailable", error=str(exc), retry_in=round(delay, 2))
+            log_event(logger, logging.WARNING, "sink_unavailable", error=str(exc), retry_in=round(delay, 2))
             await asyncio.sleep(delay)
 
 
