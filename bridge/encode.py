@@ -69,32 +69,38 @@ def load_released_schemas() -> list[Schema]:
     return [_schema_of(entry) for entry in entries]
 
 
-class SchemaUpgrade:
-    """Re-encodes a value written with an older released schema into the current one.
+class SchemaHistory:
+    """The shipped schema and every released version of it, by fingerprint: what reads a value any version
+    of the bridge wrote.
 
-    Records outlive the process that encoded them in the spool: after an upgrade that changed the schema,
-    the spool still holds values written with the previous one. Sent as they are, they would carry the
-    current schema's registry id (or be mixed with current records on one topic), so they are read with
-    their writer schema and written with the current one (Avro schema resolution fills new fields with
-    their defaults). Rare, so fastavro's generic reader and writer are fast enough here.
+    Records outlive the process that encoded them: in the spool, after an upgrade that changed the
+    schema, and on the topics, where a consumer meets values older versions wrote. A value is read with
+    the version its `schema-fingerprint` header names and, for the spool, written again in the current
+    schema (Avro schema resolution fills new fields with their defaults). Off the hot path, so fastavro's
+    generic reader and writer are fast enough here.
     """
 
     def __init__(self, current: Schema, released: Sequence[Schema]) -> None:
         self.current = current
         self.fingerprint = current.fingerprint.encode()
-        self._older = {schema.fingerprint.encode(): schema for schema in released if schema.name == current.name}
+        self._writers = {schema.fingerprint.encode(): schema for schema in released if schema.name == current.name}
+        self._writers[self.fingerprint] = current
 
     @classmethod
-    def shipped(cls) -> SchemaUpgrade:
-        """Upgrades from every released version to the shipped schema."""
+    def shipped(cls) -> SchemaHistory:
+        """The schema the package ships and its released versions (schemas/history)."""
         return cls(load_schema(), load_released_schemas())
+
+    def writer(self, fingerprint: bytes) -> Schema | None:
+        """The version with `fingerprint`; None for one this version does not ship (a newer bridge's)."""
+        return self._writers.get(fingerprint)
 
     def upgrade(self, value: bytes, fingerprint: bytes) -> bytes | None:
         """`value` in the current schema (itself when already in it); None when `fingerprint` names no
-        released version of it (a value written by a newer bridge, before a downgrade)."""
+        released version (a value written by a newer bridge, before a downgrade)."""
         if fingerprint == self.fingerprint:
             return value
-        writer = self._older.get(fingerprint)
+        writer = self._writers.get(fingerprint)
         if writer is None:
             return None
         decoded = schemaless_reader(io.BytesIO(value), writer.parsed, self.current.parsed)

@@ -18,7 +18,7 @@ import time
 from aiokafka.errors import MessageSizeTooLargeError
 
 from bridge.buffer import DeliveryBuffer, Round
-from bridge.encode import Schema, SchemaUpgrade
+from bridge.encode import Schema, SchemaHistory
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
@@ -193,7 +193,7 @@ class Publisher:
         dlq_topic: str,
         max_batch_records: int = 10_000,
         retry_backoff: Backoff | None = None,
-        schema_upgrade: SchemaUpgrade | None = None,
+        schema_history: SchemaHistory | None = None,
     ) -> None:
         self.buffer = buffer
         self.sink = sink
@@ -204,7 +204,7 @@ class Publisher:
         self.undeliverable = 0
         self.healthy = True
         self._backoff = retry_backoff or Backoff(0.1, 5.0)
-        self._schema_upgrade = schema_upgrade or SchemaUpgrade.shipped()
+        self._schema_history = schema_history or SchemaHistory.shipped()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -234,20 +234,20 @@ class Publisher:
     def _in_current_schema(self, spooled: list[SpooledRecord]) -> None:
         """Spooled updates an older version wrote are re-encoded in the current schema; one written with a
         schema this version does not know (after a downgrade) becomes a dead letter, never mislabelled."""
-        upgrade = self._schema_upgrade
+        history = self._schema_history
         upgraded = unknown = 0
         for entry in spooled:
             record = entry.record
             if record.dead_letter_reason is not None:
                 continue
             fingerprint = next((value for name, value in record.headers if name == HEADER_FINGERPRINT), b"")
-            if fingerprint == upgrade.fingerprint:
+            if fingerprint == history.fingerprint:
                 continue
-            value = upgrade.upgrade(record.value, fingerprint)
+            value = history.upgrade(record.value, fingerprint)
             if value is not None:
                 record.value = value
                 record.headers = [
-                    (name, upgrade.fingerprint if name == HEADER_FINGERPRINT else header)
+                    (name, history.fingerprint if name == HEADER_FINGERPRINT else header)
                     for name, header in record.headers
                 ]
                 upgraded += 1

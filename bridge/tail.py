@@ -1,12 +1,12 @@
 """`ime-bridge tail`: read a topic and print its records decoded, as JSON lines or a live table.
 
-Both framings are decoded. Plain Avro values are read with the schema their `schema` header names (from
-schemas/). Values in Confluent's wire format (magic byte 0, schema id, Avro body: the bridge with a
-schema registry) are read with the schema the registry holds under that id when `schema_registry` is
-given, else with the local schema the `schema` header names if the `schema-fingerprint` header says the
-body was written with it. A ContractUpdate's plain encoding never starts with byte 0 (its first field is
-a non-empty string), so the first byte tells the framings apart. Dead letters print their headers and
-raw frame. This is what a downstream developer runs to see what the bridge publishes.
+Both framings are decoded, into the shipped schema. Plain Avro values are read with the released version
+their `schema-fingerprint` header names (schemas/history). Values in Confluent's wire format (magic byte
+0, schema id, Avro body: the bridge with a schema registry) are read with the schema the registry holds
+under that id when `schema_registry` is given, else the same way as plain ones. A ContractUpdate's plain
+encoding never starts with byte 0 (its first field is a non-empty string), so the first byte tells the
+framings apart. Dead letters, and values no known schema reads, print their headers and raw bytes. This
+is what a downstream developer runs to see what the bridge publishes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from fastavro import schemaless_reader
 
 from bridge.config import SchemaRegistrySettings
-from bridge.encode import Schema, load_schema
+from bridge.encode import Schema, SchemaHistory
 from bridge.registry import SchemaRegistry, split_framed
 
 Decoded = dict[str, Any]
@@ -33,27 +33,31 @@ def decode_record(
     key: bytes | None,
     value: bytes | None,
     headers: Sequence[tuple[str, bytes]],
-    schemas: dict[str, Schema],
+    history: SchemaHistory,
     registered: Mapping[int, Schema] | None = None,
 ) -> Decoded:
     """A consumed record as plain data: key, headers, and the value decoded when its schema is known.
 
-    `schemas` are the local schemas by name; `registered` the registry's by id (for framed values).
+    The value is read with its writer schema (the registry's under the framed id, in `registered`, or the
+    released version its `schema-fingerprint` header names) into the shipped one, so records any version
+    of the bridge wrote come out with the same fields.
     """
     header_map = {name: raw.decode("utf-8", "replace") for name, raw in headers}
     decoded: Decoded = {"key": key.decode("utf-8", "replace") if key is not None else None, "headers": header_map}
-    schema = schemas.get(header_map.get("schema", ""))
-    framed = split_framed(value) if value is not None and schema is not None else None
-    body = value
+    reader = history.current if header_map.get("schema") == history.current.name else None
+    body, writer = value, history.writer(header_map.get("schema-fingerprint", "").encode())
+    framed = split_framed(value) if value is not None and reader is not None else None
     if framed is not None:
         schema_id, body = framed
         decoded["schema_id"] = schema_id
-        local = schema if schema is not None and schema.fingerprint == header_map.get("schema-fingerprint") else None
-        schema = (registered or {}).get(schema_id, local)
-    if schema is not None and body is not None:
-        decoded["value"] = schemaless_reader(io.BytesIO(body), schema.parsed, schema.parsed)
-    else:
-        decoded["raw"] = (value or b"").decode("utf-8", "replace")
+        writer = (registered or {}).get(schema_id, writer)
+    if reader is not None and writer is not None and body is not None:
+        try:
+            decoded["value"] = schemaless_reader(io.BytesIO(body), writer.parsed, reader.parsed)
+            return decoded
+        except Exception as exc:  # fastavro's errors for a body its schema does not describe vary by field
+            decoded["error"] = f"not readable as {writer.name} {writer.fingerprint}: {exc!r}"
+    decoded["raw"] = (value or b"").decode("utf-8", "replace")
     return decoded
 
 
@@ -95,7 +99,7 @@ async def tail(
     Each decoded record goes to `on_record` when given, and to `out` (JSON lines, or the table) unless None.
     Framed values are read with the schema `schema_registry` holds under their id, when given.
     """
-    schemas = {schema.name: schema for schema in (load_schema(),)}
+    history = SchemaHistory.shipped()
     lookup = _RegistryLookup(schema_registry) if schema_registry is not None else None
     consumer = AIOKafkaConsumer(
         topic,
@@ -117,7 +121,7 @@ async def tail(
             for messages in batches.values():
                 for message in messages:
                     registered = await lookup.schemas_for(message) if lookup is not None else None
-                    decoded = decode_record(message.key, message.value, message.headers, schemas, registered)
+                    decoded = decode_record(message.key, message.value, message.headers, history, registered)
                     decoded |= {"partition": message.partition, "offset": message.offset}
                     printed += 1
                     if on_record is not None:

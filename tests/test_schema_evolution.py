@@ -17,7 +17,7 @@ import pytest
 from fastavro import schemaless_reader, schemaless_writer
 
 from bridge.cli import main as cli_main
-from bridge.encode import Schema, SchemaUpgrade, load_released_schemas, load_schema
+from bridge.encode import Schema, SchemaHistory, load_released_schemas, load_schema
 from tests.schema_evolution import (
     HISTORY,
     SCHEMAS,
@@ -200,18 +200,18 @@ def test_the_package_ships_every_released_version() -> None:
 def test_a_value_an_older_version_wrote_is_re_encoded_in_the_current_schema(version: int) -> None:
     current = load_schema()
     writer = Schema(current.name, load(HISTORY / f"contract_update.v{version}.avsc"))
-    upgrade = SchemaUpgrade.shipped()
+    history = SchemaHistory.shipped()
     for value in samples(writer.definition):
         written = io.BytesIO()
         schemaless_writer(written, writer.parsed, value)
-        upgraded = upgrade.upgrade(written.getvalue(), writer.fingerprint.encode())
+        upgraded = history.upgrade(written.getvalue(), writer.fingerprint.encode())
         assert upgraded is not None
         resolved = schemaless_reader(io.BytesIO(written.getvalue()), writer.parsed, current.parsed)
         assert schemaless_reader(io.BytesIO(upgraded), current.parsed, current.parsed) == resolved
 
 
 def test_a_current_value_is_left_alone_and_an_unknown_writer_is_refused() -> None:
-    upgrade = SchemaUpgrade.shipped()
+    history = SchemaHistory.shipped()
     value = b"\x08abcd"
-    assert upgrade.upgrade(value, load_schema().fingerprint.encode()) is value
-    assert upgrade.upgrade(value, b"0123456789abcdef") is None
+    assert history.upgrade(value, load_schema().fingerprint.encode()) is value
+    assert history.upgrade(value, b"0123456789abcdef") is None
