@@ -1,4 +1,4 @@
-"""`make bench`: simulator → bridge → broker, at full speed and paced, with the bridge's own figures.
+"""`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic) and paced.
 
 Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck)
 and `ime-bridge run`. Figures come from the bridge's /metrics over a measurement window after a
@@ -106,9 +106,16 @@ def wait_until(condition: Callable[[], bool], what: str, logs: tuple[Path, ...],
 
 
 def run_phase(
-    name: str, rate: float, args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path
+    name: str,
+    rate: float,
+    args: argparse.Namespace,
+    broker: EmbeddedBroker,
+    workdir: Path,
+    *,
+    state_topic: bool = True,
 ) -> dict[str, float]:
-    """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible)."""
+    """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible),
+    with or without the latest-state topic (its fan-out is part of the cost of every round)."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     sim_port, metrics_port = free_port(), free_port()
     contracts = [str(1001 + n) for n in range(args.contracts)]
@@ -124,6 +131,8 @@ def run_phase(
             "bootstrap_servers": [broker.bootstrap_servers],
             "topic": "bench",
             "dlq_topic": "bench.dlq",
+            "state_topic": "bench.state",
+            "state_topic_enabled": state_topic,
             "partitions": 6,
             "replication_factor": 1,
             "enable_idempotence": False,
@@ -159,7 +168,7 @@ def run_phase(
 
 
 def main() -> None:
-    """Run both phases and print one table."""
+    """Run every phase and print one table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contracts", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
@@ -172,6 +181,7 @@ def main() -> None:
         workdir = Path(directory)
         results = {
             "full speed": run_phase("full", 0, args, broker, workdir),
+            "  no state topic": run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
             f"paced {args.paced_rate:g}/s": run_phase("paced", args.paced_rate, args, broker, workdir),
         }
     print(f"\nime-bridge bench: {args.contracts} contracts, {args.seconds:g}s windows, {os.cpu_count()} cores")
