@@ -294,6 +294,11 @@ class SchemaRegistrySettings(_Section):
     retries: int = Field(
         default=3, ge=0, le=100, description="Retries of a failed registry call, with backoff, before the start fails."
     )
+    auto_register: bool = Field(
+        default=True,
+        description="Register the value schemas at start; off: only look up their ids (registries where producers "
+        "may not register; a schema not registered there stops the start).",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> SchemaRegistrySettings:

@@ -2,8 +2,8 @@
 
 With `schema_registry:` configured, every update value goes out in Confluent's wire format: magic byte 0,
 the schema id as a 4-byte big-endian integer, then the Avro body. Schemas are registered under the
-topic-name strategy (`<topic>-value`) once per process and topic; the records themselves never wait for
-the registry.
+topic-name strategy (`<topic>-value`) once per process and topic, or only looked up there with
+`auto_register` off (registries where producers may not register); the records never wait for the registry.
 
 This wraps confluent-kafka's `SchemaRegistryClient`, which is synchronous: each call runs in a worker
 thread under a deadline and is retried with backoff. Its errors are translated here, at the boundary:
@@ -115,11 +115,21 @@ class SchemaRegistry:
         cached = self._ids.get((subject, text))
         if cached is not None:
             return cached
-        schema_id = await self._call(
-            f"registering {subject}",
-            lambda client: client.register_schema(subject, RegistrySchema(text, "AVRO")),
-            subject=subject,
-        )
+        candidate = RegistrySchema(text, "AVRO")
+        if self.settings.auto_register:
+            schema_id = await self._call(
+                f"registering {subject}", lambda client: client.register_schema(subject, candidate), subject=subject
+            )
+        else:
+            found = await self._call(
+                f"looking up the schema under {subject}",
+                lambda client: client.lookup_schema(subject, candidate),
+                subject=subject,
+                refused=_REFUSED_SCHEMA_STATUSES | {404},
+            )
+            if found.schema_id is None:
+                raise SinkUnavailable(f"schema registry {self.url} answered a lookup under {subject} without an id")
+            schema_id = found.schema_id
         self._ids[(subject, text)] = schema_id
         return schema_id
 
@@ -142,7 +152,14 @@ class SchemaRegistry:
         if client is not None:
             client.close()
 
-    async def _call(self, what: str, call: Callable[[SchemaRegistryClient], T], *, subject: str | None = None) -> T:
+    async def _call(
+        self,
+        what: str,
+        call: Callable[[SchemaRegistryClient], T],
+        *,
+        subject: str | None = None,
+        refused: frozenset[int] = _REFUSED_SCHEMA_STATUSES,
+    ) -> T:
         if self._client is None:
             try:
                 self._client = SchemaRegistryClient(client_config(self.settings))
@@ -156,18 +173,21 @@ class SchemaRegistry:
                 async with asyncio.timeout(self.settings.timeout_seconds):
                     return await asyncio.to_thread(call, client)
             except Exception as exc:
-                error = self._translate(exc, what, subject)
+                error = self._translate(exc, what, subject, refused)
             if attempt < attempts:
                 await asyncio.sleep(backoff.next_delay())
         raise SinkUnavailable(
             f"schema registry {self.url} unavailable ({what}, {attempts} attempts): {error}"
         ) from error
 
-    def _translate(self, error: Exception, what: str, subject: str | None) -> Exception:
+    def _translate(self, error: Exception, what: str, subject: str | None, refused: frozenset[int]) -> Exception:
         """Raise what retrying cannot fix; return what it may (the registry down, slow or failing)."""
         if isinstance(error, SchemaRegistryError):
             status = error.http_status_code
-            if subject is not None and status in _REFUSED_SCHEMA_STATUSES:
+            if subject is not None and status == 404 and status in refused:
+                reason = f"{error.error_message}; with schema_registry.auto_register off it must be registered first"
+                raise SchemaRejected(subject, reason) from error
+            if subject is not None and status in refused:
                 raise SchemaRejected(subject, error.error_message) from error
             if status in _REFUSED_CREDENTIALS_STATUSES:
                 raise SinkFatal(f"the schema registry {self.url} refused the credentials ({what}): {error}") from error

@@ -108,6 +108,25 @@ async def test_an_incompatible_schema_is_fatal_and_names_the_subject_and_the_rea
     client.close()
 
 
+async def test_with_auto_register_off_the_id_is_looked_up_and_nothing_registered(double: SchemaRegistryDouble) -> None:
+    schema_id = double.register("updates-value", SCHEMA.definition)
+    client = registry(double.url, auto_register=False)
+    assert await client.register("updates", SCHEMA) == schema_id
+    assert double.registrations() == 0
+    client.close()
+
+
+async def test_with_auto_register_off_a_schema_not_registered_stops_the_start(double: SchemaRegistryDouble) -> None:
+    client = registry(double.url, auto_register=False, retries=3)
+    with pytest.raises(SchemaRejected) as rejected:
+        await client.register("updates", SCHEMA)
+    assert rejected.value.subject == "updates-value"
+    assert "auto_register off" in rejected.value.reason
+    assert double.subjects == {}  # nothing registered
+    assert len([path for method, path in double.requests if method == "POST"]) == 1  # refused is final: no retry
+    client.close()
+
+
 async def test_a_failing_registry_is_retried_then_answers(double: SchemaRegistryDouble) -> None:
     double.fail_with, double.failures_left = 503, 2
     client = registry(double.url, retries=2)
