@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -95,24 +96,31 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_tail(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from bridge.config import SchemaRegistrySettings
+    from bridge.config import KafkaSettings, SchemaRegistrySettings
     from bridge.tail import tail
 
-    registry = None
-    if args.schema_registry is not None:
-        try:
+    # With --config, the bridge's own connection settings (TLS, SASL, the registry's credentials); flags win.
+    settings = _load(args.config) if args.config is not None else None
+    try:
+        kafka = settings.kafka if settings is not None else KafkaSettings()
+        if args.bootstrap_servers is not None:
+            kafka = KafkaSettings.model_validate({**kafka.model_dump(), "bootstrap_servers": args.bootstrap_servers})
+        registry = settings.schema_registry if settings is not None else None
+        if args.schema_registry is not None:
             registry = SchemaRegistrySettings.model_validate({"url": args.schema_registry, "retries": 1})
-        except ValidationError as exc:
-            print(f"ime-bridge tail: --schema-registry: {exc.errors()[0]['msg']}", file=sys.stderr)
-            return EXIT_CONFIG
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        print(f"ime-bridge tail: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
+        return EXIT_CONFIG
+    topic = args.topic or kafka.topic
 
     async def consume() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
         task = asyncio.create_task(
             tail(
-                args.bootstrap_servers,
-                args.topic,
+                kafka,
+                topic,
                 from_beginning=not args.from_end,
                 max_records=args.max_records,
                 idle_timeout=args.idle_timeout,
@@ -122,11 +130,17 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         )
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        task.cancel()
         stopper.cancel()
-        await asyncio.gather(task, stopper, return_exceptions=True)
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task  # tail's own error (Kafka unreachable, refused credentials) ends the command
 
-    asyncio.run(consume())
+    try:
+        asyncio.run(consume())
+    except Exception as exc:
+        print(f"ime-bridge tail: {exc!r}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -193,8 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     tail_cmd = commands.add_parser(
         "tail", help="print what the bridge publishes", description="Consume a topic and print decoded records."
     )
-    tail_cmd.add_argument("--bootstrap-servers", default="localhost:9092")
-    tail_cmd.add_argument("--topic", default="ime.contract.updates")
+    tail_cmd.add_argument(
+        "--config",
+        type=Path,
+        help="the bridge's config file: its Kafka connection (TLS, SASL), topic and schema registry",
+    )
+    tail_cmd.add_argument(
+        "--bootstrap-servers", help="host:port[,host:port] (default: the config's, or localhost:9092)"
+    )
+    tail_cmd.add_argument("--topic", help="default: the config's kafka.topic (ime.contract.updates)")
     tail_cmd.add_argument("--from-end", action="store_true", help="only new records (default: from the beginning)")
     tail_cmd.add_argument("--max-records", type=int, help="stop after this many records")
     tail_cmd.add_argument("--idle-timeout", type=float, help="stop after this many seconds without records")

@@ -91,7 +91,7 @@ async def run_demo(duration: float | None, contracts: int, rate: float) -> int:
             await asyncio.wait({kafka_ready, stopped, bridge_task}, return_when=asyncio.FIRST_COMPLETED)
             kafka_ready.cancel()
             stopped.cancel()
-            tail_task = asyncio.create_task(tail(broker.bootstrap_servers, TOPIC, on_record=_show, out=None))
+            tail_task = asyncio.create_task(tail(settings.kafka, TOPIC, on_record=_show, out=None))
             if duration is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=duration)

@@ -85,7 +85,8 @@ def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
 
 
-def _client_options(settings: KafkaSettings) -> dict[str, Any]:
+def client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """aiokafka connection options (servers, TLS, SASL) shared by the producer, the admin client and tail."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers,
         "client_id": settings.client_id,
@@ -173,7 +174,7 @@ class KafkaSink:
             if settings.create_topics:
                 await self._create_missing_topics(topics)
             producer = AIOKafkaProducer(
-                **_client_options(settings),
+                **client_options(settings),
                 acks="all",
                 enable_idempotence=settings.enable_idempotence,
                 compression_type=None if settings.compression == "none" else settings.compression,
@@ -196,7 +197,7 @@ class KafkaSink:
 
     async def _create_missing_topics(self, topics: list[str]) -> None:
         settings = self._settings
-        admin = AIOKafkaAdminClient(**_client_options(settings))
+        admin = AIOKafkaAdminClient(**client_options(settings))
         await admin.start()
         try:
             existing = set(await admin.list_topics())

@@ -22,9 +22,10 @@ from typing import Any, TextIO
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from fastavro import schemaless_reader
 
-from bridge.config import SchemaRegistrySettings
+from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, SchemaHistory
 from bridge.registry import SchemaRegistry, split_framed
+from bridge.sink import client_options
 
 Decoded = dict[str, Any]
 
@@ -83,7 +84,7 @@ def _format_table(latest: dict[str, Decoded]) -> str:
 
 
 async def tail(
-    bootstrap_servers: str,
+    kafka: KafkaSettings,
     topic: str,
     *,
     from_beginning: bool = True,
@@ -94,7 +95,8 @@ async def tail(
     on_record: Callable[[Decoded], None] | None = None,
     schema_registry: SchemaRegistrySettings | None = None,
 ) -> int:
-    """Print records of `topic` until `max_records` were read or nothing arrived for `idle_timeout` s.
+    """Print records of `topic` (on the cluster `kafka` connects to) until `max_records` were read or
+    nothing arrived for `idle_timeout` s.
 
     Each decoded record goes to `on_record` when given, and to `out` (JSON lines, or the table) unless None.
     Framed values are read with the schema `schema_registry` holds under their id, when given.
@@ -103,7 +105,7 @@ async def tail(
     lookup = _RegistryLookup(schema_registry) if schema_registry is not None else None
     consumer = AIOKafkaConsumer(
         topic,
-        bootstrap_servers=bootstrap_servers,
+        **client_options(kafka),
         auto_offset_reset="earliest" if from_beginning else "latest",
         enable_auto_commit=False,
         group_id=None,

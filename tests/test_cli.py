@@ -7,12 +7,16 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
+from bridge.broker import free_port
+from bridge.config import load_settings
 from bridge.simulator import Simulator, SimulatorConfig
 from tests.conftest import BrokerInfo, wait_for
-from tests.harness import bridge_settings, running_bridge
+from tests.harness import bridge_config, bridge_settings, running_bridge
 
 pytestmark = pytest.mark.integration
 
@@ -69,3 +73,27 @@ async def test_tail_prints_decoded_records_as_json_lines(kafka_broker: BrokerInf
     assert {record["key"] for record in records} == {simulator.contracts[0].id}
     assert [record["value"]["sequence"] for record in records] == [1, 2, 3, 4, 5]
     assert records[0]["headers"]["schema"] == "ir.ime.bridge.ContractUpdate"
+
+
+async def test_tail_with_the_bridge_config_uses_its_connection_and_topic(
+    kafka_broker: BrokerInfo, tmp_path: Path
+) -> None:
+    async with Simulator(SimulatorConfig(contracts=2, rate=100)) as simulator:
+        config = bridge_config(simulator, kafka_broker, ime={"contract_ids": [simulator.contracts[0].id]})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        async with running_bridge(load_settings(path)) as running:
+            await wait_for(lambda: running.published() >= 3)
+        code, out, err = await run("tail", "--config", str(path), "--max-records", "3", "--no-table")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [record["value"]["sequence"] for record in records] == [1, 2, 3]
+    assert {record["key"] for record in records} == {simulator.contracts[0].id}
+
+
+async def test_tail_says_why_when_kafka_cannot_be_reached() -> None:
+    code, out, err = await run("tail", "--bootstrap-servers", f"127.0.0.1:{free_port()}", "--max-records", "1")
+    assert code == 1
+    assert "ime-bridge tail:" in err
+    assert "KafkaConnectionError" in err
+    assert out == ""

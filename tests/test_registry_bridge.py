@@ -24,7 +24,7 @@ from fastavro import schemaless_reader
 
 from bridge.app import Bridge
 from bridge.broker import free_port
-from bridge.config import SchemaRegistrySettings
+from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.registry import SchemaRejected, split_framed, value_subject
 from bridge.simulator import Simulator, SimulatorConfig
 from bridge.tail import Decoded, tail
@@ -117,7 +117,7 @@ async def test_records_are_framed_and_decoded_by_confluent_avro_deserializer(kaf
         for registry_settings in (SchemaRegistrySettings.model_validate({"url": registry.url}), None):
             seen: list[Decoded] = []
             read = await tail(
-                kafka_broker.bootstrap_servers,
+                KafkaSettings(bootstrap_servers=[kafka_broker.bootstrap_servers]),
                 topic,
                 max_records=len(records),
                 out=None,
