@@ -171,7 +171,9 @@ class Bridge:
     async def _start(self, tokens: TokenProvider, catalog: ContractCatalog) -> None:
         settings = self.settings
         ime = settings.ime
-        sink = self.sink or KafkaSink(settings.kafka, settings.schema_registry)
+        sink = self.sink or KafkaSink(
+            settings.kafka, settings.schema_registry, on_state_published=self.metrics.state_records_published.inc
+        )
         self.sink = sink
         await self._start_sink(sink)
 

@@ -98,6 +98,11 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.state_records_published = Counter(
+            "ime_bridge_state_records_published_total",
+            "Copies of updates acknowledged on the latest-state topic (each contract's newest per publish round).",
+            registry=r,
+        )
         self.messages_rejected = Counter(
             "ime_bridge_messages_rejected_total",
             "Frames that could not be normalized; each goes to the dead-letter topic.",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -136,8 +136,10 @@ class KafkaSink:
         registry: SchemaRegistrySettings | None = None,
         *,
         schema: Schema | None = None,
+        on_state_published: Callable[[int], None] | None = None,
     ) -> None:
         self._settings = settings
+        self._on_state_published = on_state_published
         self._schema = schema or load_schema()
         self._registry: SchemaRegistry | None = None
         if registry is not None:
@@ -283,7 +285,7 @@ class KafkaSink:
             if outcome is not None:
                 outcomes[index] = outcome
 
-        pending: list[tuple[asyncio.Future[Any], list[int]]] = []
+        pending: list[tuple[asyncio.Future[Any], list[int], bool]] = []
         slots = [
             *(((updates_topic, partition), batch) for partition, batch in updates.items()),
             *(((state_topic, partition), batch) for partition, batch in states.items() if state_topic is not None),
@@ -293,13 +295,15 @@ class KafkaSink:
             if not batch.indices:
                 continue
             try:
-                pending.append((await producer.send_batch(batch.builder, topic, partition=partition), batch.indices))
+                future = await producer.send_batch(batch.builder, topic, partition=partition)
+                pending.append((future, batch.indices, topic == state_topic))
             except KafkaError as exc:
                 for index in batch.indices:
                     outcomes[index] = exc
             except Exception as exc:
                 raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
-        for future, sent in pending:
+        state_copies = 0
+        for future, sent, state_copy in pending:
             try:
                 await future
             except KafkaError as exc:
@@ -307,6 +311,10 @@ class KafkaSink:
                     outcomes[index] = exc
             except Exception as exc:
                 raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
+            else:
+                state_copies += len(sent) if state_copy else 0
+        if state_copies and self._on_state_published is not None:
+            self._on_state_published(state_copies)
         return outcomes
 
     def _update_partitions(self, key: bytes) -> tuple[int, int]:

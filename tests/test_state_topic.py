@@ -69,6 +69,7 @@ async def test_a_consumer_reading_the_state_topic_from_the_start_reconstructs_th
         )
 
         assert len(records) < simulator.counters.frames_sent  # only the newest of each contract per round
+        assert running.metric("ime_bridge_state_records_published_total") == len(records)
         current: dict[bytes, dict[str, Any]] = {}  # what compaction keeps: the newest record per key
         sequences: dict[bytes, list[int]] = {}
         for record in records:
@@ -157,9 +158,13 @@ class RecordingBatch:
         return taken
 
 
-def kafka_sink(producer: FakeProducer, **settings: Any) -> KafkaSink:
-    """A KafkaSink over `producer`, one partition per topic (so one batch per topic per round)."""
-    sink = KafkaSink(KafkaSettings(topic=UPDATES, dlq_topic=DEAD, state_topic=STATE, **settings))
+def kafka_sink(producer: FakeProducer, state_copies: list[int] | None = None, **settings: Any) -> KafkaSink:
+    """A KafkaSink over `producer`, one partition per topic (so one batch per topic per round); the
+    counts of acknowledged state-topic copies go to `state_copies`."""
+    sink = KafkaSink(
+        KafkaSettings(topic=UPDATES, dlq_topic=DEAD, state_topic=STATE, **settings),
+        on_state_published=None if state_copies is None else state_copies.append,
+    )
     sink._producer = producer  # type: ignore[assignment]
     sink._partitions = {UPDATES: 1, DEAD: 1, STATE: 1}
     return sink
@@ -181,7 +186,8 @@ def producer() -> FakeProducer:
 async def test_the_newest_update_of_each_contract_in_a_round_also_goes_to_the_state_topic(
     producer: FakeProducer,
 ) -> None:
-    sink = kafka_sink(producer)
+    state_copies: list[int] = []
+    sink = kafka_sink(producer, state_copies)
     records = [update("1", b"a1"), dead_letter(b"{garbage"), update("2", b"b1"), update("1", b"a2")]
     assert await sink.publish(records) == [None] * 4
     assert producer.values(UPDATES) == [b"a1", b"b1", b"a2"]  # every update
@@ -189,6 +195,7 @@ async def test_the_newest_update_of_each_contract_in_a_round_also_goes_to_the_st
     assert producer.values(DEAD) == [b"{garbage"]
     await sink.publish([update("2", b"b2")])
     assert producer.values(STATE) == [b"b1", b"a2", b"b2"]
+    assert state_copies == [2, 1]  # what the state topic acknowledged, per round
 
 
 async def test_with_a_registry_update_values_are_framed_and_dead_letters_are_not(producer: FakeProducer) -> None:
@@ -203,13 +210,15 @@ async def test_with_a_registry_update_values_are_framed_and_dead_letters_are_not
 async def test_an_update_copied_to_the_state_topic_is_delivered_only_when_both_acknowledged_it(
     producer: FakeProducer,
 ) -> None:
-    sink = kafka_sink(producer)
+    state_copies: list[int] = []
+    sink = kafka_sink(producer, state_copies)
     producer.failing[STATE] = KafkaTimeoutError()
     outcomes = await sink.publish([update("1", b"a1"), update("1", b"a2"), dead_letter(b"x")])
     assert outcomes[0] is None  # superseded within the round: the updates topic is all it needs
     assert isinstance(outcomes[1], KafkaTimeoutError)  # acknowledged by the updates topic only: sent again
     assert outcomes[2] is None
     assert producer.values(UPDATES) == [b"a1", b"a2"]
+    assert state_copies == []  # nothing acknowledged there
 
 
 async def test_what_does_not_fit_the_state_batch_goes_to_neither_topic_this_round() -> None:
