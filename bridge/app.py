@@ -226,6 +226,7 @@ class Bridge:
             ),
             tokens=tokens,
             handler=pipeline.on_frame,
+            on_frame_too_large=pipeline.on_frame_too_large,
             metrics=self.metrics,
             calendar=ime.calendar,
         )

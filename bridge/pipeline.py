@@ -104,6 +104,14 @@ class FramePipeline:
         self._observe_lag((receive_time - result.exchange_time) / 1e6)
         self.buffer.add_update(result, self.topic, self._current_headers, received)
 
+    def on_frame_too_large(self, connection: ConnectionInfo, detail: str) -> None:
+        """A frame past the WebSocket's size limit ended its connection (1009) unread: dead-letter the fact,
+        without the bytes, so that it is as visible as any other refused frame."""
+        receive_time = time.time_ns() // 1000
+        detail = f"{detail}: the connection was closed (1009) before the frame was read, and reopens"
+        rejected = Rejected(RejectReason.OVERSIZED, detail, b"")
+        self._dead_letter(rejected, receive_time, connection, receive_time / 1e6)
+
     def _switch_to(self, connection: ConnectionInfo) -> None:
         """Per-connection state: the record headers, and the contracts seen since it (re)subscribed."""
         name = connection.subscription.name

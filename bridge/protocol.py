@@ -25,6 +25,7 @@ PASSWORD_FIELDS = ("password", "Password")
 
 CHANNEL = "IME Stream"
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_MESSAGE_TOO_BIG = 1009  # sent by the bridge when a frame exceeds its WebSocket size limit
 MARKETS = ("IMEFutures", "IMEOption", "IMEDepositCertificate")
 
 

@@ -131,6 +131,8 @@ class WebSocketSource:
     metrics: Metrics
     calendar: TradingCalendar = ALWAYS_OPEN
     on_invalid_contract: Callable[[Subscription], None] | None = None
+    # A frame past max_message_bytes: the connection was closed with 1009 before the frame was read.
+    on_frame_too_large: Callable[[ConnectionInfo, str], None] | None = None
     failed: asyncio.Event = field(default_factory=asyncio.Event)
     fatal_error: SourceFatal | None = None
     _connections: dict[str, _Connection] = field(default_factory=dict)
@@ -284,6 +286,10 @@ class WebSocketSource:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
                 self.tokens.invalidate(token)
                 return "policy_violation", opened_at
+            if exc.sent is not None and exc.sent.code == protocol.CLOSE_MESSAGE_TOO_BIG:
+                if self.on_frame_too_large is not None:
+                    self.on_frame_too_large(info, exc.sent.reason)
+                return "frame_too_large", opened_at
             if connection.stale:
                 return "stale", opened_at
             return _close_reason(exc.rcvd.code if exc.rcvd is not None else None), opened_at

@@ -382,6 +382,32 @@ async def test_oversized_frames_are_dead_lettered_and_valid_contracts_keep_flowi
     assert running.metric("ime_bridge_dead_letters_total", reason="oversized") == 1
 
 
+async def test_a_frame_past_the_websocket_limit_is_dead_lettered_unread_and_the_connection_reopens(
+    kafka_broker: BrokerInfo,
+) -> None:
+    """Past 4 x max_frame_bytes websockets closes the connection (1009) rather than buffer the frame."""
+    async with Simulator(SimulatorConfig(contracts=4, rate=100)) as simulator:
+        settings = bridge_settings(
+            simulator, kafka_broker, ime={"contract_ids": [c.id for c in simulator.contracts], "max_frame_bytes": 65536}
+        )
+        async with running_bridge(settings) as running:
+            await wait_for(lambda: running.published() > 5)
+            assert simulator.send_oversized(4 * 65536 + 1) == 1
+            dead = await consume(
+                kafka_broker.bootstrap_servers, settings.kafka.dlq_topic, until=lambda got: len(got) >= 1
+            )
+            before = running.published()
+            await wait_for(lambda: running.published() > before + 20, what="updates flowing after the reconnect")
+            assert running.metric("ime_bridge_reconnects_total", endpoint="id", reason="frame_too_large") == 1
+    (letter,) = dead
+    headers = dict(letter.headers)
+    assert headers["reason"] == b"oversized"
+    assert b"exceeds limit of 262144 bytes" in headers["detail"]
+    assert b"closed (1009) before the frame was read" in headers["detail"]
+    assert letter.value == b""
+    assert running.metric("ime_bridge_dead_letters_total", reason="oversized") == 1
+
+
 async def test_shutdown_timeout_in_spool_mode_counts_the_undelivered_and_the_next_start_delivers_them(
     proxied_broker: ProxiedBroker, tmp_path: Path
 ) -> None:
