@@ -175,33 +175,35 @@ class KafkaSink:
         try:
             if settings.create_topics:
                 await self._create_missing_topics(topics)
-            producer = AIOKafkaProducer(
-                **client_options(settings),
-                acks="all",
-                enable_idempotence=settings.enable_idempotence,
-                compression_type=None if settings.compression == "none" else settings.compression,
-                linger_ms=settings.linger_ms,
-                max_batch_size=settings.max_batch_bytes,
-            )
-            await producer.start()
         except KafkaError as exc:
-            raise SinkUnavailable(f"cannot start the Kafka producer: {exc!r}") from exc
+            raise SinkUnavailable(f"cannot create the topics: {exc!r}") from exc
+        producer = AIOKafkaProducer(
+            **client_options(settings),
+            acks="all",
+            enable_idempotence=settings.enable_idempotence,
+            compression_type=None if settings.compression == "none" else settings.compression,
+            linger_ms=settings.linger_ms,
+            max_batch_size=settings.max_batch_bytes,
+        )
         try:
+            await producer.start()
             for topic in topics:
                 partitions = await producer.partitions_for(topic)
                 if not partitions:
                     raise SinkUnavailable(f"topic {topic!r} does not exist and kafka.create_topics is off")
                 self._partitions[topic] = len(partitions)
-        except BaseException:
-            await producer.stop()
+        except BaseException as exc:
+            await producer.stop()  # also after a failed start: its connections and tasks are open
+            if isinstance(exc, KafkaError):
+                raise SinkUnavailable(f"cannot start the Kafka producer: {exc!r}") from exc
             raise
         self._producer = producer
 
     async def _create_missing_topics(self, topics: list[str]) -> None:
         settings = self._settings
         admin = AIOKafkaAdminClient(**client_options(settings))
-        await admin.start()
         try:
+            await admin.start()
             existing = set(await admin.list_topics())
             missing = [topic for topic in topics if topic not in existing]
             if not missing:
