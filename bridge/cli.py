@@ -155,14 +155,12 @@ def _schema_files(folder: Traversable, relative: PurePosixPath) -> Iterator[tupl
 
 def _cmd_schemas_export(args: argparse.Namespace) -> int:
     import importlib.resources
-    import json
 
-    from bridge.encode import Schema
+    from bridge.encode import schema_from_text
 
     try:
         for relative, text in _schema_files(importlib.resources.files("bridge.schemas"), PurePosixPath()):
-            definition = json.loads(text)
-            schema = Schema(f"{definition['namespace']}.{definition['name']}", definition)
+            schema = schema_from_text(text)
             target = args.directory / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, "utf-8")

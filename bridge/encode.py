@@ -52,9 +52,14 @@ class Schema:
 RELEASED_SCHEMAS = "history"  # every released version, schemas/history/<name>.v<N>.avsc
 
 
-def _schema_of(resource: Traversable) -> Schema:
-    definition = json.loads(resource.read_text("utf-8"))
+def schema_from_text(text: str) -> Schema:
+    """A schema from the text of an .avsc file (a named record with a namespace, as schemas/ holds)."""
+    definition = json.loads(text)
     return Schema(name=f"{definition['namespace']}.{definition['name']}", definition=definition)
+
+
+def _schema_of(resource: Traversable) -> Schema:
+    return schema_from_text(resource.read_text("utf-8"))
 
 
 def load_schema(filename: str = CONTRACT_UPDATE_SCHEMA) -> Schema:
