@@ -105,7 +105,7 @@ class SchemaHistory:
         released version (a value written by a newer bridge, before a downgrade)."""
         if fingerprint == self.fingerprint:
             return value
-        writer = self._writers.get(fingerprint)
+        writer = self.writer(fingerprint)
         if writer is None:
             return None
         decoded = schemaless_reader(io.BytesIO(value), writer.parsed, self.current.parsed)

@@ -148,24 +148,26 @@ async def tail(
 
 
 class _RegistryLookup:
-    """The registry's schemas by id, fetched once per id; an id it cannot give is not asked for again."""
+    """The registry's schema for a framed value's id (SchemaRegistry caches it); an id it cannot give is
+    not asked for again."""
 
     def __init__(self, settings: SchemaRegistrySettings) -> None:
         self._registry = SchemaRegistry(settings)
-        self._known: dict[int, Schema] = {}
         self._failed: set[int] = set()
 
     async def schemas_for(self, message: ConsumerRecord[Any, Any]) -> Mapping[int, Schema]:
-        """The schemas known by id, including the one `message` is framed with if the registry has it."""
+        """The schema `message` is framed with, by its id, when the registry has it (else nothing)."""
         value, has_schema = message.value, any(name == "schema" for name, _ in message.headers)
         framed = split_framed(value) if value is not None and has_schema else None
-        if framed is not None and framed[0] not in self._known and framed[0] not in self._failed:
-            try:
-                self._known[framed[0]] = await self._registry.schema(framed[0])
-            except Exception as exc:
-                self._failed.add(framed[0])
-                print(f"ime-bridge tail: schema id {framed[0]}: {exc}", file=sys.stderr)
-        return self._known
+        if framed is None or framed[0] in self._failed:
+            return {}
+        schema_id = framed[0]
+        try:
+            return {schema_id: await self._registry.schema(schema_id)}
+        except Exception as exc:
+            self._failed.add(schema_id)
+            print(f"ime-bridge tail: schema id {schema_id}: {exc}", file=sys.stderr)
+            return {}
 
     def close(self) -> None:
         """Close the registry's HTTP session."""
