@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from bridge.sink import KafkaSink, Sink, SinkFatal
 from bridge.source import SourceSettings, WebSocketSource
 from bridge.spool import Spool
 from bridge.subscriptions import SubscriptionManager
+from bridge.supervise import every
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ class Bridge:
     _publisher: Publisher | None = None
     _publisher_task: asyncio.Task[None] | None = None
     _buffer: DeliveryBuffer | None = None
-    _fsync_task: asyncio.Task[None] | None = None
+    _spool_task: asyncio.Task[None] | None = None
     _manager: SubscriptionManager | None = None
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
@@ -205,8 +207,11 @@ class Bridge:
         )
         self._publisher_task = asyncio.create_task(self._publisher.run(), name="publisher")
         if buffer.spool is not None:
-            self._fsync_task = asyncio.create_task(
-                self._sync_spool(buffer, settings.buffer.spool_fsync_interval_seconds), name="spool-fsync"
+            # Often enough to spill records that waited spool_after_seconds while nothing new arrived.
+            interval = min(settings.buffer.spool_fsync_interval_seconds, settings.buffer.spool_after_seconds / 4)
+            self._spool_task = asyncio.create_task(
+                every(interval, lambda: buffer.maintain(time.time()), task="spool-maintenance", metrics=self.metrics),
+                name="spool-maintenance",
             )
         self._source = WebSocketSource(
             settings=SourceSettings(
@@ -254,6 +259,7 @@ class Bridge:
             spool = Spool(config.spool_dir, max_bytes=config.spool_max_bytes)
             recovery = spool.open()
             self.metrics.spool_damaged_entries.inc(recovery.torn_entries + recovery.corrupt_segments)
+            self.metrics.spool_possible_duplicates.inc(recovery.possible_duplicates)
             log_event(
                 logger,
                 logging.INFO,
@@ -263,6 +269,7 @@ class Bridge:
                 bytes=recovery.bytes,
                 torn_entries=recovery.torn_entries,
                 corrupt_segments=recovery.corrupt_segments,
+                possible_duplicates=recovery.possible_duplicates,
             )
         return DeliveryBuffer(
             capacity=config.capacity_records,
@@ -270,14 +277,10 @@ class Bridge:
             metrics=self.metrics,
             spool=spool,
             spool_after=config.spool_after_records,
+            spool_after_seconds=config.spool_after_seconds,
+            fsync_interval=config.spool_fsync_interval_seconds,
             topics=(self.settings.kafka.topic, self.settings.kafka.dlq_topic),
         )
-
-    @staticmethod
-    async def _sync_spool(buffer: DeliveryBuffer, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            buffer.sync()
 
     async def _start_sink(self, sink: Sink) -> None:
         """Kafka may be down at start: keep trying, not ready meanwhile (a stop cancels this).
@@ -311,7 +314,7 @@ class Bridge:
                     await publisher.wait_drained()
         except TimeoutError:
             log_event(logger, logging.ERROR, "shutdown_timeout", timeout_seconds=timeout)
-        for task in (self._publisher_task, self._fsync_task):
+        for task in (self._publisher_task, self._spool_task):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

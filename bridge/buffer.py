@@ -6,14 +6,19 @@ and in order:
 - `conflate`: past `capacity_records`, a contract's newest snapshot replaces its newest pending one
   (snapshots are complete, so the latest state is never lost) and carries the count of snapshots it
   replaced in `skipped`. Memory holds at most capacity + one record per contract.
-- `spool`: when `spool_after_records` wait in memory, they move to the on-disk spool, in order, and so does
-  everything after them until the spool has drained; a contract's new snapshots queue behind its spooled
-  ones. Memory then holds only a failed round waiting to be sent again, so a crash loses at most one round.
-  A full spool (or a failing disk) is an alerted state in which the newest snapshot of each contract is
-  held in memory, conflated, and written to the spool before anything newer as soon as it has room.
+- `spool`: when Kafka stops keeping up, that is when `spool_after_records` wait in memory or a record has
+  waited unacknowledged for `spool_after_seconds`, the round in flight and everything in memory move to the
+  on-disk spool, in order, and so does everything after them until the spool's backlog has been taken; a
+  contract's new snapshots queue behind its spooled ones. What a crash can lose is then bounded by time:
+  about `spool_after_seconds` of feed. As soon as a round takes the last unread spooled record, new records
+  go to memory again; if that round fails, what went to memory meanwhile is newer than the rewound spooled
+  records and moves to the spool's end, so order holds. A full spool (or a failing disk) is an alerted state
+  in which the newest snapshot of each contract is held in memory, conflated, and written to the spool
+  before anything newer as soon as it has room.
 
 A publish round is taken with `take()` and settled with `settle()`: delivered records are done (and
 committed in the spool); the others go back to the head of the queue, in order, to be sent again.
+`maintain()`, called on a timer, spills records that waited too long while no new ones arrive, and fsyncs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -57,6 +63,8 @@ class Round:
     records: list[OutgoingRecord] = field(default_factory=list)
     entries: list[_Entry] = field(default_factory=list)
     spooled: list[SpooledRecord] = field(default_factory=list)
+    # The entries' copies in the spool, once they waited too long in flight (all of them, or none).
+    persisted: list[SpooledRecord] = field(default_factory=list)
 
 
 class DeliveryBuffer:
@@ -70,6 +78,8 @@ class DeliveryBuffer:
         metrics: Metrics,
         spool: Spool | None = None,
         spool_after: int = 1000,
+        spool_after_seconds: float = 1.0,
+        fsync_interval: float = 0.2,
         topics: tuple[str, str] | None = None,
     ) -> None:
         if overflow is Overflow.SPOOL and spool is None:
@@ -79,9 +89,16 @@ class DeliveryBuffer:
         self.metrics = metrics
         self.spool = spool
         self.spool_after = spool_after
+        self.spool_after_seconds = spool_after_seconds
+        self.fsync_interval = fsync_interval
         # (updates, dead letters): a spool written under another configuration replays into today's topics.
         self.topics = topics
         self.spool_full = False
+        self._spool_failing = ""  # why the last spool operation failed, until one succeeds
+        self._synced_at = 0.0
+        self._in_flight: Round | None = None
+        self._in_flight_since = 0.0  # receive time of the oldest record of the round in flight, if unpersisted
+        self._spooling_since: float | None = None  # monotonic start of the current spool episode
         self._memory: deque[_Entry] = deque()
         # Newest pending memory entry per contract key: kept only while conflation can happen (from capacity
         # down to half of it), so the common path does no per-record index work.
@@ -89,10 +106,10 @@ class DeliveryBuffer:
         self._indexed = False
         self._held: dict[bytes, _Entry] = {}  # conflated while the spool refuses writes
         self._held_dead_letters = itertools.count()
-        self._spooling = spool is not None and spool.records > 0
+        self._spooling = False
         self._available = asyncio.Event()
-        if self._spooling:
-            self._available.set()
+        if spool is not None and spool.records > 0:
+            self._start_spooling("replay")
         metrics.buffer_capacity.set(capacity)
         metrics.buffer_records.set_function(lambda: len(self._memory) + len(self._held))
         if spool is not None:
@@ -106,7 +123,7 @@ class DeliveryBuffer:
     def add_update(self, update: ContractUpdate, topic: str, headers: Headers, received: float) -> None:
         """Queue a normalized snapshot (its key is its contract id)."""
         key = update.contract_id.encode()
-        if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill()):
+        if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill(received)):
             record = OutgoingRecord(topic, key, encode_update(update), headers, received)
             self._to_spool(_Entry(record, update))
             return
@@ -125,7 +142,7 @@ class DeliveryBuffer:
 
     def add_record(self, record: OutgoingRecord) -> None:
         """Queue a finished record (a dead letter): never conflated."""
-        if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill()):
+        if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill(record.received)):
             self._to_spool(_Entry(record))
             return
         self._memory.append(_Entry(record))
@@ -153,23 +170,58 @@ class DeliveryBuffer:
         self.metrics.conflated.inc()
         return True
 
-    def _should_spill(self) -> bool:
-        """Kafka is not keeping up (spool mode): move what waits in memory to the spool, oldest first."""
-        if len(self._memory) < self.spool_after:
-            return False
+    def _should_spill(self, now: float) -> bool:
+        """Spool mode: has Kafka stopped keeping up? Then spill, and say so."""
+        if len(self._memory) >= self.spool_after:
+            self._spill("records")
+            return True
+        oldest = self._in_flight_since or (self._memory[0].record.received if self._memory else 0.0)
+        if oldest and now - oldest > self.spool_after_seconds:
+            self._spill("age")
+            return True
+        return False
+
+    def _spill(self, reason: str) -> None:
+        """Move the round in flight (a copy: it may still be acknowledged) and what waits in memory to the spool,
+        oldest first; everything newer follows them there."""
+        assert self.spool is not None
         waiting = list(self._memory)
         self._memory.clear()
         self._latest.clear()
-        self._spooling = True
+        self._indexed = False
+        self._start_spooling(reason)
+        taken = self._in_flight
+        if taken is not None and taken.entries and not taken.spooled and not taken.persisted:
+            try:
+                taken.persisted = self.spool.append_many([entry.record for entry in taken.entries])
+            except (SpoolFull, SpoolError) as exc:  # the round stays in memory only, first in line if it fails
+                self._spool_failed(exc)
+            self._in_flight_since = 0.0
         for entry in waiting:
             if entry.update is not None:
                 entry.record.value = encode_update(entry.update)
             self._to_spool(entry)
-        return True
+
+    def _start_spooling(self, reason: str) -> None:
+        self._spooling = True
+        self._available.set()
+        if self._spooling_since is None:
+            self._spooling_since = time.monotonic()
+            self.metrics.spooling.set(1)
+            log_event(logger, logging.INFO, "spooling", reason=reason)
+
+    def _stop_spooling_if_drained(self) -> None:
+        """The spool's backlog has been taken and acknowledged: log how long it was in use."""
+        assert self.spool is not None
+        if self._spooling or self._spooling_since is None or self.spool.records:
+            return
+        seconds = time.monotonic() - self._spooling_since
+        self._spooling_since = None
+        self.metrics.spooling.set(0)
+        log_event(logger, logging.INFO, "spool_drained", seconds=round(seconds, 3))
 
     def _to_spool(self, entry: _Entry) -> None:
         assert self.spool is not None
-        self._spooling = True
         self._available.set()
         if self._held and not self._release_held():
             self._hold(entry)
@@ -177,7 +229,7 @@ class DeliveryBuffer:
         try:
             self.spool.append(entry.record)
         except (SpoolFull, SpoolError) as exc:
-            self._set_spool_full(True, str(exc))
+            self._spool_failed(exc)
             self._hold(entry)
 
     def _hold(self, entry: _Entry) -> None:
@@ -199,11 +251,23 @@ class DeliveryBuffer:
         for key in list(self._held):
             try:
                 self.spool.append(self._held[key].record)
-            except (SpoolFull, SpoolError):
+            except (SpoolFull, SpoolError) as exc:
+                self._spool_failed(exc)
                 return False
             del self._held[key]
-        self._set_spool_full(False, "")
+        self._spool_ok()
         return True
+
+    def _spool_failed(self, exc: SpoolFull | SpoolError) -> None:
+        """The spool refused a write, a read, a commit or an fsync: the alerted spool-full state."""
+        self._spool_failing = str(exc)
+        self._set_spool_full(True, str(exc))
+
+    def _spool_ok(self) -> None:
+        """A spool operation succeeded: leave the spool-full state once nothing is held either."""
+        self._spool_failing = ""
+        if not self._held:
+            self._set_spool_full(False, "")
 
     def _set_spool_full(self, full: bool, reason: str) -> None:
         if full != self.spool_full:
@@ -217,7 +281,10 @@ class DeliveryBuffer:
             )
 
     async def take(self, max_records: int) -> Round:
-        """Wait for records; return a round of at most `max_records`, memory first, then the spool."""
+        """Wait for records; return a round of at most `max_records`, memory first, then the spool.
+
+        The round is in flight until `settle()`.
+        """
         while True:
             taken = Round()
             indexed = self._indexed
@@ -233,79 +300,125 @@ class DeliveryBuffer:
             if indexed and len(self._memory) < self.capacity // 2:
                 self._latest.clear()
                 self._indexed = False
+            read_failed = False
             if self._spooling and len(taken.records) < max_records:
-                assert self.spool is not None
-                if self._held:
-                    self._release_held()
-                spooled = self.spool.read(max_records - len(taken.records))
-                taken.spooled = spooled
-                for spooled_record in spooled:
+                spooled = self._read_spool(max_records - len(taken.records))
+                read_failed = spooled is None
+                taken.spooled = spooled or []
+                for spooled_record in taken.spooled:
                     record = spooled_record.record
                     if self.topics is not None:
                         record.topic = self.topics[record.dead_letter_reason is not None]
                     taken.records.append(record)
-                if not spooled and not self.spool.records and not self._held:
-                    self._spooling = False
+                assert self.spool is not None
+                if not read_failed and not self.spool.unread and not self._held:
+                    self._spooling = False  # the backlog is taken: new records go to memory again
             if taken.records:
+                self._in_flight = taken
+                self._in_flight_since = taken.entries[0].record.received if taken.entries else 0.0
                 return taken
+            if read_failed:  # the disk fails: try again later, not in a hot loop
+                await asyncio.sleep(self.spool_after_seconds)
+                continue
             self._available.clear()
             await self._available.wait()
+
+    def _read_spool(self, max_records: int) -> list[SpooledRecord] | None:
+        """The next spooled records, after any held ones; None when the disk fails (the spool-full state)."""
+        assert self.spool is not None
+        if self._held:
+            self._release_held()
+        try:
+            spooled = self.spool.read(max_records)
+        except SpoolError as exc:
+            self._spool_failed(exc)
+            self.spool.rewind()
+            return None
+        if self._spool_failing:
+            self._spool_ok()
+        return spooled
 
     def settle(self, taken: Round, delivered: list[bool]) -> int:
         """Finish a round: delivered records are done, the others are queued again at the head, in order.
 
         Returns how many were queued again.
         """
-        memory_count = len(taken.entries)
-        retry = [entry for entry, done in zip(taken.entries, delivered[:memory_count], strict=True) if not done]
+        self._in_flight = None
+        self._in_flight_since = 0.0
+        if taken.persisted:  # the round's memory records are in the spool too: settled there
+            retry: list[_Entry] = []
+            spooled, outcomes = taken.persisted, delivered
+        else:
+            memory_count = len(taken.entries)
+            retry = [entry for entry, done in zip(taken.entries, delivered[:memory_count], strict=True) if not done]
+            spooled, outcomes = taken.spooled, delivered[memory_count:]
+        retry_spooled = 0
+        if spooled:
+            assert self.spool is not None
+            try:
+                self.spool.acknowledge([record for record, done in zip(spooled, outcomes, strict=True) if done])
+            except SpoolError as exc:
+                self._spool_failed(exc)
+            retry_spooled = outcomes.count(False)
+            if retry_spooled:
+                self.spool.rewind()
+                if not self._spooling:  # what went to memory meanwhile is newer than the rewound records
+                    self._spill("retry")
         for entry in reversed(retry):
             self._memory.appendleft(entry)
             key = entry.record.key
             if self._indexed and entry.update is not None and key is not None and key not in self._latest:
                 self._latest[key] = entry
-        if taken.spooled:
-            assert self.spool is not None
-            outcomes = delivered[memory_count:]
-            self.spool.acknowledge([spooled for spooled, done in zip(taken.spooled, outcomes, strict=True) if done])
-            if not all(outcomes):
-                self.spool.rewind()
-                retry_spooled = outcomes.count(False)
-            else:
-                retry_spooled = 0
-        else:
-            retry_spooled = 0
         if retry or retry_spooled:
             self._available.set()
+        if self.spool is not None:
+            self._stop_spooling_if_drained()
         return len(retry) + retry_spooled
 
     def close(self, in_flight: Round | None) -> int:
         """At shutdown: returns how many records are undelivered. In spool mode they stay in the spool.
 
-        Memory records (and those of an unfinished round) are older than the spooled ones and go first;
-        a record of the unfinished round may have reached Kafka, so the next start may send it twice.
+        Records of an unfinished round, and memory while spooling (a failed round's), are older than the
+        spooled ones and go first; memory while not spooling is newer than a round in flight from the spool,
+        and goes last. A record of the unfinished round may have reached Kafka, so the next start may send
+        it twice.
         """
-        unsent = list(in_flight.entries) if in_flight is not None else []
-        unsent.extend(self._memory)
-        for entry in unsent:
+        older = [] if in_flight is None or in_flight.persisted else list(in_flight.entries)
+        newer: list[_Entry] = []
+        (older if self._spooling else newer).extend(self._memory)
+        for entry in (*older, *newer):
             if entry.update is not None:
                 entry.record.value = encode_update(entry.update)
-        records = [entry.record for entry in unsent]
-        if in_flight is not None and in_flight.spooled and self.spool is not None:
-            self.spool.rewind()
         held = [entry.record for entry in self._held.values()]
-        undelivered = len(records) + len(held) + (self.spool.records if self.spool is not None else 0)
+        undelivered = len(older) + len(newer) + len(held) + (self.spool.records if self.spool is not None else 0)
         if self.spool is not None:
-            for record in held:  # newest of all: after the spool, if it has room now
+            for record in [entry.record for entry in newer] + held:  # newest of all: after the spool, if it has room
                 try:
                     self.spool.append(record)
                 except (SpoolFull, SpoolError):
                     log_event(logger, logging.ERROR, "spool_full_at_shutdown", lost=1)
-            self.spool.close(records)
+            try:
+                self.spool.close([entry.record for entry in older])
+            except SpoolError as exc:
+                log_event(logger, logging.ERROR, "spool_close_failed", error=str(exc), lost=len(older))
         self._memory.clear()
         self._held.clear()
         return undelivered
 
-    def sync(self) -> None:
-        """fsync the spool, if any (called on a timer)."""
-        if self.spool is not None:
+    def maintain(self, now: float) -> None:
+        """On a timer: spill records that waited `spool_after_seconds` though nothing new arrived, and fsync the
+        spool every `fsync_interval` (a failure is the spool-full state, retried at the next call)."""
+        if self.spool is None:
+            return
+        if not self._spooling:
+            self._should_spill(now)
+        if now - self._synced_at < self.fsync_interval:
+            return
+        self._synced_at = now
+        try:
             self.spool.sync()
+        except SpoolError as exc:
+            self._spool_failed(exc)
+            return
+        if self._spool_failing:
+            self._spool_ok()

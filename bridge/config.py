@@ -251,6 +251,10 @@ class BufferSettings(_Section):
     spool_after_records: int = Field(
         default=1000, ge=1, description="spool: records in memory before new ones go to the spool."
     )
+    spool_after_seconds: PositiveSeconds = Field(
+        default=1.0,
+        description="spool: how long a record may wait unacknowledged before it, and all behind it, go to the spool.",
+    )
     spool_max_bytes: int = Field(default=1 << 30, ge=1 << 20, description="spool: the spool's size limit.")
     spool_fsync_interval_seconds: PositiveSeconds = Field(
         default=0.2, description="spool: fsync period, what a power loss can take at most."

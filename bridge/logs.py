@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from typing import Any, Literal
 
 _FIELDS = "event_fields"
@@ -19,6 +20,11 @@ def log_event(logger: logging.Logger, level: int, event: str, /, **fields: Any) 
     """Log `event` with structured `fields`; callers never put secrets in fields."""
     if logger.isEnabledFor(level):
         logger.log(level, event, extra={_FIELDS: fields})
+
+
+def log_exception(logger: logging.Logger, event: str, /, **fields: Any) -> None:
+    """Log `event` at ERROR with the exception being handled, its traceback kept on the same line (escaped)."""
+    logger.error(event, exc_info=True, extra={_FIELDS: fields})
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -42,6 +48,7 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     fields.update(getattr(record, _FIELDS, {}))
     if record.exc_info and record.exc_info[1] is not None:
         fields["error"] = repr(record.exc_info[1])
+        fields["traceback"] = "".join(traceback.format_exception(record.exc_info[1])).rstrip()
     return fields
 
 

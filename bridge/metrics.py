@@ -181,6 +181,16 @@ class Metrics:
             "1 while the spool refuses writes (buffer.spool_max_bytes reached or the disk failing).",
             registry=r,
         )
+        self.spooling = Gauge(
+            "ime_bridge_spooling",
+            "1 while new records go to the spool because Kafka stopped keeping up, until its backlog is sent.",
+            registry=r,
+        )
+        self.spool_possible_duplicates = Counter(
+            "ime_bridge_spool_possible_duplicates_total",
+            "Records replayed from the spool at start that Kafka may hold already (committed position unreadable).",
+            registry=r,
+        )
         self.spool_damaged_entries = Counter(
             "ime_bridge_spool_damaged_entries_total",
             "Spool entries found torn or corrupt when the spool was opened, dropped.",
@@ -188,6 +198,12 @@ class Metrics:
         )
         self.producer_restarts = Counter(
             "ime_bridge_producer_restarts_total", "Kafka producers replaced after becoming unusable.", registry=r
+        )
+        self.task_failures = Counter(
+            "ime_bridge_task_failures_total",
+            "Unexpected exceptions in long-lived tasks: logged with their traceback, and the task went on.",
+            ["task"],
+            registry=r,
         )
         self.quarantined_contracts = Gauge(
             "ime_bridge_quarantined_contracts",

@@ -2,11 +2,17 @@
 
 Layout: `segment-<n>.spool` files of entries `magic(4) length(4) crc32(4) payload`, the payload a
 msgpack tuple of the record, and `committed.json`, the position up to which Kafka acknowledged.
-Each entry is written with one unbuffered `os.write`, so a killed process loses nothing it appended;
-`sync()` (called every `fsync_interval` by the owner) bounds what a power loss can take. Reading
-advances a cursor; only `commit` moves the durable position, so records read but not acknowledged
-before a crash are replayed (at most one publish round of duplicates). On open, a torn last entry
-(the process died mid-write) is cut off and counted; the rest is replayed in order.
+Each append is one unbuffered `os.write` (of one entry or of a batch), so a killed process loses
+nothing it appended; `sync()` (called every `fsync_interval` by the owner) bounds what a power loss
+can take. Reading advances a cursor; only acknowledging moves the durable position, so records read
+but not acknowledged before a crash are replayed (at most one publish round of duplicates).
+
+Crash consistency: `committed.json` is replaced by an fsync'd temporary file, a rename and an fsync
+of the directory, and always before the segments it makes obsolete are unlinked, so a crash at any
+point leaves a position that discards nothing unsent. On open, a torn last entry (the process died
+mid-write) is cut off and counted; an empty or unreadable `committed.json` is recovered from the
+segments, replaying all of them (`Recovery.possible_duplicates`). Every OSError becomes a
+`SpoolError`, which the owner treats as a failing disk.
 """
 
 from __future__ import annotations
@@ -66,12 +72,14 @@ class SpooledRecord:
 
 @dataclass(frozen=True)
 class Recovery:
-    """What opening the spool found: records to replay, and damaged entries dropped."""
+    """What opening the spool found: records to replay, damaged entries dropped, and how many of the records
+    may already be in Kafka because the committed position was unreadable (replayed from the start)."""
 
     records: int
     bytes: int
     torn_entries: int
     corrupt_segments: int
+    possible_duplicates: int = 0
 
 
 class Spool:
@@ -90,6 +98,7 @@ class Spool:
         self._write_offset = 0
         self._write_fd: int | None = None
         self._dirty = False
+        self._commit_pending = False  # the committed position moved but could not be written
         # Acknowledged entries not yet contiguous with the committed position, by where they start.
         self._acked_ahead: dict[SpoolPosition, SpooledRecord] = {}
 
@@ -97,12 +106,22 @@ class Spool:
 
     def open(self) -> Recovery:
         """Create the directory or recover what is in it: cut a torn tail, count what is left to replay."""
+        try:
+            return self._open()
+        except OSError as exc:
+            raise SpoolError(f"cannot open the spool in {self.directory}: {exc}") from exc
+
+    def _open(self) -> Recovery:
         self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / (_COMMITTED + ".tmp")).unlink(missing_ok=True)  # a commit cut short by a crash
         segments = self._segments()
-        committed_path = self.directory / _COMMITTED
-        if committed_path.exists():
-            saved = json.loads(committed_path.read_text())
-            self._committed = SpoolPosition(int(saved["segment"]), int(saved["offset"]))
+        saved = self._read_committed()
+        if saved is not None and saved.offset > self._size(saved.segment):
+            log_event(logger, logging.ERROR, "spool_commit_damaged", error=f"{saved} is past its segment's end")
+            saved = None
+        commit_lost = saved is None and bool(segments)
+        if saved is not None:
+            self._committed = saved
         elif segments:
             self._committed = SpoolPosition(segments[0], 0)
         torn = corrupt = 0
@@ -133,7 +152,21 @@ class Spool:
         last = segments[-1] if segments else self._committed.segment
         self._write_segment = max(last, self._committed.segment)
         self._open_for_append(self._write_segment)
-        return Recovery(self.records, self.bytes, torn, corrupt)
+        if commit_lost:
+            log_event(logger, logging.ERROR, "spool_commit_unreadable", replayed=self.records)
+            self._write_committed()
+        return Recovery(self.records, self.bytes, torn, corrupt, self.records if commit_lost else 0)
+
+    def _read_committed(self) -> SpoolPosition | None:
+        """The saved position; None when there is none or it is empty or unreadable (recovered by replay)."""
+        try:
+            saved = json.loads((self.directory / _COMMITTED).read_bytes())
+            return SpoolPosition(int(saved["segment"]), int(saved["offset"]))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError) as exc:
+            log_event(logger, logging.ERROR, "spool_commit_damaged", error=str(exc)[:200])
+            return None
 
     def _scan(self, number: int, start: int) -> tuple[int, int, bool]:
         """(end of the last valid entry, valid entries, whether something after them was damaged)."""
@@ -156,25 +189,43 @@ class Spool:
 
     # --- writing
 
-    def append(self, record: OutgoingRecord) -> None:
+    def append(self, record: OutgoingRecord) -> SpooledRecord:
         """Append `record`; raises SpoolFull past `max_bytes` and SpoolError when the disk refuses."""
-        entry = self._entry(record)
-        if self.bytes + len(entry) > self.max_bytes:
+        return self.append_many([record])[0]
+
+    def append_many(self, records: list[OutgoingRecord]) -> list[SpooledRecord]:
+        """Append `records` with one write: all of them reach the spool or none does (SpoolFull, SpoolError)."""
+        entries = [self._entry(record) for record in records]
+        size = sum(len(entry) for entry in entries)
+        if self.bytes + size > self.max_bytes:
             raise SpoolFull(f"spool holds {self.bytes} bytes of buffer.spool_max_bytes={self.max_bytes}")
-        if self._write_offset >= self.segment_bytes:
-            self._open_for_append(self._write_segment + 1)
-        assert self._write_fd is not None
         try:
-            written = os.write(self._write_fd, entry)
+            if self._write_offset >= self.segment_bytes:
+                self._open_for_append(self._write_segment + 1)
+            assert self._write_fd is not None
+            self._write_all(b"".join(entries))
         except OSError as exc:
-            raise SpoolError(f"cannot write the spool: {exc.strerror}") from exc
-        if written != len(entry):  # a short write leaves a torn entry: cut it off, report the disk as full
-            os.ftruncate(self._write_fd, self._write_offset)
-            raise SpoolError("short write to the spool (disk full?)")
-        self._write_offset += len(entry)
-        self.records += 1
-        self.bytes += len(entry)
+            raise SpoolError(f"cannot write the spool: {exc}") from exc
+        spooled = []
+        for record, entry in zip(records, entries, strict=True):
+            self._write_offset += len(entry)
+            spooled.append(SpooledRecord(record, SpoolPosition(self._write_segment, self._write_offset), len(entry)))
+        self.records += len(records)
+        self.bytes += size
         self._dirty = True
+        return spooled
+
+    def _write_all(self, data: bytes) -> None:
+        """One write; after a short one (disk full), writing the rest tells why, and the torn part is cut off."""
+        assert self._write_fd is not None
+        written = os.write(self._write_fd, data)
+        if written == len(data):
+            return
+        try:
+            os.write(self._write_fd, data[written:])
+            raise OSError(f"short write of {written} of {len(data)} bytes")
+        finally:
+            os.ftruncate(self._write_fd, self._write_offset)
 
     @staticmethod
     def _entry(record: OutgoingRecord) -> bytes:
@@ -184,19 +235,28 @@ class Spool:
         return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
     def sync(self) -> None:
-        """fsync what was appended since the last call."""
-        if self._dirty and self._write_fd is not None:
-            os.fsync(self._write_fd)
-            self._dirty = False
+        """fsync what was appended since the last call, and retry a commit that failed (SpoolError)."""
+        try:
+            if self._dirty and self._write_fd is not None:
+                os.fsync(self._write_fd)
+                self._dirty = False
+            if self._commit_pending:
+                self._write_committed()
+        except OSError as exc:
+            raise SpoolError(f"cannot sync the spool: {exc}") from exc
 
     def _open_for_append(self, number: int) -> None:
-        if self._write_fd is not None:
-            os.fsync(self._write_fd)
-            os.close(self._write_fd)
-        self._write_segment = number
+        """Make segment `number` the one appended to; the previous one is fsync'd and closed once it is open."""
         path = self._segment_path(number)
-        self._write_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._write_offset = os.fstat(self._write_fd).st_size
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        previous, self._write_fd = self._write_fd, fd
+        self._write_segment = number
+        self._write_offset = os.fstat(fd).st_size
+        if previous is not None:
+            try:
+                os.fsync(previous)
+            finally:
+                os.close(previous)
 
     # --- reading and committing
 
@@ -206,7 +266,14 @@ class Spool:
         return self._cursor < SpoolPosition(self._write_segment, self._write_offset)
 
     def read(self, max_records: int) -> list[SpooledRecord]:
-        """Up to `max_records` records after the cursor, in order; advances the cursor."""
+        """Up to `max_records` records after the cursor, in order; advances the cursor (SpoolError if the disk
+        fails)."""
+        try:
+            return self._read(max_records)
+        except OSError as exc:
+            raise SpoolError(f"cannot read the spool: {exc}") from exc
+
+    def _read(self, max_records: int) -> list[SpooledRecord]:
         out: list[SpooledRecord] = []
         while len(out) < max_records and self.unread:
             segment, offset = self._cursor.segment, self._cursor.offset
@@ -238,7 +305,10 @@ class Spool:
         self._cursor = self._committed
 
     def acknowledge(self, delivered: list[SpooledRecord]) -> None:
-        """Kafka acknowledged these: move the committed position over every contiguous acknowledged entry."""
+        """Kafka acknowledged these: move the committed position over every contiguous acknowledged entry.
+
+        The position moves in memory in any case; SpoolError says it could not be written yet (`sync` retries).
+        """
         for spooled in delivered:
             self._acked_ahead[spooled.start] = spooled
         committed = self._committed
@@ -252,7 +322,11 @@ class Spool:
             self.bytes -= spooled.size
             committed = spooled.end
         if committed != self._committed:
-            self._set_committed(committed)
+            try:
+                self._set_committed(committed)
+            except OSError as exc:
+                self._commit_pending = True
+                raise SpoolError(f"cannot commit the spool position: {exc}") from exc
 
     def _segment_ends_at(self, position: SpoolPosition) -> bool:
         if position.segment >= self._write_segment:
@@ -261,24 +335,34 @@ class Spool:
         return not path.exists() or path.stat().st_size <= position.offset
 
     def _set_committed(self, position: SpoolPosition) -> None:
-        for number in self._segments():
-            if number < position.segment:
-                self._segment_path(number).unlink()
+        """Move the durable position, then unlink the segments before it (never the other way round)."""
         if self.records == 0 and position == SpoolPosition(self._write_segment, self._write_offset):
             # Fully drained: start a fresh segment so that the old one can go.
             self._open_for_append(self._write_segment + 1)
-            self._segment_path(position.segment).unlink(missing_ok=True)
             position = SpoolPosition(self._write_segment, 0)
-            self._cursor = position
         self._committed = position
+        self._cursor = max(self._cursor, position)
         self._write_committed()
+        for number in self._segments():
+            if number < position.segment:
+                self._segment_path(number).unlink(missing_ok=True)
 
     def _write_committed(self) -> None:
-        """Replace committed.json atomically (a crash leaves the old or the new one, never half)."""
+        """Replace committed.json durably: fsync'd temporary file, rename, fsync of the directory (a crash
+        leaves the old or the new one, never half)."""
         position = self._committed
         temporary = self.directory / (_COMMITTED + ".tmp")
-        temporary.write_text(json.dumps({"segment": position.segment, "offset": position.offset}))
+        with temporary.open("wb") as handle:
+            handle.write(json.dumps({"segment": position.segment, "offset": position.offset}).encode())
+            handle.flush()
+            os.fsync(handle.fileno())
         temporary.replace(self.directory / _COMMITTED)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self._commit_pending = False
 
     def close(self, unsent: list[OutgoingRecord] | None = None) -> None:
         """fsync and close; `unsent` (older than everything spooled) is kept first for the next start.
@@ -286,10 +370,20 @@ class Spool:
         The records go into a new first segment, followed by the uncommitted rest of the committed
         segment, which is then removed; the committed position moves to the start of the new segment.
         """
+        try:
+            self._close(unsent or [])
+        except OSError as exc:
+            raise SpoolError(f"cannot close the spool: {exc}") from exc
+
+    def _close(self, unsent: list[OutgoingRecord]) -> None:
         if self._write_fd is not None:
-            os.fsync(self._write_fd)
-            os.close(self._write_fd)
-            self._write_fd = None
+            fd, self._write_fd = self._write_fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self._commit_pending:
+            self._write_committed()
         if not unsent:
             return
         committed = self._committed
@@ -305,12 +399,16 @@ class Spool:
                     segment.write(rest.read())
             segment.flush()
             os.fsync(segment.fileno())
-        old.unlink(missing_ok=True)
         self.records += len(unsent)
         self._committed = SpoolPosition(number, 0)
         self._write_committed()
+        old.unlink(missing_ok=True)
 
     # --- files
+
+    def _size(self, number: int) -> int:
+        path = self._segment_path(number)
+        return path.stat().st_size if path.exists() else 0
 
     def _segment_path(self, number: int) -> Path:
         return self.directory / f"segment-{number:08d}.spool"

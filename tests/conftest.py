@@ -72,6 +72,21 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+async def assert_holds(
+    condition: Callable[[], bool | Awaitable[bool]], *, seconds: float, interval: float = 0.05, what: str = ""
+) -> None:
+    """Check `condition` throughout `seconds`; fail at the first sample where it does not hold. For conditions that
+    must stay true while traffic flows, rather than a value caught at one instant."""
+    start = time.monotonic()
+    while time.monotonic() < start + seconds:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if not result:
+            raise AssertionError(f"{what or condition} stopped holding after {time.monotonic() - start:.2f}s")
+        await asyncio.sleep(interval)
+
+
 async def consume(
     bootstrap_servers: str,
     topic: str,

@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,10 +110,14 @@ class BridgeProcess:
         self.log_path = self.config_path.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, preexec_fn: Callable[[], None] | None = None) -> None:
+        """Start the process; `preexec_fn` runs in the child before exec (e.g. to set resource limits)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path)], stdout=log, stderr=log
+                [sys.executable, "-m", "bridge", "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                preexec_fn=preexec_fn,
             )
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import shutil
 from pathlib import Path
 
 from fastavro import schemaless_reader
@@ -14,7 +15,7 @@ from bridge.encode import load_schema
 from bridge.metrics import Metrics
 from bridge.normalize import ContractInfo, ContractUpdate
 from bridge.sink import OutgoingRecord
-from bridge.spool import Spool
+from bridge.spool import Spool, SpooledRecord, SpoolError
 
 SCHEMA = load_schema()
 
@@ -163,3 +164,181 @@ async def test_close_in_spool_mode_keeps_memory_and_in_flight_records_for_the_ne
     reopened = Spool(tmp_path, max_bytes=1 << 20)
     assert reopened.open().records == 7
     assert [decoded(s.record)[1] for s in reopened.read(10)] == list(range(1, 8))
+
+
+def spool_buffer(tmp_path: Path, metrics: Metrics | None = None, **kwargs: float) -> DeliveryBuffer:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    return DeliveryBuffer(
+        capacity=100,
+        overflow=Overflow.SPOOL,
+        metrics=metrics or Metrics(),
+        spool=spool,
+        spool_after=int(kwargs.pop("spool_after", 3)),
+        **kwargs,
+    )
+
+
+def add_at(buffer: DeliveryBuffer, contract: str, sequence: int, received: float) -> None:
+    buffer.add_update(update(contract, sequence), "t", [], received)
+
+
+async def test_spool_mode_ends_when_a_round_takes_the_backlog_and_new_records_stay_in_memory(tmp_path: Path) -> None:
+    metrics = Metrics()
+    buffer = spool_buffer(tmp_path, metrics)
+    for sequence in range(1, 6):
+        add(buffer, "A", sequence)  # past spool_after: spooled
+    backlog = await take(buffer)
+    assert len(backlog.spooled) == 5
+    add(buffer, "A", 6)  # arrives while the last of the backlog is in flight: memory again
+    assert gauge(metrics, "ime_bridge_buffer_records") == 1
+    buffer.settle(backlog, [True] * 5)
+    assert gauge(metrics, "ime_bridge_spool_records") == 0
+    assert gauge(metrics, "ime_bridge_spooling") == 0
+    fresh = await take(buffer)
+    assert [decoded(r)[1] for r in fresh.records] == [6]
+    assert fresh.spooled == []
+
+
+async def test_a_failed_last_backlog_round_puts_what_came_meanwhile_behind_it(tmp_path: Path) -> None:
+    buffer = spool_buffer(tmp_path)
+    for sequence in range(1, 6):
+        add(buffer, "A", sequence)
+    backlog = await take(buffer)
+    add(buffer, "A", 6)
+    add(buffer, "A", 7)
+    buffer.settle(backlog, [True, True, False, False, False])
+    got: list[int] = []
+    while len(got) < 5:
+        taken = await take(buffer)
+        got += [decoded(r)[1] for r in taken.records]
+        buffer.settle(taken, [True] * len(taken.records))
+    assert got == [3, 4, 5, 6, 7]
+    assert buffer.spool is not None
+    assert buffer.spool.records == 0
+
+
+async def test_a_record_unacknowledged_past_spool_after_seconds_spills_with_the_round_in_flight(
+    tmp_path: Path,
+) -> None:
+    buffer = spool_buffer(tmp_path, spool_after=1000, spool_after_seconds=1.0)
+    add_at(buffer, "A", 1, 100.0)
+    add_at(buffer, "A", 2, 100.1)
+    in_flight = await take(buffer)  # Kafka stops answering
+    add_at(buffer, "A", 3, 100.5)
+    assert buffer.spool is not None
+    assert buffer.spool.records == 0
+    add_at(buffer, "A", 4, 101.2)  # the round has waited 1.2 s: it and everything behind it go to disk
+    assert buffer.spool.records == 4
+    assert in_flight.persisted
+
+    # A crash now loses nothing: the spool alone replays all four, in order.
+    replica = tmp_path.parent / (tmp_path.name + "-copy")
+    shutil.copytree(tmp_path, replica)
+    copy = Spool(replica, max_bytes=1 << 20)
+    assert copy.open().records == 4
+    assert [decoded(s.record)[1] for s in copy.read(10)] == [1, 2, 3, 4]
+
+    # The round was acknowledged after all: it is not sent again.
+    buffer.settle(in_flight, [True, True])
+    rest = await take(buffer)
+    assert [decoded(r)[1] for r in rest.records] == [3, 4]
+
+
+async def test_a_persisted_round_that_fails_is_read_again_from_the_spool_once(tmp_path: Path) -> None:
+    buffer = spool_buffer(tmp_path, spool_after=1000, spool_after_seconds=1.0)
+    add_at(buffer, "A", 1, 100.0)
+    add_at(buffer, "A", 2, 100.0)
+    in_flight = await take(buffer)
+    add_at(buffer, "A", 3, 102.0)
+    assert buffer.settle(in_flight, [True, False]) == 1
+    again = await take(buffer)
+    assert [decoded(r)[1] for r in again.records] == [2, 3]
+    buffer.settle(again, [True, True])
+    assert buffer.spool is not None
+    assert buffer.spool.records == 0
+    assert len(buffer) == 0
+
+
+async def test_maintain_spills_records_that_waited_too_long_though_nothing_new_arrives(tmp_path: Path) -> None:
+    buffer = spool_buffer(tmp_path, spool_after=1000, spool_after_seconds=1.0)
+    add_at(buffer, "A", 1, 100.0)
+    in_flight = await take(buffer)
+    add_at(buffer, "A", 2, 100.2)
+    buffer.maintain(100.9)
+    assert buffer.spool is not None
+    assert buffer.spool.records == 0
+    buffer.maintain(101.1)
+    assert buffer.spool.records == 2
+    assert in_flight.persisted
+
+
+async def test_close_while_the_last_backlog_round_is_in_flight_keeps_memory_after_it(tmp_path: Path) -> None:
+    buffer = spool_buffer(tmp_path)
+    for sequence in range(1, 5):
+        add(buffer, "A", sequence)
+    in_flight = await take(buffer)
+    add(buffer, "A", 5)  # memory: newer than the round in flight from the spool
+    assert buffer.close(in_flight) == 5
+    reopened = Spool(tmp_path, max_bytes=1 << 20)
+    reopened.open()
+    assert [decoded(s.record)[1] for s in reopened.read(10)] == [1, 2, 3, 4, 5]
+
+
+class FailingSpool(Spool):
+    """A spool whose disk fails on demand (reads, commits, fsyncs), as EIO would."""
+
+    failing = False
+
+    def read(self, max_records: int) -> list[SpooledRecord]:
+        if self.failing:
+            raise SpoolError("cannot read the spool: [Errno 5] Input/output error")
+        return super().read(max_records)
+
+    def acknowledge(self, delivered: list[SpooledRecord]) -> None:
+        super().acknowledge(delivered)
+        if self.failing:
+            raise SpoolError("cannot commit the spool position: [Errno 5] Input/output error")
+
+    def sync(self) -> None:
+        if self.failing:
+            raise SpoolError("cannot sync the spool: [Errno 5] Input/output error")
+        super().sync()
+
+
+async def test_a_failing_read_commit_or_fsync_is_the_spool_full_state_until_the_disk_works(tmp_path: Path) -> None:
+    metrics = Metrics()
+    spool = FailingSpool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    buffer = DeliveryBuffer(
+        capacity=100, overflow=Overflow.SPOOL, metrics=metrics, spool=spool, spool_after=1, spool_after_seconds=0.05
+    )
+    for sequence in range(1, 4):
+        add(buffer, "A", sequence)
+    spool.failing = True
+    buffer.maintain(1000.0)  # fsync fails
+    assert buffer.spool_full
+    assert gauge(metrics, "ime_bridge_spool_full") == 1
+    spool.failing = False
+    buffer.maintain(2000.0)
+    assert not buffer.spool_full
+
+    spool.failing = True
+    reading = asyncio.create_task(buffer.take(10))  # the read fails: retried later, not a hot loop
+    await asyncio.sleep(0.02)
+    assert buffer.spool_full
+    assert not reading.done()
+    spool.failing = False
+    taken = await asyncio.wait_for(reading, timeout=5)
+    assert [decoded(r)[1] for r in taken.records] == [1, 2, 3]
+    assert not buffer.spool_full
+
+    spool.failing = True
+    buffer.settle(taken, [True, True, True])  # the commit fails: delivered all the same, kept to retry
+    assert buffer.spool_full
+    assert spool.records == 0
+    spool.failing = False
+    buffer.maintain(3000.0)  # the fsync timer writes the pending commit
+    assert not buffer.spool_full
+    reopened = Spool(tmp_path, max_bytes=1 << 20)
+    assert reopened.open().records == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import resource
 import shutil
 import signal
 import time
@@ -27,7 +28,7 @@ from bridge.config import Settings
 from bridge.simulator import Simulator, SimulatorConfig
 from bridge.spool import Spool
 from tests.checker import DeliveryReport, check_delivery, record_identity
-from tests.conftest import BrokerInfo, consume, wait_for
+from tests.conftest import BrokerInfo, assert_holds, consume, wait_for
 from tests.faultproxy import FaultProxy
 from tests.harness import (
     SCHEMA,
@@ -140,7 +141,18 @@ async def test_spool_mode_loses_and_reorders_nothing_through_a_60s_kafka_outage(
         )
         async with running_bridge(settings) as running:
             worst = await outage(running, proxied_broker.proxy, memory_bound=200 + 500)
-            await wait_for(lambda: running.metric("ime_bridge_spool_records") == 0, within=120, what="spool drained")
+            restored = time.monotonic()
+
+            def spool_empty() -> bool:
+                return running.metric("ime_bridge_spool_records") == 0
+
+            await wait_for(spool_empty, within=30, what="the spool to drain once Kafka is back")
+            drained_after = time.monotonic() - restored
+            published = running.published()
+            # Kafka keeps up again: records go through memory only, while the feed goes on.
+            await assert_holds(spool_empty, seconds=10, what="an empty spool while Kafka keeps up")
+            assert running.metric("ime_bridge_spooling") == 0
+            assert running.published() > published + 1000, "the feed went on"
             await settle_and_stop(simulator, running)
         sent = simulator.sent_frames()
     records = await consume_all(proxied_broker.proxy.address, settings.kafka.topic, len(sent))
@@ -150,7 +162,7 @@ async def test_spool_mode_loses_and_reorders_nothing_through_a_60s_kafka_outage(
     assert worst["connections_down"] == 0
     assert worst["ready_during_outage"] == 0, "readiness reported the outage"
     assert running.metric_total("ime_bridge_produce_errors_total") > 0, "the outage was felt"
-    print(f"\nspool outage: {report.summary()} worst={worst}")
+    print(f"\nspool outage: {report.summary()} worst={worst} drained {drained_after:.1f}s after Kafka returned")
 
 
 async def test_conflate_mode_delivers_the_latest_of_every_contract_and_accounts_for_every_skip(
@@ -253,8 +265,8 @@ async def test_kill_9_during_an_outage_in_spool_mode_loses_nothing_that_reached_
                 what="the restarted bridge to receive everything sent to it",
             )
             assert second.process is not None
-            second.process.send_signal(signal.SIGTERM)
-            assert second.process.wait(timeout=60) == 0, second.log()
+            second.process.send_signal(signal.SIGTERM)  # the proxy runs in this loop: wait in a thread
+            assert await asyncio.to_thread(second.process.wait, 60) == 0, second.log()
         finally:
             second.stop()
         sent = simulator.sent_frames()
@@ -276,6 +288,139 @@ async def test_kill_9_during_an_outage_in_spool_mode_loses_nothing_that_reached_
             assert positions == list(range(positions[0], positions[-1] + 1)), f"{contract}: lost {positions}"
     assert sum(report.duplicated.values()) <= batch, report.summary()
     print(f"\nkill -9: {report.summary()} spooled_at_kill={sum(len(v) for v in in_spool.values())}")
+
+
+async def test_a_kill_at_the_end_of_a_6s_cut_loses_nothing_older_than_spool_after_seconds_at_default_settings(
+    proxied_broker: ProxiedBroker, tmp_path: Path
+) -> None:
+    """Spool mode with every other setting at its default, at 50 records/s (far below spool_after_records): what a
+    kill -9 can lose is bounded by time, not by a count that takes minutes to reach."""
+    cut_seconds, spool_after_seconds = 6.0, 1.0
+    async with Simulator(SimulatorConfig(contracts=CONTRACTS, rate=50, record_sent=True)) as simulator:
+        config = bridge_config(
+            simulator,
+            proxied_broker.info,
+            ime={"contract_ids": [c.id for c in simulator.contracts]},
+            buffer={"overflow": "spool", "spool_dir": str(tmp_path / "spool")},
+        )
+        first = BridgeProcess(config, tmp_path)
+        first.start()
+        sent_at: list[tuple[float, int]] = []  # (monotonic time, frames sent by then)
+        try:
+            await wait_for(_above(first, "ime_bridge_messages_published_total", 50), within=60, what="flowing")
+            proxied_broker.proxy.cut()
+            cut_at = time.monotonic()
+            while time.monotonic() < cut_at + cut_seconds:
+                sent_at.append((time.monotonic(), len(simulator.sent_frames())))
+                await asyncio.sleep(0.05)
+            assert first.process is not None
+            killed_at = time.monotonic()
+            os.kill(first.process.pid, signal.SIGKILL)
+            sent_before_kill = len(simulator.sent_frames())
+            first.process.wait()
+        finally:
+            first.stop()
+        # Every frame sent (so received no earlier) more than spool_after_seconds + 1 s before the kill.
+        must_deliver = max(count for moment, count in sent_at if moment <= killed_at - spool_after_seconds - 1)
+        assert must_deliver - sent_at[0][1] >= 150, "several seconds of the cut are covered"
+
+        proxied_broker.proxy.restore()
+        second = BridgeProcess(config, tmp_path)
+        second.start()
+        try:
+            await wait_for(_spool_replayed(second), within=120, what="spool replayed")
+            await simulator.stall_and_settle()
+            sent_total = len(simulator.sent_frames())
+            await wait_for(
+                _above(second, "ime_bridge_messages_received_total", sent_total - sent_before_kill - 1),
+                within=60,
+                what="the restarted bridge to receive everything sent to it",
+            )
+            assert second.process is not None
+            second.process.send_signal(signal.SIGTERM)  # the proxy runs in this loop: wait in a thread
+            assert await asyncio.to_thread(second.process.wait, 60) == 0, second.log()
+        finally:
+            second.stop()
+        sent = simulator.sent_frames()
+
+    required = Counter(frame.contract_id for frame in sent[:must_deliver])
+    at_risk = sent_before_kill - must_deliver
+    records = await consume_all(proxied_broker.proxy.address, config["kafka"]["topic"], len(sent) - at_risk)
+    report = check_delivery(sent, records)
+    assert sum(report.out_of_order.values()) == 0, report.summary()
+    assert report.unknown == 0, report.summary()
+    for contract, positions in report.lost.items():
+        assert not [p for p in positions if p < required[contract]], f"{contract}: lost {positions} of {required}"
+    print(f"\nkill after a {cut_seconds:.0f}s cut: {report.summary()} required={must_deliver} at_risk={at_risk}")
+
+
+async def test_a_spool_whose_disk_refuses_writes_enters_the_alerted_full_state_and_leaves_it(
+    proxied_broker: ProxiedBroker, tmp_path: Path
+) -> None:
+    """The disk refuses writes (RLIMIT_FSIZE in the bridge process: EFBIG, as a full disk gives ENOSPC), then
+    accepts them again: spool_full is raised and lowered, and the latest of every contract is delivered."""
+    limit = 200_000
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    async with Simulator(SimulatorConfig(contracts=CONTRACTS, rate=150, record_sent=True)) as simulator:
+        config = bridge_config(
+            simulator,
+            proxied_broker.info,
+            ime={"contract_ids": [c.id for c in simulator.contracts]},
+            kafka=fast_failing_kafka(),
+            buffer={"overflow": "spool", "spool_dir": str(tmp_path / "spool"), "spool_after_records": 50},
+        )
+        bridge = BridgeProcess(config, tmp_path)
+        bridge.start(preexec_fn=limit_file_size)
+        try:
+            await wait_for(_above(bridge, "ime_bridge_messages_published_total", 100), within=60, what="flowing")
+            proxied_broker.proxy.cut()
+            await wait_for(_above(bridge, "ime_bridge_spool_full", 0), within=60, what="the spool-full state")
+            # Meanwhile the newest snapshot of each contract is held in memory, the older ones conflated.
+            await wait_for(_above(bridge, "ime_bridge_conflated_total", 50), within=60, what="conflation while full")
+            assert await bridge.metric("ime_bridge_spool_bytes") <= limit
+            assert bridge.process is not None
+            resource.prlimit(bridge.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+            await wait_for(_at(bridge, "ime_bridge_spool_full", 0), within=30, what="the spool accepting again")
+            proxied_broker.proxy.restore()
+            await simulator.stall_and_settle()
+            sent_total = len(simulator.sent_frames())
+            await wait_for(
+                _above(bridge, "ime_bridge_messages_received_total", sent_total - 1), within=60, what="all received"
+            )
+            bridge.process.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(bridge.process.wait, 60) == 0, bridge.log()
+        finally:
+            bridge.stop()
+        sent = simulator.sent_frames()
+    log = bridge.log()
+    assert "event=spool_full" in log, log[-3000:]
+    assert "File too large" in log, log[-3000:]
+    assert "event=spool_accepting_again" in log
+    (stopped,) = [line for line in log.splitlines() if "event=stopped" in line]
+    assert "undelivered=0" in stopped, stopped
+    records = await consume(
+        proxied_broker.proxy.address,
+        config["kafka"]["topic"],
+        until=lambda got: check_delivery(sent, got).latest_missing == [],
+        within=120,
+        describe=lambda got: check_delivery(sent, got).summary(),
+    )
+    report = check_delivery(sent, records)
+    assert sum(report.out_of_order.values()) == 0, report.summary()
+    assert sum(report.unaccounted_gaps.values()) == 0, "what the full spool held back is accounted by skipped"
+    assert report.skipped > 50, report.summary()
+    assert report.unknown == 0, report.summary()
+    print(f"\nspool disk refusing writes: {report.summary()}")
+
+
+def _at(process: BridgeProcess, name: str, value: float) -> Any:
+    async def check() -> bool:
+        return await process.metric(name) == value
+
+    return check
 
 
 def _above(process: BridgeProcess, name: str, threshold: float) -> Any:
