@@ -33,7 +33,7 @@ from bridge.pipeline import FramePipeline, Publisher, start_sink
 from bridge.protocol import Endpoint
 from bridge.sink import KafkaSink, Sink, SinkFatal
 from bridge.source import SourceSettings, WebSocketSource
-from bridge.spool import Spool
+from bridge.spool import Spool, SpoolError
 from bridge.subscriptions import SubscriptionManager
 from bridge.supervise import every
 
@@ -257,7 +257,11 @@ class Bridge:
         if config.overflow == "spool":
             assert config.spool_dir is not None  # required by BufferSettings
             spool = Spool(config.spool_dir, max_bytes=config.spool_max_bytes)
-            recovery = spool.open()
+            try:
+                recovery = spool.open()
+            except SpoolError as exc:  # the directory cannot be created, read or written: nothing to run with
+                log_event(logger, logging.CRITICAL, "spool_unusable", directory=str(config.spool_dir), error=str(exc))
+                raise
             self.metrics.spool_damaged_entries.inc(recovery.torn_entries + recovery.corrupt_segments)
             self.metrics.spool_possible_duplicates.inc(recovery.possible_duplicates)
             log_event(

@@ -56,13 +56,14 @@ async def _run(settings: Settings, config_path: Path | None) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from bridge.app import PublisherFailed
     from bridge.sink import SinkFatal
+    from bridge.spool import SpoolError
 
     settings = _load(args.config)
     configure_logging(settings.log.level, settings.log.format)
     try:
         asyncio.run(_run(settings, args.config))
-    except (PublisherFailed, SinkFatal):
-        return 1  # logged (publisher_failed, sink_fatal): the orchestrator restarts the process
+    except (PublisherFailed, SinkFatal, SpoolError):
+        return 1  # logged (publisher_failed, sink_fatal, spool_unusable): the orchestrator restarts the process
     return 0
 
 

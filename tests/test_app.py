@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
 from bridge.app import Bridge, PublisherFailed
 from bridge.simulator import Simulator, SimulatorConfig
 from bridge.sink import MemorySink, OutgoingRecord
+from bridge.spool import SpoolError
 from tests.conftest import BrokerInfo
 from tests.harness import bridge_settings
 
@@ -31,3 +33,21 @@ async def test_a_publisher_that_dies_stops_the_bridge_with_an_error_instead_of_l
         with pytest.raises(PublisherFailed) as caught:
             await asyncio.wait_for(bridge.run(stop), timeout=30)
     assert isinstance(caught.value.__cause__, RuntimeError)
+
+
+async def test_a_spool_directory_that_cannot_be_used_stops_the_start_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    async with Simulator(SimulatorConfig(contracts=2, rate=100)) as simulator:
+        settings = bridge_settings(
+            simulator,
+            NO_BROKER,
+            ime={"contract_ids": [simulator.contracts[0].id]},
+            buffer={"overflow": "spool", "spool_dir": str(blocker / "spool")},
+        )
+        with pytest.raises(SpoolError, match="cannot open the spool"):
+            await asyncio.wait_for(Bridge(settings, sink=MemorySink()).run(asyncio.Event()), timeout=30)
+    (critical,) = [record for record in caplog.records if record.getMessage() == "spool_unusable"]
+    assert critical.levelname == "CRITICAL"
