@@ -123,6 +123,7 @@ def run_phase(
         "ime": {
             "base_url": f"http://127.0.0.1:{sim_port}",
             "ws_url": f"ws://127.0.0.1:{sim_port}",
+            "allow_insecure": True,
             "username": "demo",
             "password": "demo-password",
             "contract_ids": contracts,

@@ -118,9 +118,8 @@ class Bridge:
                 catalog = self.catalog or HttpContractCatalog(
                     http, str(settings.ime.base_url), tokens, timeout=settings.ime.http_timeout_seconds
                 )
-                started = await _until_stopped(stop, self._start(tokens, catalog))
-                try:
-                    if started:
+                try:  # a start that fails half-way still stops what it started (the Kafka producer, say)
+                    if await _until_stopped(stop, self._start(tokens, catalog)):
                         await self._run_until(stop)
                 finally:
                     await self._shutdown()

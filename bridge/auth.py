@@ -3,7 +3,9 @@
 The bridge is not the token's verifier: it reads the JWT's `exp` only to renew ahead of expiry.
 Errors from the HTTP library are translated here into AuthRejected (credentials refused: retrying
 soon will not help) and AuthUnavailable (the endpoint failed: retry with backoff). Neither the token
-nor the password ever appears in an exception message or a log line.
+nor the password ever appears in an exception message or a log line: a refusal is described by its HTTP
+status and the server's `detail`, with the password redacted (a server may echo the submitted form) and
+capped at DETAIL_LIMIT characters, never by the response body verbatim.
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ import base64
 import binascii
 import contextlib
 import json
+import re
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import aiohttp
 
 from bridge import protocol
+
+DETAIL_LIMIT = 200
+REDACTED = "***"
 
 
 class AuthError(Exception):
@@ -108,6 +115,7 @@ class IssuedToken:
             else (protocol.USERNAME_FIELDS[0], protocol.PASSWORD_FIELDS[0])
         )
         self._form = {user_field: username, password_field: password}
+        self._secrets = (password,)
         self._refresh_margin = refresh_margin
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._token: str | None = None
@@ -183,7 +191,8 @@ class IssuedToken:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise AuthUnavailable(f"token endpoint unreachable: {type(exc).__name__}") from exc
         if status in (400, 401, 403, 422):
-            raise AuthRejected(f"token endpoint refused the credentials (HTTP {status}): {_detail(body)}")
+            detail = redacted_detail(body, self._secrets)
+            raise AuthRejected(f"token endpoint refused the credentials (HTTP {status}): {detail}")
         if not 200 <= status < 300:
             raise AuthUnavailable(f"token endpoint answered HTTP {status}")
         try:
@@ -195,9 +204,42 @@ class IssuedToken:
         return protocol.strip_bearer(token)
 
 
-def _detail(body: bytes) -> str:
+def redacted_detail(body: bytes, secrets: Iterable[str]) -> str:
+    """The `detail` of an error answer, fit for a log line: every form of each secret replaced by `***`
+    (as sent, URL-encoded, JSON-escaped) and any password form field's value too, then capped at
+    DETAIL_LIMIT characters. "no detail" when the body has none."""
     try:
         detail = json.loads(body).get("detail")
     except (ValueError, AttributeError):
         return "no detail"
-    return str(detail)[:200] if detail else "no detail"
+    if not detail:
+        return "no detail"
+    text = detail if isinstance(detail, str) else json.dumps(detail, ensure_ascii=False, default=str)
+    return _redact(text, secrets)[:DETAIL_LIMIT]
+
+
+_FIELDS = "|".join(re.escape(field) for field in protocol.PASSWORD_FIELDS)
+# A password form field echoed as a form (`password=…`) or as JSON (`"password": "…"`).
+_PASSWORD_FIELD = re.compile(rf'(?<![\w])((?:{_FIELDS})=)[^&\s]*|("(?:{_FIELDS})"\s*:\s*")(?:[^"\\]|\\.)*"')
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if not secret:
+            continue
+        forms = {
+            secret,
+            urllib.parse.quote_plus(secret),
+            urllib.parse.quote(secret, safe=""),
+            json.dumps(secret, ensure_ascii=False)[1:-1],
+            json.dumps(secret)[1:-1],
+        }
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, REDACTED)
+    return _PASSWORD_FIELD.sub(_redact_field, text)
+
+
+def _redact_field(match: re.Match[str]) -> str:
+    if match.group(1) is not None:
+        return match.group(1) + REDACTED
+    return match.group(2) + REDACTED + '"'

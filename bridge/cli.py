@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -16,8 +17,14 @@ from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.logs import configure_logging
 
+# Exit codes of `ime-bridge run` (README, Commands): 0 stopped by a signal, 1 a fatal runtime error (the
+# orchestrator restarts the process), 2 a configuration refused, 70 an unexpected exception (EX_SOFTWARE, a bug).
+EXIT_FATAL = 1
 EXIT_CONFIG = 2
+EXIT_SOFTWARE = 70
 EXIT_INTERRUPTED = 130
+
+logger = logging.getLogger(__name__)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -53,18 +60,43 @@ async def _run(settings: Settings, config_path: Path | None) -> None:
     await bridge.run(stop)
 
 
+def _fatal(reason: str, code: int) -> int:
+    """Print the one final line of a fatal end, `ime-bridge: fatal: <reason>`, and return `code`."""
+    print(f"ime-bridge: fatal: {' '.join(reason.split())}", file=sys.stderr)
+    return code
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    """Run the bridge; every fatal end is one `ime-bridge: fatal:` line on stderr and an exit code (EXIT_*)."""
     from bridge.app import PublisherFailed
     from bridge.sink import SinkFatal
+    from bridge.source import SourceFatal
     from bridge.spool import SpoolError
 
-    settings = _load(args.config)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"ime-bridge: {exc}", file=sys.stderr)
+        return _fatal(f"invalid configuration: {'; '.join(exc.problems)}", EXIT_CONFIG)
     configure_logging(settings.log.level, settings.log.format)
     try:
         asyncio.run(_run(settings, args.config))
-    except (PublisherFailed, SinkFatal, SpoolError):
-        return 1  # logged (publisher_failed, sink_fatal, spool_unusable): the orchestrator restarts the process
-    return 0
+    # Already logged at CRITICAL (publisher_failed, sink_fatal, spool_unusable, source_failed).
+    except PublisherFailed as exc:
+        cause = f" ({exc.__cause__!r})" if exc.__cause__ is not None else ""
+        reason, code = f"{exc}{cause}", EXIT_FATAL
+    except SinkFatal as exc:
+        reason, code = f"cannot publish: {exc}", EXIT_FATAL
+    except SpoolError as exc:
+        reason, code = f"spool unusable: {exc}", EXIT_FATAL
+    except SourceFatal as exc:
+        reason, code = f"IME source: {exc}", EXIT_FATAL
+    except Exception as exc:
+        logger.critical("unexpected_error", exc_info=exc)  # the traceback, on the structured log line
+        reason, code = f"unexpected error: {exc!r}", EXIT_SOFTWARE
+    else:
+        return 0
+    return _fatal(reason, code)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

@@ -71,6 +71,11 @@ class ImeSettings(_Section):
     ws_url: WebSocketUrl = Field(
         default=AnyUrl("wss://core.hedgetech.ir"), description="WebSocket root of the live endpoints."
     )
+    allow_insecure: bool = Field(
+        default=False,
+        description="Accept http:// and ws:// URLs, which send the password and the token in clear text "
+        "(a local simulator only).",
+    )
     username: str | None = Field(default=None, description="Account for the token endpoint.")
     password: SecretStr | None = Field(default=None, description="Password for the token endpoint.")
     token: SecretStr | None = Field(default=None, description="A static JWT, instead of username/password.")
@@ -159,6 +164,22 @@ class ImeSettings(_Section):
             raise ValueError("subscribe to at least one contract: ime.contract_ids or ime.contract_names")
         if self.reconnect_min_seconds > self.reconnect_max_seconds:
             raise ValueError("ime.reconnect_min_seconds is larger than ime.reconnect_max_seconds")
+        return self
+
+    @model_validator(mode="after")
+    def _encrypted_unless_allowed(self) -> ImeSettings:
+        if self.allow_insecure:
+            return self
+        clear = [
+            f"ime.{key} ({url.scheme}://)"
+            for key, url in (("base_url", self.base_url), ("ws_url", self.ws_url))
+            if url.scheme in ("http", "ws")
+        ]
+        if clear:
+            raise ValueError(
+                f"{' and '.join(clear)} would send the password and the token in clear text: "
+                "use https:// and wss://, or set ime.allow_insecure: true (a local simulator only)"
+            )
         return self
 
     @property

@@ -32,6 +32,7 @@ def demo_settings(simulator: Simulator, bootstrap_servers: str, metrics_port: in
         "ime": {
             "base_url": simulator.base_url,
             "ws_url": simulator.ws_url,
+            "allow_insecure": True,  # the local simulator speaks http:// and ws://
             "username": simulator.config.username,
             "password": simulator.config.password,
             "contract_ids": by_id,

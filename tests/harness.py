@@ -77,6 +77,7 @@ def bridge_config(simulator: Simulator, broker: BrokerInfo, **sections: dict[str
         "ime": {
             "base_url": simulator.base_url,
             "ws_url": simulator.ws_url,
+            "allow_insecure": True,
             "username": simulator.config.username,
             "password": simulator.config.password,
             "reconnect_min_seconds": 0.05,

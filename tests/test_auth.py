@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+import aiohttp
 import pytest
+from aiohttp import web
 
-from bridge.auth import StaticToken, jwt_expiry
+from bridge.auth import DETAIL_LIMIT, AuthRejected, IssuedToken, StaticToken, jwt_expiry, redacted_detail
 from bridge.protocol import authorization_header, strip_bearer
 
 
@@ -47,3 +51,66 @@ def test_authorization_header_spellings() -> None:
     assert strip_bearer("Bearer abc") == "abc"
     assert strip_bearer("bearer  abc ") == "abc"
     assert strip_bearer("abc") == "abc"
+
+
+PASSWORD = "s3cr3t p@ss&wörd"  # URL-encoding changes it
+
+
+@asynccontextmanager
+async def echoing_token_endpoint(status: int) -> AsyncIterator[str]:
+    """A token endpoint on 127.0.0.1 that refuses every request and echoes the submitted form back."""
+
+    async def issue(request: web.Request) -> web.Response:
+        raw = (await request.read()).decode()
+        form = await request.post()
+        detail = f"no user {form.get('username')} with password {form.get('password')} (you sent {raw})"
+        return web.json_response({"detail": detail, "input": dict(form)}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/auth/user/token/issue", issue)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_refusal_echoing_the_password_is_reported_without_it() -> None:
+    async with echoing_token_endpoint(401) as base_url, aiohttp.ClientSession() as http:
+        tokens = IssuedToken(http, base_url, "demo", PASSWORD)
+        with pytest.raises(AuthRejected) as refused:
+            await tokens.token()
+        with pytest.raises(AuthRejected) as remembered:
+            await tokens.token()  # the remembered refusal, without a request
+    for error in (refused.value, remembered.value):
+        for text in (str(error), repr(error)):
+            assert "HTTP 401" in text
+            assert PASSWORD not in text
+            assert "s3cr3t" not in text
+            assert "***" in text
+        assert len(str(error)) <= len("token endpoint refused the credentials (HTTP 401): ") + DETAIL_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("detail", "expected"),
+    [
+        ("wrong password hunter2", "wrong password ***"),
+        ("form was username=demo&password=hunter2", "form was username=demo&password=***"),
+        ("form was username=demo&Password=other", "form was username=demo&Password=***"),
+        ({"password": "other", "username": "demo"}, '{"password": "***", "username": "demo"}'),
+        ("no password here", "no password here"),
+        ("", "no detail"),
+    ],
+)
+def test_redacted_detail(detail: object, expected: str) -> None:
+    assert redacted_detail(json.dumps({"detail": detail}).encode(), ["hunter2"]) == expected
+
+
+def test_redacted_detail_is_capped_after_redaction() -> None:
+    body = json.dumps({"detail": "x" * 195 + "hunter2" + "y" * 500}).encode()
+    assert redacted_detail(body, ["hunter2"]) == "x" * 195 + "***yy"
+    assert redacted_detail(b"<html>hunter2</html>", ["hunter2"]) == "no detail"

@@ -59,6 +59,30 @@ def test_bad_config_names_the_key_and_the_reason(tmp_path: Path, text: str, expe
     assert any(expected in problem for problem in found), found
 
 
+@pytest.mark.parametrize(
+    ("urls", "named"),
+    [
+        ("  base_url: http://ime.local\n", ["ime.base_url (http://)"]),
+        ("  ws_url: ws://ime.local\n", ["ime.ws_url (ws://)"]),
+        ("  base_url: http://ime.local\n  ws_url: ws://ime.local\n", ["ime.base_url (http://)", "ime.ws_url (ws://)"]),
+    ],
+)
+def test_clear_text_urls_are_refused_unless_allowed(tmp_path: Path, urls: str, named: list[str]) -> None:
+    (problem,) = problems(tmp_path, MINIMAL + urls)
+    assert problem.startswith("ime: "), problem
+    assert all(key in problem for key in named), problem
+    assert "would send the password and the token in clear text" in problem
+    assert "ime.allow_insecure: true" in problem
+    settings = load_settings(write(tmp_path, MINIMAL + urls + "  allow_insecure: true\n"))
+    assert settings.ime.allow_insecure is True
+
+
+def test_encrypted_urls_need_no_allowance(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL + "  base_url: https://ime.local\n  ws_url: wss://ime.local\n"))
+    assert settings.ime.allow_insecure is False
+    assert (settings.ime.base_url.scheme, settings.ime.ws_url.scheme) == ("https", "wss")
+
+
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IME_BRIDGE_KAFKA__TOPIC", "from-env")
     monkeypatch.setenv("IME_BRIDGE_KAFKA__BOOTSTRAP_SERVERS", "a:1, b:2")
