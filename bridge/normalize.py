@@ -10,11 +10,12 @@ missing sections and unknown extra fields. Anything else becomes a `Rejected` wi
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -29,6 +30,8 @@ class RejectReason(enum.StrEnum):
     """Why a frame was not accepted. Bounded: these are the values of the `reason` metric label."""
 
     INVALID_JSON = "invalid_json"
+    INVALID_UTF8 = "invalid_utf8"
+    TOO_DEEP = "too_deep"  # nesting past what the decoder may recurse into
     INVALID_FRAME = "invalid_frame"
     MISSING_IDENTIFIER = "missing_identifier"
     UNKNOWN_CONTRACT = "unknown_contract"
@@ -37,6 +40,7 @@ class RejectReason(enum.StrEnum):
     OVERSIZED = "oversized"
     RECORD_TOO_LARGE = "record_too_large"  # Kafka refused the encoded record as too large
     UNKNOWN_SCHEMA = "unknown_schema"  # a spooled update written with a schema this version does not ship
+    INTERNAL_ERROR = "internal_error"  # handling the frame raised unexpectedly: a bug, the stream goes on
 
 
 # --- The normalized record. Field for field the Avro schema schemas/contract_update.avsc
@@ -114,21 +118,28 @@ class Rejected:
 
 
 # --- The wire format, as msgspec types. Unknown fields are ignored (forward compatibility);
-# a present section must be complete.
+# a present section must be complete. The types bound what a record can carry, checked by msgspec
+# while decoding: a `float` is finite (an integer is converted; one past a double's range is refused),
+# a whole number fits an Avro long.
 
-Number = int | float
+_LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
+Whole = (
+    Annotated[int, msgspec.Meta(ge=_LONG_MIN, le=_LONG_MAX)]
+    | Annotated[float, msgspec.Meta(ge=float(_LONG_MIN), lt=float(2**63))]
+)
+Number = float
 
 
 class _WireLevel(msgspec.Struct):
-    buy_quantity: Number
+    buy_quantity: Whole
     buy_price: Number
-    sell_quantity: Number
+    sell_quantity: Whole
     sell_price: Number
 
 
 class _WireAggregate(msgspec.Struct):
-    trade_count: Number
-    total_volume: Number
+    trade_count: Whole
+    total_volume: Whole
     total_value: Number
     closing_price: Number
     last_price: Number
@@ -146,8 +157,8 @@ class _WireAllowedPriceRange(msgspec.Struct):
 
 
 class _WireContractInfo(msgspec.Struct):
-    open_interest: Number
-    open_interest_changes: Number
+    open_interest: Whole
+    open_interest_changes: Whole
 
 
 class _WireData(msgspec.Struct):
@@ -167,13 +178,15 @@ class _WireFrame(msgspec.Struct):
 
 
 _decode_frame = msgspec.json.Decoder(_WireFrame).decode
+# msgspec's words for a number of the right type that a record cannot carry (past a double, or an Avro long).
+_VALUE_OUT_OF_RANGE = re.compile(r"Number out of range|Expected `(int|float)` [<>]=? ")
 
 
 class _InvalidValue(ValueError):
     """A value that has the right JSON type but cannot be represented faithfully."""
 
 
-def _whole(value: Number, field: str) -> int:
+def _whole(value: int | float, field: str) -> int:
     if type(value) is int:
         return value
     if isinstance(value, float) and value.is_integer():
@@ -207,8 +220,8 @@ def _levels(book: dict[str, _WireLevel]) -> list[BookLevel]:
     previous = 0
     ordered = True
     for key, wire in book.items():
-        if not key.isdigit() or key[0] == "0":
-            raise _InvalidValue(f"BestLimit level key must be a positive integer, got {key!r}")
+        if not (key.isascii() and key.isdigit()) or key[0] == "0" or len(key) > 9:
+            raise _InvalidValue(f"BestLimit level key must be a positive integer below 10^9, got {key[:20]!r}")
         number = int(key)
         ordered = ordered and number > previous
         previous = number
@@ -280,9 +293,15 @@ class Normalizer:
         try:
             frame = _decode_frame(raw)
         except msgspec.ValidationError as exc:
-            return self._reject(RejectReason.INVALID_FRAME, str(exc), raw)
+            detail = str(exc)
+            out_of_range = _VALUE_OUT_OF_RANGE.match(detail) is not None
+            return self._reject(RejectReason.INVALID_VALUE if out_of_range else RejectReason.INVALID_FRAME, detail, raw)
         except msgspec.DecodeError as exc:
-            return self._reject(RejectReason.INVALID_JSON, str(exc), raw)
+            detail = str(exc)
+            reason = RejectReason.INVALID_UTF8 if "UTF-8" in detail else RejectReason.INVALID_JSON
+            return self._reject(reason, detail, raw)
+        except RecursionError:
+            return self._reject(RejectReason.TOO_DEEP, "JSON nested deeper than the decoder may follow", raw)
 
         contract_id, contract_name = self._identify(frame)
         if contract_id is None:
@@ -294,8 +313,8 @@ class Normalizer:
 
         try:
             exchange_time = self._epoch_micros(frame.timestamp)
-        except ValueError:
-            detail = f"timestamp is not ISO-8601: {frame.timestamp!r}"
+        except (ValueError, OverflowError):
+            detail = f"timestamp is not an ISO-8601 time the record can carry: {frame.timestamp[:60]!r}"
             return self._reject(RejectReason.INVALID_TIMESTAMP, detail, raw, contract_id)
 
         data = frame.data

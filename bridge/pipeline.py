@@ -19,9 +19,11 @@ from aiokafka.errors import MessageSizeTooLargeError
 
 from bridge.buffer import DeliveryBuffer, Round
 from bridge.encode import Schema, SchemaHistory
-from bridge.logs import log_event
+from bridge.logs import log_event, log_exception
 from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
+from bridge.planner import Subscription
+from bridge.protocol import Endpoint
 from bridge.sink import Headers, NotSent, OutgoingRecord, Sink, SinkUnavailable
 from bridge.source import Backoff, ConnectionInfo
 from bridge.spool import SpooledRecord
@@ -75,14 +77,27 @@ class FramePipeline:
         self._current: ConnectionInfo | None = None
         self._current_seen: set[str] = set()
         self._current_headers: Headers = []
+        self._contracts: dict[str, tuple[Subscription, frozenset[str]]] = {}
+        self._current_contracts: frozenset[str] = frozenset()
+        self._current_by_name = False
         self._observe_lag = metrics.exchange_lag.observe
 
     def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
-        """Turn one frame into a record in the buffer (or a dead letter). Never blocks."""
+        """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
+        whose handling fails unexpectedly becomes an `internal_error` dead letter, and the stream goes on."""
+        try:
+            self._on_frame(raw, receive_time, connection)
+        except Exception as exc:
+            detail = f"{type(exc).__name__} while handling the frame: {str(exc)[:200]}"
+            log_exception(logger, "frame_handling_failed", connection=connection.label, error=type(exc).__name__)
+            rejected = Rejected(RejectReason.INTERNAL_ERROR, detail, _as_bytes(raw))
+            self._dead_letter(rejected, receive_time, connection, receive_time / 1e6)
+
+    def _on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
         received = receive_time / 1e6
         result: ContractUpdate | Rejected
         if len(raw) > self.max_frame_bytes:
-            detail = f"frame of {len(raw)} characters exceeds ime.max_frame_bytes={self.max_frame_bytes}"
+            detail = f"frame of {len(raw)} bytes exceeds ime.max_frame_bytes={self.max_frame_bytes}"
             result = Rejected(RejectReason.OVERSIZED, detail, _as_bytes(raw))
         else:
             result = self.normalizer(raw, connection.subscription.endpoint, receive_time)
@@ -92,6 +107,12 @@ class FramePipeline:
         contract_id = result.contract_id
         if connection is not self._current:  # frames come in bursts per connection: look up once per switch
             self._switch_to(connection)
+        if not self._subscribed_here(result):
+            # An id the server invents must not become a key, nor per-contract state that grows without bound.
+            detail = f"contract {contract_id[:60]!r} is not subscribed on connection {connection.label}"
+            rejected = Rejected(RejectReason.UNKNOWN_CONTRACT, detail, _as_bytes(raw))
+            self._dead_letter(rejected, receive_time, connection, received)
+            return
         seen = self._current_seen
         if contract_id not in seen:
             seen.add(contract_id)
@@ -112,8 +133,22 @@ class FramePipeline:
         rejected = Rejected(RejectReason.OVERSIZED, detail, b"")
         self._dead_letter(rejected, receive_time, connection, receive_time / 1e6)
 
+    def _subscribed_here(self, update: ContractUpdate) -> bool:
+        """Whether the current connection subscribed `update`'s contract (by id, or by name on the name endpoint)."""
+        if self._current_by_name:
+            return update.contract_name in self._current_contracts
+        return update.contract_id in self._current_contracts
+
     def _switch_to(self, connection: ConnectionInfo) -> None:
-        """Per-connection state: the record headers, and the contracts seen since it (re)subscribed."""
+        """Per-connection state: the record headers, the contracts subscribed, and those seen since it
+        (re)subscribed."""
+        subscription = connection.subscription
+        known, contracts = self._contracts.get(subscription.name) or (None, frozenset[str]())
+        if known != subscription:
+            contracts = frozenset(subscription.contracts)
+            self._contracts[subscription.name] = (subscription, contracts)
+        self._current_contracts = contracts
+        self._current_by_name = subscription.endpoint is Endpoint.NAME
         name = connection.subscription.name
         attempt, seen = self._subscribed.get(name) or (0, set())
         if attempt != connection.attempt:

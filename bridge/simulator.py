@@ -209,6 +209,16 @@ class _Connection:
         self.wakeup.set()
 
 
+def _as_sent(payload: bytes, opcode: WSMsgType) -> str | bytes:
+    """A frame as `sent_frames` keeps it: text for text frames, bytes for binary ones and invalid UTF-8."""
+    if opcode is not WSMsgType.TEXT:
+        return payload
+    try:
+        return payload.decode()
+    except UnicodeDecodeError:
+        return payload
+
+
 def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -484,6 +494,14 @@ class Simulator:
             connection.push(None, payload, opcode)
         return len(connections)
 
+    def send_raw(self, payload: bytes, *, binary: bool = False) -> int:
+        """Send `payload` byte for byte as one text (or binary) frame to every open connection, invalid UTF-8
+        included: what a hostile or broken server may send. Returns how many connections."""
+        connections = self._open_connections()
+        for connection in connections:
+            connection.push(None, payload, WSMsgType.BINARY if binary else WSMsgType.TEXT)
+        return len(connections)
+
     def send_oversized(self, size: int | None = None) -> int:
         """Send every open connection a well-formed snapshot frame padded to `size` bytes (default one
         byte over `max_frame_bytes`). Returns how many connections."""
@@ -651,8 +669,7 @@ class Simulator:
                         connection.writing = False
                     counters.frames_sent += 1
                     if sent is not None:
-                        text = payload.decode() if opcode is WSMsgType.TEXT else payload
-                        sent.append(SentFrame(connection.info.id, contract_id, text))
+                        sent.append(SentFrame(connection.info.id, contract_id, _as_sent(payload, opcode)))
                 connection.drained.set()
                 self._notify()
                 wakeup.clear()

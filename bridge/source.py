@@ -22,19 +22,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidHandshake, InvalidStatus
 
 from bridge import protocol
 from bridge.auth import AuthError, AuthRejected, TokenProvider
 from bridge.calendar import ALWAYS_OPEN, TradingCalendar
-from bridge.logs import log_event
+from bridge.logs import log_event, log_exception
 from bridge.metrics import Metrics
 from bridge.planner import Subscription
 from bridge.protocol import Endpoint
 
 logger = logging.getLogger(__name__)
 
-FrameHandler = Callable[[str | bytes, int, "ConnectionInfo"], None]
+FrameHandler = Callable[[bytes, int, "ConnectionInfo"], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,9 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        """The delay before the next attempt; each call counts one more failure."""
-        ceiling = min(self.cap, self.base * 2.0**self.failures)
+        """The delay before the next attempt; each call counts one more failure. Never overflows: the exponent
+        stops growing once the cap is reached (a weekend of failures is as good as a few)."""
+        ceiling = min(self.cap, self.base * 2.0 ** min(self.failures, 64))
         self.failures += 1
         return self._rng.uniform(0, ceiling)
 
@@ -361,11 +362,21 @@ class WebSocketSource:
         name = info.subscription.name
         last_message_at = self._last_message_at
         received = self.metrics.messages_received.labels(info.subscription.endpoint.value)
-        async for message in ws:
+        failures = self.metrics.task_failures.labels("frame-handler")
+        while True:
+            # Bytes, text frames included: invalid UTF-8 is the normalizer's dead letter, not websockets' 1007 close.
+            try:
+                message = await ws.recv(decode=False)
+            except ConnectionClosedOK:
+                return
             now_us = time.time_ns() // 1000
             received.inc()
             last_message_at[name] = now_us / 1e6
-            handler(message, now_us, info)
+            try:
+                handler(message, now_us, info)
+            except Exception:  # the handler dead-letters what it cannot handle; this is the last line of defence
+                failures.inc()
+                log_exception(logger, "frame_handler_failed", connection=info.label)
 
     def _mark_up(self, info: ConnectionInfo, connection: _Connection, ws: ClientConnection) -> None:
         subscription = info.subscription
