@@ -35,7 +35,7 @@ from bridge.sink import KafkaSink, Sink, SinkFatal
 from bridge.source import SourceSettings, WebSocketSource
 from bridge.spool import Spool, SpoolError
 from bridge.subscriptions import SubscriptionManager
-from bridge.supervise import every
+from bridge.supervise import every, supervised
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,8 @@ class Bridge:
             rejected_backoff=ime.auth_rejected_backoff_seconds,
             on_issue=self._token_issued,
         )
-        self._background.append(asyncio.create_task(tokens.refresh_ahead(), name="token-refresh"))
+        refresh = supervised("token-refresh", tokens.refresh_ahead, metrics=self.metrics)
+        self._background.append(asyncio.create_task(refresh, name="token-refresh"))
         return tokens
 
     def _token_issued(self, outcome: str, expires_at: float | None) -> None:
@@ -238,7 +239,8 @@ class Bridge:
             ime, catalog, self._source, self.metrics, names_by_id=names_by_id, ids_by_name=ids_by_name
         )
         await self._manager.start()
-        self._background.append(asyncio.create_task(self._reload_on_request(), name="reload"))
+        reload = supervised("reload", self._reload_on_request, metrics=self.metrics)
+        self._background.append(asyncio.create_task(reload, name="reload"))
         log_event(
             logger,
             logging.INFO,

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import random
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +25,13 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidH
 
 from bridge import protocol
 from bridge.auth import AuthError, AuthRejected, TokenProvider
+from bridge.backoff import Backoff
 from bridge.calendar import ALWAYS_OPEN, TradingCalendar
 from bridge.logs import log_event, log_exception
 from bridge.metrics import Metrics
 from bridge.planner import Subscription
 from bridge.protocol import Endpoint
+from bridge.supervise import supervised
 
 logger = logging.getLogger(__name__)
 
@@ -71,27 +72,6 @@ class SourceSettings:
     max_message_bytes: int = 16 * 1024 * 1024
     # Frames websockets buffers before pausing the socket; 16 (its default) pauses on every burst.
     max_queued_frames: int = 128
-
-
-class Backoff:
-    """Exponential backoff with full jitter: a uniform delay in [0, min(cap, base * 2**n)]."""
-
-    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
-        self.base = base
-        self.cap = cap
-        self.failures = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        """The delay before the next attempt; each call counts one more failure. Never overflows: the exponent
-        stops growing once the cap is reached (a weekend of failures is as good as a few)."""
-        ceiling = min(self.cap, self.base * 2.0 ** min(self.failures, 64))
-        self.failures += 1
-        return self._rng.uniform(0, ceiling)
-
-    def reset(self) -> None:
-        """Forget past failures, after a connection proved healthy."""
-        self.failures = 0
 
 
 # How long a probe connection must stay open (or deliver a frame) to count as accepted. The service
@@ -169,7 +149,10 @@ class WebSocketSource:
             self.metrics.last_message_timestamp.labels(name).set_function(
                 functools.partial(self._last_message_at.__getitem__, name)
             )
-        task = asyncio.create_task(self._keep_connected(subscription), name=f"source-{name}")
+        task = asyncio.create_task(
+            supervised("reader", functools.partial(self._keep_connected, subscription), metrics=self.metrics),
+            name=f"source-{name}",
+        )
         self._connections[name] = _Connection(subscription, task)
 
     async def _close(self, name: str) -> None:
@@ -277,7 +260,8 @@ class WebSocketSource:
             ) as ws:
                 opened_at = time.monotonic()
                 self._mark_up(info, connection, ws)
-                watchdog = asyncio.create_task(self._watch(connection, ws, opened_at))
+                watch = functools.partial(self._watch, connection, ws, opened_at)
+                watchdog = asyncio.create_task(supervised("watchdog", watch, metrics=self.metrics))
                 try:
                     await self._read(ws, info)
                 finally:

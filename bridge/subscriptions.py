@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from bridge.metrics import Metrics
 from bridge.planner import Subscription, find_invalid, replan
 from bridge.protocol import Endpoint
 from bridge.source import SourceUnavailable, WebSocketSource
+from bridge.supervise import every, supervised
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +71,11 @@ class SubscriptionManager:
         self.source.on_invalid_contract = self._on_invalid_contract
         await self.resolve_names(retry_until_answered=True)
         await self.reconcile()
-        self._tasks = [
-            asyncio.create_task(self._every(self.settings.quarantine_reprobe_seconds, self.reprobe), name="reprobe"),
-            asyncio.create_task(self._every(self.settings.name_refresh_seconds, self._refresh_names), name="names"),
-        ]
+        reprobe = every(self.settings.quarantine_reprobe_seconds, self.reprobe, task="reprobe", metrics=self.metrics)
+        names = every(
+            self.settings.name_refresh_seconds, self._refresh_names, task="name-refresh", metrics=self.metrics
+        )
+        self._tasks = [asyncio.create_task(reprobe, name="reprobe"), asyncio.create_task(names, name="names")]
 
     async def stop(self) -> None:
         """Stop the schedules (the source is stopped by its owner)."""
@@ -163,15 +166,16 @@ class SubscriptionManager:
         if subscription.name in self._bisecting:
             return
         self._bisecting.add(subscription.name)
-        self._tasks.append(asyncio.create_task(self._isolate(subscription), name=f"bisect-{subscription.name}"))
+        self._tasks = [task for task in self._tasks if not task.done()]
+        isolate = supervised("bisection", functools.partial(self._isolate, subscription), metrics=self.metrics)
+        self._tasks.append(asyncio.create_task(isolate, name=f"bisect-{subscription.name}"))
 
     async def _isolate(self, subscription: Subscription) -> None:
         """Find the invalid contracts of `subscription` by bisection, quarantine them, resubscribe the rest."""
         started = time.monotonic()
-        try:
-            invalid, probes = await self._bisect(subscription)
-        finally:
-            self._bisecting.discard(subscription.name)
+        # Kept out of re-plans until found: a failed search is restarted by its supervisor, still excluded.
+        invalid, probes = await self._bisect(subscription)
+        self._bisecting.discard(subscription.name)
         now = self.clock()
         for identifier in invalid:
             self.quarantine[(subscription.endpoint, identifier)] = Quarantined(
@@ -220,14 +224,6 @@ class SubscriptionManager:
             log_event(logger, logging.INFO, "contracts_released", contracts=",".join(released))
             await self.reconcile()
         self._export()
-
-    @staticmethod
-    async def _every(interval: float, action: Callable[[], object]) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            result = action()
-            if asyncio.iscoroutine(result):
-                await result
 
     def _export(self) -> None:
         for reason in QuarantineReason:

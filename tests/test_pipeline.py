@@ -11,6 +11,7 @@ from pathlib import Path
 from aiokafka.errors import MessageSizeTooLargeError
 from fastavro import schemaless_reader, schemaless_writer
 
+from bridge.backoff import Backoff
 from bridge.buffer import DeliveryBuffer, Overflow
 from bridge.encode import load_released_schemas, load_schema
 from bridge.metrics import Metrics
@@ -19,7 +20,7 @@ from bridge.pipeline import FramePipeline, Publisher
 from bridge.planner import Subscription
 from bridge.protocol import Endpoint
 from bridge.sink import MemorySink, OutgoingRecord, SinkUnavailable
-from bridge.source import Backoff, ConnectionInfo
+from bridge.source import ConnectionInfo
 from bridge.spool import Spool
 
 SCHEMA = load_schema()
