@@ -17,6 +17,7 @@ import time
 
 from aiokafka.errors import MessageSizeTooLargeError
 
+from bridge.backoff import Backoff
 from bridge.buffer import DeliveryBuffer, Round
 from bridge.encode import Schema, SchemaHistory
 from bridge.logs import log_event, log_exception
@@ -25,7 +26,7 @@ from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
 from bridge.planner import Subscription
 from bridge.protocol import Endpoint
 from bridge.sink import Headers, NotSent, OutgoingRecord, Sink, SinkUnavailable
-from bridge.source import Backoff, ConnectionInfo
+from bridge.source import ConnectionInfo
 from bridge.spool import SpooledRecord
 
 logger = logging.getLogger(__name__)
