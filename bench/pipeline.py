@@ -1,10 +1,12 @@
-"""`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic) and paced.
+"""`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic, and
+with a share of bad frames) and paced.
 
 Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck)
 and `ime-bridge run`. Figures come from the bridge's /metrics over a measurement window after a
-warm-up: records acknowledged per second, the bridge process's CPU µs per record
-(process_cpu_seconds_total), and receive→ack latency quantiles interpolated from the
-ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does).
+warm-up: records acknowledged per second (updates and dead letters), the bridge process's CPU µs per
+record (process_cpu_seconds_total), and receive→ack latency quantiles of the updates interpolated from the
+ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does). The bad-frame phase
+also prints its CPU per record against the clean full-speed phase's: a flood of bad frames must stay cheap.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Scrape:
     cpu_seconds: float
     received: float
     published: float
+    dead_letters: float
     latency_buckets: dict[float, float]
 
 
@@ -51,13 +54,18 @@ def scrape(port: int) -> Scrape:
                 buckets[float(sample.labels["le"])] = sample.value
             elif sample.name == "ime_bridge_messages_published_total" and sample.labels.get("topic") == "bench":
                 values["published"] = sample.value
-            elif sample.name in ("process_cpu_seconds_total", "ime_bridge_messages_received_total"):
+            elif sample.name in (
+                "process_cpu_seconds_total",
+                "ime_bridge_messages_received_total",
+                "ime_bridge_dead_letters_total",
+            ):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return Scrape(
         at,
         values.get("process_cpu_seconds_total", 0.0),
         values.get("ime_bridge_messages_received_total", 0.0),
         values.get("published", 0.0),
+        values.get("ime_bridge_dead_letters_total", 0.0),
         buckets,
     )
 
@@ -113,9 +121,11 @@ def run_phase(
     workdir: Path,
     *,
     state_topic: bool = True,
+    bad_frame_ratio: float = 0.0,
 ) -> dict[str, float]:
     """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible),
-    with or without the latest-state topic (its fan-out is part of the cost of every round)."""
+    with or without the latest-state topic (its fan-out is part of the cost of every round), with
+    `bad_frame_ratio` of the frames malformed (each a dead letter)."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     sim_port, metrics_port = free_port(), free_port()
     contracts = [str(1001 + n) for n in range(args.contracts)]
@@ -145,7 +155,7 @@ def run_phase(
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(args.contracts)]
-    simulator_command += ["--rate", str(rate), "--prerender"]
+    simulator_command += ["--rate", str(rate), "--prerender", "--bad-frame-ratio", str(bad_frame_ratio)]
     logs = (workdir / f"{name}-simulator.log", workdir / f"{name}-bridge.log")
     with (
         process(simulator_command, logs[0]),
@@ -156,11 +166,14 @@ def run_phase(
         before = scrape(metrics_port)
         time.sleep(args.seconds)
         after = scrape(metrics_port)
-    published = after.published - before.published
+    dead_letters = after.dead_letters - before.dead_letters
+    acknowledged = after.published - before.published + dead_letters
     elapsed = after.at - before.at
     return {
-        "msgs_per_s": published / elapsed,
-        "cpu_us_per_msg": (after.cpu_seconds - before.cpu_seconds) / max(published, 1) * 1e6,
+        "msgs_per_s": acknowledged / elapsed,
+        "cpu_us_per_msg": (after.cpu_seconds - before.cpu_seconds) / max(acknowledged, 1) * 1e6,
+        "bad_share": dead_letters / max(acknowledged, 1),
+        "rejection_log_lines": float(logs[1].read_text(errors="replace").count("event=frame_rejected ")),
         "cpu_share": (after.cpu_seconds - before.cpu_seconds) / elapsed,
         "p50_ms": quantile(0.5, before.latency_buckets, after.latency_buckets) * 1e3,
         "p99_ms": quantile(0.99, before.latency_buckets, after.latency_buckets) * 1e3,
@@ -176,12 +189,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--paced-rate", type=float, default=5000.0)
     parser.add_argument("--linger-ms", type=int, default=5)
+    parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="ime-bridge-bench-") as directory, EmbeddedBroker() as broker:
         workdir = Path(directory)
+        bad_phase = f"  {args.bad_frame_ratio:.0%} bad frames"
         results = {
             "full speed": run_phase("full", 0, args, broker, workdir),
+            bad_phase: run_phase("full-bad", 0, args, broker, workdir, bad_frame_ratio=args.bad_frame_ratio),
             "  no state topic": run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
             f"paced {args.paced_rate:g}/s": run_phase("paced", args.paced_rate, args, broker, workdir),
         }
@@ -192,6 +208,12 @@ def main() -> None:
             f"{phase:<16}{figures['msgs_per_s']:>10,.0f}{figures['cpu_us_per_msg']:>12.1f}"
             f"{figures['cpu_share']:>10.0%}{figures['p50_ms']:>9.2f}{figures['p99_ms']:>9.2f}"
         )
+    bad, clean = results[bad_phase], results["full speed"]
+    print(
+        f"\n{bad_phase.strip()}: CPU µs/msg {bad['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x the clean full-speed"
+        f" phase's ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
+        f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
+    )
 
 
 if __name__ == "__main__":

@@ -197,6 +197,7 @@ class Bridge:
             dlq_topic=settings.kafka.dlq_topic,
             max_frame_bytes=ime.max_frame_bytes,
             suppress_duplicates=settings.buffer.suppress_duplicates,
+            dead_letter_raw_bytes=settings.buffer.dead_letter_raw_bytes,
         )
         self._publisher = Publisher(
             buffer,
@@ -284,6 +285,7 @@ class Bridge:
             spool_after=config.spool_after_records,
             spool_after_seconds=config.spool_after_seconds,
             fsync_interval=config.spool_fsync_interval_seconds,
+            dead_letter_memory_bytes=config.dead_letter_memory_bytes,
             topics=(self.settings.kafka.topic, self.settings.kafka.dlq_topic),
         )
 

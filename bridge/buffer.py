@@ -80,6 +80,7 @@ class DeliveryBuffer:
         spool_after: int = 1000,
         spool_after_seconds: float = 1.0,
         fsync_interval: float = 0.2,
+        dead_letter_memory_bytes: int = 64 << 20,
         topics: tuple[str, str] | None = None,
     ) -> None:
         if overflow is Overflow.SPOOL and spool is None:
@@ -91,6 +92,10 @@ class DeliveryBuffer:
         self.spool_after = spool_after
         self.spool_after_seconds = spool_after_seconds
         self.fsync_interval = fsync_interval
+        # Dead letters are never conflated: past this many bytes waiting in memory, new ones are dropped, counted.
+        self.dead_letter_memory_bytes = dead_letter_memory_bytes
+        self._dead_letter_bytes = 0
+        self._dropping_dead_letters = False
         # (updates, dead letters): a spool written under another configuration replays into today's topics.
         self.topics = topics
         self.spool_full = False
@@ -145,8 +150,36 @@ class DeliveryBuffer:
         if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill(record.received)):
             self._to_spool(_Entry(record))
             return
+        if not self._admit_dead_letter(record):
+            return
         self._memory.append(_Entry(record))
         self._available.set()
+
+    def _admit_dead_letter(self, record: OutgoingRecord) -> bool:
+        """Count a dead letter against the memory budget; False (dropped, counted and logged) when over it."""
+        size = len(record.value)
+        if self._dead_letter_bytes + size > self.dead_letter_memory_bytes:
+            self.metrics.dead_letters_dropped.labels(record.dead_letter_reason or "unknown").inc()
+            if not self._dropping_dead_letters:
+                self._dropping_dead_letters = True
+                log_event(
+                    logger,
+                    logging.ERROR,
+                    "dead_letters_dropped",
+                    waiting_bytes=self._dead_letter_bytes,
+                    limit_bytes=self.dead_letter_memory_bytes,
+                )
+            return False
+        self._dead_letter_bytes += size
+        return True
+
+    def _release_dead_letter(self, entry: _Entry) -> None:
+        """A dead letter left memory (taken, spooled or dropped at close): its bytes are free again."""
+        if entry.update is None:
+            self._dead_letter_bytes -= len(entry.record.value)
+            if self._dropping_dead_letters and self._dead_letter_bytes <= self.dead_letter_memory_bytes // 2:
+                self._dropping_dead_letters = False
+                log_event(logger, logging.INFO, "dead_letters_admitted_again", waiting_bytes=self._dead_letter_bytes)
 
     def _index(self, memory: deque[_Entry]) -> None:
         """Build the newest-pending index once, when the buffer reaches capacity."""
@@ -200,6 +233,8 @@ class DeliveryBuffer:
         for entry in waiting:
             if entry.update is not None:
                 entry.record.value = encode_update(entry.update)
+            else:
+                self._release_dead_letter(entry)
             self._to_spool(entry)
 
     def _start_spooling(self, reason: str) -> None:
@@ -242,8 +277,9 @@ class DeliveryBuffer:
                 return
             self._held[key] = entry
             return
-        # A dead letter while the spool is full: keep it too, under a key of its own.
-        self._held[b"\x00dead-letter-%d" % next(self._held_dead_letters)] = entry
+        # A dead letter while the spool is full: keep it too, under a key of its own, within the memory budget.
+        if self._admit_dead_letter(entry.record):
+            self._held[b"\x00dead-letter-%d" % next(self._held_dead_letters)] = entry
 
     def _release_held(self) -> bool:
         """Move held records into the spool, oldest first; True when all of them went."""
@@ -254,7 +290,7 @@ class DeliveryBuffer:
             except (SpoolFull, SpoolError) as exc:
                 self._spool_failed(exc)
                 return False
-            del self._held[key]
+            self._release_dead_letter(self._held.pop(key))
         self._spool_ok()
         return True
 
@@ -295,6 +331,8 @@ class DeliveryBuffer:
                     del self._latest[key]
                 if entry.update is not None:
                     entry.record.value = encode_update(entry.update)
+                else:
+                    self._release_dead_letter(entry)
                 taken.entries.append(entry)
                 taken.records.append(entry.record)
             if indexed and len(self._memory) < self.capacity // 2:
@@ -366,6 +404,8 @@ class DeliveryBuffer:
                     self._spill("retry")
         for entry in reversed(retry):
             self._memory.appendleft(entry)
+            if entry.update is None:  # back in memory: counted again, never dropped (it was admitted once)
+                self._dead_letter_bytes += len(entry.record.value)
             key = entry.record.key
             if self._indexed and entry.update is not None and key is not None and key not in self._latest:
                 self._latest[key] = entry
@@ -403,6 +443,7 @@ class DeliveryBuffer:
                 log_event(logger, logging.ERROR, "spool_close_failed", error=str(exc), lost=len(older))
         self._memory.clear()
         self._held.clear()
+        self._dead_letter_bytes = 0
         return undelivered
 
     def maintain(self, now: float) -> None:

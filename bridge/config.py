@@ -268,6 +268,14 @@ class BufferSettings(_Section):
     suppress_duplicates: bool = Field(
         default=False, description="Drop a snapshot whose market data equals the contract's previous one."
     )
+    dead_letter_memory_bytes: int = Field(
+        default=64 << 20,
+        ge=1 << 20,
+        description="Dead letters waiting in memory at most (bytes); past it new ones are dropped and counted.",
+    )
+    dead_letter_raw_bytes: int = Field(
+        default=512 << 10, ge=1024, le=1 << 20, description="The start of a refused frame a dead letter keeps (bytes)."
+    )
     spool_dir: Path | None = Field(default=None, description="spool: directory of the spool (required for spool).")
     spool_after_records: int = Field(
         default=1000, ge=1, description="spool: records in memory before new ones go to the spool."

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any, Literal
 
 _FIELDS = "event_fields"
@@ -25,6 +26,64 @@ def log_event(logger: logging.Logger, level: int, event: str, /, **fields: Any) 
 def log_exception(logger: logging.Logger, event: str, /, **fields: Any) -> None:
     """Log `event` at ERROR with the exception being handled, its traceback kept on the same line (escaped)."""
     logger.error(event, exc_info=True, extra={_FIELDS: fields})
+
+
+class _Window:
+    __slots__ = ("logged", "start", "suppressed")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.logged = 1
+        self.suppressed = 0
+
+
+class RateLimitedLog:
+    """Lets an event through in full at most `burst` times per key per `window` seconds, and counts the rest.
+
+    Why: an event logged once per input (a rejected frame) makes a flood of bad input cost a formatted,
+    written line each, several times the work of a good input. Call `allow(key)` before building the
+    line; a suppressed call costs a clock read and a dict lookup. Windows start at a key's first event
+    after the previous one ended. When the next event of a key arrives after a window in which lines
+    were suppressed, one `<event>_summary` line (`key_field`, `suppressed`, `window_seconds`) is logged
+    first, so no timer task is needed (suppressions still pending at exit are not logged; count them
+    with a metric). The state is one entry per key: keys must come from a closed set, such as an enum.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        level: int,
+        event: str,
+        *,
+        key_field: str,
+        burst: int = 5,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.level = level
+        self.summary_event = f"{event}_summary"
+        self.key_field = key_field
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+
+    def allow(self, key: str) -> bool:
+        """Whether this event of `key` is to be logged in full (logging the summary of an ended window first)."""
+        now = self._clock()
+        window = self._windows.get(key)
+        if window is None or now - window.start >= self.window:
+            if window is not None and window.suppressed:
+                fields = {self.key_field: key, "suppressed": window.suppressed, "window_seconds": self.window}
+                log_event(self.logger, self.level, self.summary_event, **fields)
+            self._windows[key] = _Window(now)
+            return True
+        if window.logged < self.burst:
+            window.logged += 1
+            return True
+        window.suppressed += 1
+        return False
 
 
 def _timestamp(record: logging.LogRecord) -> str:

@@ -115,6 +115,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.dead_letters_dropped = Counter(
+            "ime_bridge_dead_letters_dropped_total",
+            "Dead letters dropped because buffer.dead_letter_memory_bytes of them already waited in memory.",
+            ["reason"],
+            registry=r,
+        )
         self.produce_errors = Counter(
             "ime_bridge_produce_errors_total",
             "Records Kafka did not acknowledge, by error class.",

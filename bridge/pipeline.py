@@ -14,13 +14,14 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 
 from aiokafka.errors import MessageSizeTooLargeError
 
 from bridge.backoff import Backoff
 from bridge.buffer import DeliveryBuffer, Round
 from bridge.encode import Schema, SchemaHistory
-from bridge.logs import log_event, log_exception
+from bridge.logs import RateLimitedLog, log_event, log_exception
 from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
 from bridge.planner import Subscription
@@ -39,8 +40,8 @@ HEADER_CONNECTION = "connection"
 HEADER_REASON = "reason"
 HEADER_DETAIL = "detail"
 HEADER_RECEIVE_TIME = "receive-time-us"
-# Kafka's default max.message.bytes is 1 MiB; a dead letter keeps at most this much of its frame.
-DEAD_LETTER_MAX_RAW = 512 * 1024
+# A record Kafka refused as too large is dead-lettered with the start of its Avro body, this much.
+TOO_LARGE_KEPT_BYTES = 64 * 1024
 
 
 class FramePipeline:
@@ -57,6 +58,7 @@ class FramePipeline:
         dlq_topic: str,
         max_frame_bytes: int,
         suppress_duplicates: bool = False,
+        dead_letter_raw_bytes: int = 512 * 1024,
     ) -> None:
         self.normalizer = normalizer
         self.buffer = buffer
@@ -64,6 +66,7 @@ class FramePipeline:
         self.topic = topic
         self.dlq_topic = dlq_topic
         self.max_frame_bytes = max_frame_bytes
+        self.dead_letter_raw_bytes = dead_letter_raw_bytes  # Kafka's default max.message.bytes is 1 MiB
         self._schema_headers: Headers = [
             (HEADER_SCHEMA, schema.name.encode()),
             (HEADER_FINGERPRINT, schema.fingerprint.encode()),
@@ -82,6 +85,13 @@ class FramePipeline:
         self._current_contracts: frozenset[str] = frozenset()
         self._current_by_name = False
         self._observe_lag = metrics.exchange_lag.observe
+        # A flood of bad frames must not cost a log line each: the first few per reason, then a summary
+        # (ime_bridge_messages_rejected_total still counts every frame).
+        self._rejection_log = RateLimitedLog(logger, logging.WARNING, "frame_rejected", key_field="reason")
+        # Per reason: its counter's inc and its header; per connection: its two headers (built once, not per frame).
+        self._by_reason: dict[str, tuple[Callable[[], None], tuple[str, bytes]]] = {}
+        self._dead_letter_connection: ConnectionInfo | None = None
+        self._dead_letter_headers: Headers = []
 
     def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
         """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
@@ -185,25 +195,40 @@ class FramePipeline:
 
     def _dead_letter(self, rejected: Rejected, receive_time: int, connection: ConnectionInfo, received: float) -> None:
         reason = rejected.reason.value
-        self.metrics.messages_rejected.labels(reason).inc()
-        log_event(
-            logger,
-            logging.WARNING,
-            "frame_rejected",
-            connection=connection.label,
-            reason=reason,
-            detail=rejected.detail[:300],
-            bytes=len(rejected.raw),
-        )
+        known = self._by_reason.get(reason)
+        if known is None:
+            known = self._by_reason[reason] = (
+                self.metrics.messages_rejected.labels(reason).inc,
+                (HEADER_REASON, reason.encode()),
+            )
+        count, reason_header = known
+        count()
+        if self._rejection_log.allow(reason):
+            log_event(
+                logger,
+                logging.WARNING,
+                "frame_rejected",
+                connection=connection.label,
+                reason=reason,
+                detail=rejected.detail[:300],
+                bytes=len(rejected.raw),
+            )
+        if connection is not self._dead_letter_connection:
+            self._dead_letter_connection = connection
+            self._dead_letter_headers = [
+                (HEADER_ENDPOINT, connection.subscription.endpoint.value.encode()),
+                (HEADER_CONNECTION, connection.label.encode()),
+            ]
+        endpoint_header, connection_header = self._dead_letter_headers
         headers: Headers = [
-            (HEADER_REASON, reason.encode()),
-            (HEADER_DETAIL, rejected.detail[:1000].encode()),
-            (HEADER_ENDPOINT, connection.subscription.endpoint.value.encode()),
-            (HEADER_CONNECTION, connection.label.encode()),
+            reason_header,
+            (HEADER_DETAIL, rejected.detail[:1000].encode(errors="replace")),
+            endpoint_header,
+            connection_header,
             (HEADER_RECEIVE_TIME, str(receive_time).encode()),
         ]
         key = rejected.contract_id.encode() if rejected.contract_id else None
-        raw = rejected.raw[:DEAD_LETTER_MAX_RAW]
+        raw = rejected.raw[: self.dead_letter_raw_bytes]
         self.buffer.add_record(OutgoingRecord(self.dlq_topic, key, raw, headers, received, dead_letter_reason=reason))
 
 
@@ -383,6 +408,6 @@ class Publisher:
         reason = RejectReason.RECORD_TOO_LARGE.value
         self.metrics.messages_rejected.labels(reason).inc()
         headers = [*record.headers, (HEADER_REASON, reason.encode())]
-        value = record.value[: DEAD_LETTER_MAX_RAW // 8]
+        value = record.value[:TOO_LARGE_KEPT_BYTES]
         self.buffer.add_record(OutgoingRecord(self.dlq_topic, record.key, value, headers, record.received, reason))
         return True

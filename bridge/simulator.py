@@ -132,6 +132,9 @@ class SimulatorConfig:
     seed: int = 1
     prerender: bool = False  # cycle through frames rendered up front (the benchmark)
     prerender_variants: int = 32  # per contract, fewer when contracts * variants > PRERENDER_BUDGET
+    # With prerender: this share of the frames is malformed, evenly spread (0.1: every 10th frame), cycling
+    # through invalid JSON, a wrong-typed field and a contract nobody subscribed; sent as fault frames.
+    bad_frame_ratio: float = 0.0
     record_sent: bool = False  # keep every frame sent, for `sent_frames`
     naive_zone: str = "UTC"  # zone of legacy naive timestamps and of Aggregate date/time
     max_frame_bytes: int = 1 << 20  # the clients' frame limit (websockets' default); oversized exceeds it
@@ -275,6 +278,33 @@ def _zone(name: str) -> tzinfo:
     return UTC if name.upper() == "UTC" else ZoneInfo(name)
 
 
+@dataclass(frozen=True, slots=True)
+class _BadFrame(PrerenderedFrame):
+    """A malformed pre-rendered frame: routed to `contract_id`'s subscribers, recorded as a fault frame."""
+
+
+# A good frame's tail → a tail that spoils the head it follows (`{"channel": …, <identifier>: …, "timestamp": "`).
+_SPOILERS: tuple[Callable[[bytes], bytes], ...] = (
+    lambda tail: b'", "data": <html>502 Bad Gateway</html>',  # invalid_json
+    lambda tail: b'", "data": {"ContractInfo": {"open_interest": "n/a", "open_interest_changes": 0}}}',  # invalid_frame
+    # unknown_contract: the snapshot, under an id and a name outside the catalogue (a later duplicate key wins)
+    lambda tail: b'", "contractId": "999", "contractName": "XX0999"' + tail[1:],
+)
+
+
+def _spoiled(frames: list[PrerenderedFrame], ratio: float) -> list[PrerenderedFrame]:
+    """`frames` with a `ratio` share, evenly spread, replaced by bad frames of each kind in turn."""
+    spoiled: list[PrerenderedFrame] = []
+    for index, frame in enumerate(frames):
+        bad = int((index + 1) * ratio) - int(index * ratio)
+        if not bad:
+            spoiled.append(frame)
+            continue
+        spoil = _SPOILERS[int(index * ratio) % len(_SPOILERS)]
+        spoiled.append(_BadFrame(frame.contract_id, spoil(frame.tail)))
+    return spoiled
+
+
 class Simulator:
     """The fake IME service. Use as `async with Simulator(SimulatorConfig(...)) as sim:`."""
 
@@ -320,9 +350,13 @@ class Simulator:
         """Bind the port, and start generating the market."""
         if self._runner is not None:
             raise RuntimeError("simulator already started")
+        if not 0.0 <= self.config.bad_frame_ratio <= 1.0 or (self.config.bad_frame_ratio and not self.config.prerender):
+            raise ValueError("bad_frame_ratio must be between 0 and 1, and needs prerender")
         if self.config.prerender:
             variants = max(2, min(self.config.prerender_variants, PRERENDER_BUDGET // len(self._contracts)))
             self._prerendered = prerender(self._generator, self._contracts, variants, datetime.now(UTC))
+            if self.config.bad_frame_ratio:
+                self._prerendered = _spoiled(self._prerendered, self.config.bad_frame_ratio)
         runner = web.AppRunner(self._build_app(), access_log=None, shutdown_timeout=self.config.close_timeout)
         await runner.setup()
         self._runner = runner
@@ -636,10 +670,11 @@ class Simulator:
             if not connections:
                 continue
             tail = item.tail
+            sent_as = None if type(item) is _BadFrame else item.contract_id
             for connection in connections:
                 if connection.closing:
                     continue
-                connection.push(item.contract_id, connection.heads[item.contract_id] + timestamp + tail)
+                connection.push(sent_as, connection.heads[item.contract_id] + timestamp + tail)
                 if len(connection.queue) > max_queue:
                     connection.closing = True
                     self.counters.slow_consumer_closes += 1
@@ -1078,6 +1113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="cycle through frames rendered at start, for benchmarks (the simulator then costs little CPU)",
     )
+    parser.add_argument(
+        "--bad-frame-ratio",
+        type=float,
+        default=defaults.bad_frame_ratio,
+        help="with --prerender: share of malformed frames, e.g. 0.1 for every 10th (default %(default)s)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
@@ -1093,6 +1134,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         token_ttl=args.token_ttl,
         seed=args.seed,
         prerender=args.prerender,
+        bad_frame_ratio=args.bad_frame_ratio,
     )
 
 

@@ -266,6 +266,7 @@ class WebSocketSource:
                     await self._read(ws, info)
                 finally:
                     watchdog.cancel()
+                    await asyncio.gather(watchdog, return_exceptions=True)
             return ("stale" if connection.stale else _close_reason(ws.close_code)), opened_at
         except ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:

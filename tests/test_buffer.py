@@ -342,3 +342,23 @@ async def test_a_failing_read_commit_or_fsync_is_the_spool_full_state_until_the_
     assert not buffer.spool_full
     reopened = Spool(tmp_path, max_bytes=1 << 20)
     assert reopened.open().records == 0
+
+
+def dead_letter(size: int) -> OutgoingRecord:
+    return OutgoingRecord("dead", None, b"x" * size, [], 0.0, dead_letter_reason="invalid_json")
+
+
+async def test_dead_letters_in_memory_are_bounded_in_bytes_and_the_drops_counted() -> None:
+    metrics = Metrics()
+    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.CONFLATE, metrics=metrics, dead_letter_memory_bytes=10_000)
+    for _ in range(25):
+        buffer.add_record(dead_letter(1000))  # Kafka is away: they wait
+    assert len(buffer) == 10
+    dropped = {"reason": "invalid_json"}
+    assert metrics.registry.get_sample_value("ime_bridge_dead_letters_dropped_total", dropped) == 15
+    taken = await take(buffer, 10)
+    buffer.add_record(dead_letter(1000))  # taken ones no longer count
+    buffer.settle(taken, [False] * 10)  # a failed round comes back whole, over the budget rather than lost
+    assert len(buffer) == 11
+    add(buffer, "A", 1)  # updates are bounded by conflation, not by this budget
+    assert len(buffer) == 12

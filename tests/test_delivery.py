@@ -252,23 +252,7 @@ async def test_kill_9_during_an_outage_in_spool_mode_loses_nothing_that_reached_
 
         proxied_broker.proxy.restore()
         simulator.stall(False)
-        second = BridgeProcess(config, tmp_path)
-        second.start()
-        try:
-            await wait_for(_spool_replayed(second), within=120, what="spool replayed")
-            await wait_for(_above(second, "ime_bridge_messages_received_total", 100), within=60, what="new frames")
-            await simulator.stall_and_settle()
-            sent_total = len(simulator.sent_frames())
-            await wait_for(
-                _above(second, "ime_bridge_messages_received_total", sent_total - sent_before_kill - 1),
-                within=60,
-                what="the restarted bridge to receive everything sent to it",
-            )
-            assert second.process is not None
-            second.process.send_signal(signal.SIGTERM)  # the proxy runs in this loop: wait in a thread
-            assert await asyncio.to_thread(second.process.wait, 60) == 0, second.log()
-        finally:
-            second.stop()
+        await replay_after_kill(config, tmp_path, simulator)
         sent = simulator.sent_frames()
 
     records = await consume_all(proxied_broker.proxy.address, config["kafka"]["topic"], len(sent) - spool_after - batch)
@@ -325,22 +309,7 @@ async def test_a_kill_at_the_end_of_a_6s_cut_loses_nothing_older_than_spool_afte
         assert must_deliver - sent_at[0][1] >= 150, "several seconds of the cut are covered"
 
         proxied_broker.proxy.restore()
-        second = BridgeProcess(config, tmp_path)
-        second.start()
-        try:
-            await wait_for(_spool_replayed(second), within=120, what="spool replayed")
-            await simulator.stall_and_settle()
-            sent_total = len(simulator.sent_frames())
-            await wait_for(
-                _above(second, "ime_bridge_messages_received_total", sent_total - sent_before_kill - 1),
-                within=60,
-                what="the restarted bridge to receive everything sent to it",
-            )
-            assert second.process is not None
-            second.process.send_signal(signal.SIGTERM)  # the proxy runs in this loop: wait in a thread
-            assert await asyncio.to_thread(second.process.wait, 60) == 0, second.log()
-        finally:
-            second.stop()
+        await replay_after_kill(config, tmp_path, simulator)
         sent = simulator.sent_frames()
 
     required = Counter(frame.contract_id for frame in sent[:must_deliver])
@@ -421,6 +390,28 @@ def _at(process: BridgeProcess, name: str, value: float) -> Any:
         return await process.metric(name) == value
 
     return check
+
+
+async def replay_after_kill(config: dict[str, Any], directory: Path, simulator: Simulator) -> None:
+    """Start a bridge on a killed one's spool: it replays, receives what the simulator still sends, and stops."""
+    killed = {frame.connection_id for frame in simulator.sent_frames()}  # frames may still go to a dying socket
+    second = BridgeProcess(config, directory)
+    second.start()
+    try:
+        await wait_for(_spool_replayed(second), within=120, what="spool replayed")
+        await wait_for(_above(second, "ime_bridge_messages_received_total", 100), within=60, what="new frames")
+        await simulator.stall_and_settle()
+        sent_to_second = sum(1 for frame in simulator.sent_frames() if frame.connection_id not in killed)
+        await wait_for(
+            _above(second, "ime_bridge_messages_received_total", sent_to_second - 1),
+            within=60,
+            what="the restarted bridge to receive everything sent to it",
+        )
+        assert second.process is not None
+        second.process.send_signal(signal.SIGTERM)  # the proxy runs in this loop: wait in a thread
+        assert await asyncio.to_thread(second.process.wait, 60) == 0, second.log()
+    finally:
+        second.stop()
 
 
 def _above(process: BridgeProcess, name: str, threshold: float) -> Any:

@@ -203,3 +203,12 @@ def test_every_frame_normalize_accepts_encodes_and_reads_back_equal(document: di
         return
     read = schemaless_reader(io.BytesIO(encode_update(result)), PLAIN_SCHEMA, PLAIN_SCHEMA)
     assert read == msgspec.to_builtins(result)
+
+
+async def test_a_dead_letter_keeps_the_configured_start_of_its_frame() -> None:
+    pipeline, _ = make_pipeline(max_frame_bytes=100_000)
+    pipeline.dead_letter_raw_bytes = 1024
+    raw = b"<html>" + b"x" * 5000
+    pipeline.on_frame(raw, 0, BY_ID)
+    (letter,) = (await pipeline.buffer.take(10)).records
+    assert letter.value == raw[:1024]

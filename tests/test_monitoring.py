@@ -412,6 +412,7 @@ def populate(metrics: Metrics) -> None:
     metrics.messages_published.labels("ime.contract.updates").inc(98)
     metrics.messages_rejected.labels("invalid_json").inc(2)
     metrics.dead_letters.labels("invalid_json").inc(2)
+    metrics.dead_letters_dropped.labels("invalid_json").inc(1)
     metrics.produce_errors.labels("KafkaTimeoutError").inc()
     metrics.connections.set(2)
     metrics.subscribed_contracts.set(3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -30,6 +31,7 @@ from bridge.market import (
     build_catalogue,
     prerender,
 )
+from bridge.normalize import ContractUpdate, Normalizer, Rejected
 from bridge.protocol import (
     MARKETS,
     STATIC_BY_ID_PATH,
@@ -46,6 +48,7 @@ from bridge.simulator import (
     Simulator,
     SimulatorConfig,
     add_arguments,
+    config_from_args,
     run_from_args,
 )
 
@@ -724,3 +727,56 @@ async def test_run_from_args_serves_until_cancelled(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# --- bad frames mixed into the pre-rendered stream (the benchmark's rejection phase)
+
+
+@pytest.mark.parametrize("endpoint", list(Endpoint))
+async def test_prerendered_bad_frames_are_every_tenth_and_recorded_as_fault_frames(endpoint: Endpoint) -> None:
+    config = SimulatorConfig(
+        contracts=4, rate=0, prerender=True, prerender_variants=10, bad_frame_ratio=0.1, record_sent=True, burst=16
+    )
+    async with Simulator(config) as simulator:
+        contracts = simulator.contracts
+        identifiers = [contract.name if endpoint is Endpoint.NAME else contract.id for contract in contracts]
+        async with live(simulator, identifiers, endpoint=endpoint, max_queue=None) as ws:
+            received = [await asyncio.wait_for(ws.recv(), WAIT) for _ in range(400)]
+        await asyncio.wait_for(simulator.wait_for(lambda: len(simulator.sent_frames()) >= 400), WAIT)
+        sent = simulator.sent_frames()[:400]
+
+    assert [frame.payload for frame in sent] == received
+    bad = [index for index, frame in enumerate(sent) if frame.contract_id is None]
+    assert bad == list(range(9, 400, 10))
+    normalize = Normalizer(
+        session_id="s",
+        names_by_id={contract.id: contract.name for contract in contracts},
+        ids_by_name={contract.name: contract.id for contract in contracts},
+    )
+    outcomes = []
+    for frame in sent:
+        result = normalize(frame.payload, endpoint, 0)
+        if frame.contract_id is not None:
+            assert isinstance(result, ContractUpdate)
+            assert result.contract_id == frame.contract_id
+        elif isinstance(result, Rejected):
+            outcomes.append(result.reason.value)
+        else:  # well-formed, for a contract outside the catalogue: the bridge's pipeline refuses it
+            assert (result.contract_id, result.contract_name) == ("999", "XX0999")
+            outcomes.append("unknown_contract")
+    # The 40 frames rendered hold 4 bad ones, of kinds json, frame, contract, json: sent 10 times over.
+    assert collections.Counter(outcomes) == {"invalid_json": 20, "invalid_frame": 10, "unknown_contract": 10}
+
+
+async def test_bad_frame_ratio_needs_prerender_and_a_share() -> None:
+    for config in (SimulatorConfig(bad_frame_ratio=0.1), SimulatorConfig(prerender=True, bad_frame_ratio=1.5)):
+        with pytest.raises(ValueError, match="bad_frame_ratio"):
+            await Simulator(config).start()
+
+
+def test_bad_frame_ratio_option() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--prerender", "--bad-frame-ratio", "0.1"])
+    assert config_from_args(args).bad_frame_ratio == 0.1
+    assert config_from_args(parser.parse_args([])).bad_frame_ratio == 0.0
