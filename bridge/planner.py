@@ -7,6 +7,7 @@ label of the metrics and a header of every record.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -105,26 +106,39 @@ def replan(
     return plan
 
 
-async def find_invalid(contracts: Sequence[str], probe: Callable[[Sequence[str]], Awaitable[bool]]) -> list[str]:
-    """The invalid contracts of a list known to hold at least one, in at most k·(⌈log2 n⌉ + 1) probes.
+async def find_invalid(
+    contracts: Sequence[str],
+    probe: Callable[[Sequence[str]], Awaitable[bool]],
+    on_valid: Callable[[Sequence[str]], Awaitable[None]] | None = None,
+    *,
+    known_refused: bool = True,
+) -> list[str]:
+    """The contracts of a refused list that the service refuses alone, in at most 2·k·⌈log2 n⌉ probes.
 
-    `probe(subset)` answers whether the service accepts a subscription to `subset`. Each round finds one
-    invalid contract by binary search (a half that is refused holds one; otherwise the other half does),
-    then probes what is still unknown: accepted means done. Halves found valid are not searched again.
+    `probe(subset)` answers whether the service accepts a subscription to `subset`. Both halves of a refused
+    group are probed at once (the caller bounds how many probes run together); an accepted half is valid and
+    `on_valid` hears of it at once, so its contracts can be subscribed while the search goes on over the
+    suspects; a refused half is split again. A contract is returned only once it was refused when probed
+    alone: when both halves of a refused group are accepted, the refusal was not a contract's (a token, a
+    limit) and nothing in the group is blamed. With `known_refused=False` (a search resumed over what is still
+    suspect) the whole list is probed first.
     """
-    invalid: list[str] = []
-    known_valid: set[str] = set()
-    unknown = list(contracts)
-    while True:
-        suspects = unknown
-        while len(suspects) > 1:
-            first, second = suspects[: len(suspects) // 2], suspects[len(suspects) // 2 :]
-            if await probe(first):
-                known_valid.update(first)
-                suspects = second
-            else:
-                suspects = first
-        invalid.append(suspects[0])
-        unknown = [c for c in unknown if c != suspects[0] and c not in known_valid]
-        if not unknown or await probe(unknown):
-            return invalid
+
+    async def search(group: Sequence[str]) -> list[str]:
+        if len(group) == 1:  # searched only once refused: this contract was refused alone
+            return [group[0]]
+        halves = (group[: len(group) // 2], group[len(group) // 2 :])
+        accepted = await asyncio.gather(*(probe(half) for half in halves))
+        refused = [half for half, ok in zip(halves, accepted, strict=True) if not ok]
+        if on_valid is not None:
+            for half, ok in zip(halves, accepted, strict=True):
+                if ok:
+                    await on_valid(half)
+        found = await asyncio.gather(*(search(half) for half in refused))
+        return [contract for contracts in found for contract in contracts]
+
+    if not known_refused and await probe(contracts):
+        if on_valid is not None:
+            await on_valid(contracts)
+        return []
+    return await search(list(contracts))

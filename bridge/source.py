@@ -31,6 +31,7 @@ from bridge.logs import log_event, log_exception
 from bridge.metrics import Metrics
 from bridge.planner import Subscription
 from bridge.protocol import Endpoint
+from bridge.refusals import PolicyCause, PolicyRefusals
 from bridge.supervise import supervised
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,9 @@ class SourceSettings:
 # How long a probe connection must stay open (or deliver a frame) to count as accepted. The service
 # refuses an invalid subscription right after the handshake.
 PROBE_WINDOW = 3.0
+# A probe does not wait for the server's answer to its close frame: many servers do not answer while they
+# stream, and every valid contract of a refused subscription waits for the search.
+PROBE_CLOSE_TIMEOUT = 0.2
 
 
 class SourceUnavailable(Exception):
@@ -95,6 +99,24 @@ class _Connection:
     up: bool = False
     last_close: str = "never connected"
     stale: bool = False  # the watchdog closed it
+    received: bool = False  # a frame came on the current attempt
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """How one connection attempt ended: why, when it opened and closed (monotonic; None: never opened), with
+    which token, whether a frame came, and a server's Retry-After."""
+
+    reason: str
+    opened_at: float | None = None
+    closed_at: float = 0.0
+    token: str = ""
+    received: bool = False
+    retry_after: float | None = None
+
+    @property
+    def seconds_open(self) -> float:
+        return 0.0 if self.opened_at is None else self.closed_at - self.opened_at
 
 
 @dataclass
@@ -188,33 +210,33 @@ class WebSocketSource:
         backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
         endpoint = subscription.endpoint.value
         attempt = 0
-        refused_after_reissue = False
+        refusals = PolicyRefusals(PROBE_WINDOW)
         while not self._stopping:
             attempt += 1
-            reason, opened_at = await self._connect_once(ConnectionInfo(subscription, attempt))
+            ended = await self._connect_once(ConnectionInfo(subscription, attempt))
+            reason = ended.reason
             if self._stopping:
                 return
             self._connections[subscription.name].last_close = reason
-            if opened_at is not None and time.monotonic() - opened_at >= self.settings.healthy_after:
+            if ended.seconds_open >= self.settings.healthy_after:
                 backoff.reset()
             delay = backoff.next_delay()
             if reason == "policy_violation":
-                # Fresh token first; if that is refused too, the list holds an invalid contract.
-                cause = "contract" if refused_after_reissue else "auth"
-                self.metrics.policy_rejections.labels(endpoint, cause).inc()
-                refused_after_reissue = True
-                if cause == "contract" and self.on_invalid_contract is not None:
+                # Fresh token first; if that is refused at once too, the list holds an invalid contract.
+                cause = refusals.on_policy_close(ended.token, ended.seconds_open, ended.received)
+                self.metrics.policy_rejections.labels(endpoint, cause.value).inc()
+                if cause is PolicyCause.CONTRACT and self.on_invalid_contract is not None:
                     self.metrics.reconnects.labels(endpoint, reason).inc()
                     log_event(logger, logging.WARNING, "invalid_contract_suspected", connection=subscription.name)
                     self.on_invalid_contract(subscription)
                     return
                 delay = min(delay, self.settings.reconnect_min)
-            elif opened_at is not None:
-                refused_after_reissue = False
+            elif ended.opened_at is not None:
+                refusals.on_other_end(ended.seconds_open, ended.received)
             if reason == "auth_rejected":
                 delay = self.settings.auth_rejected_backoff
             elif reason == "http_429":
-                delay = max(delay, self.settings.rate_limited_backoff)
+                delay = ended.retry_after if ended.retry_after is not None else self.settings.rate_limited_backoff
             elif reason == "tls_error":
                 self.fatal_error = SourceFatal(f"TLS verification failed for {self.settings.ws_url}")
                 self.failed.set()
@@ -230,21 +252,29 @@ class WebSocketSource:
             )
             await asyncio.sleep(delay)
 
-    async def _connect_once(self, info: ConnectionInfo) -> tuple[str, float | None]:
-        """Run one connection to its end; return why it ended and when it opened (None: never)."""
+    async def _connect_once(self, info: ConnectionInfo) -> _Ended:
+        """Run one connection to its end; say how it ended."""
         subscription = info.subscription
         try:
             token = await self.tokens.token()
         except AuthRejected as exc:
             log_event(logger, logging.ERROR, "token_rejected", connection=subscription.name, error=str(exc))
-            return "auth_rejected", None
+            return _Ended("auth_rejected")
         except AuthError as exc:
             log_event(logger, logging.WARNING, "token_unavailable", connection=subscription.name, error=str(exc))
-            return "auth_unavailable", None
+            return _Ended("auth_unavailable")
+        connection = self._connections[subscription.name]
+        connection.received = False
+        reason, opened_at, retry_after = await self._run_connection(info, connection, token)
+        return _Ended(reason, opened_at, time.monotonic(), token, connection.received, retry_after)
 
+    async def _run_connection(
+        self, info: ConnectionInfo, connection: _Connection, token: str
+    ) -> tuple[str, float | None, float | None]:
+        """(why it ended, when it opened or None, the server's Retry-After if it sent one)."""
+        subscription = info.subscription
         settings = self.settings
         opened_at: float | None = None
-        connection = self._connections[subscription.name]
         try:
             async with connect(
                 subscription.url(settings.ws_url),
@@ -263,33 +293,34 @@ class WebSocketSource:
                 watch = functools.partial(self._watch, connection, ws, opened_at)
                 watchdog = asyncio.create_task(supervised("watchdog", watch, metrics=self.metrics))
                 try:
-                    await self._read(ws, info)
+                    await self._read(ws, info, connection)
                 finally:
                     watchdog.cancel()
                     await asyncio.gather(watchdog, return_exceptions=True)
-            return ("stale" if connection.stale else _close_reason(ws.close_code)), opened_at
+            return ("stale" if connection.stale else _close_reason(ws.close_code)), opened_at, None
         except ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
                 self.tokens.invalidate(token)
-                return "policy_violation", opened_at
+                return "policy_violation", opened_at, None
             if exc.sent is not None and exc.sent.code == protocol.CLOSE_MESSAGE_TOO_BIG:
                 if self.on_frame_too_large is not None:
                     self.on_frame_too_large(info, exc.sent.reason)
-                return "frame_too_large", opened_at
+                return "frame_too_large", opened_at, None
             if connection.stale:
-                return "stale", opened_at
-            return _close_reason(exc.rcvd.code if exc.rcvd is not None else None), opened_at
+                return "stale", opened_at, None
+            return _close_reason(exc.rcvd.code if exc.rcvd is not None else None), opened_at, None
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
                 self.tokens.invalidate(token)
-            return f"http_{status}" if status in _HTTP_REASONS else f"http_{status // 100}xx", None
+            reason = f"http_{status}" if status in _HTTP_REASONS else f"http_{status // 100}xx"
+            return reason, None, _retry_after(exc.response.headers.get("Retry-After"))
         except ssl.SSLCertVerificationError as exc:
             log_event(logger, logging.CRITICAL, "tls_verification_failed", connection=subscription.name, error=str(exc))
-            return "tls_error", None
+            return "tls_error", None, None
         except (InvalidHandshake, OSError, TimeoutError) as exc:
             log_event(logger, logging.WARNING, "connect_failed", connection=subscription.name, error=repr(exc))
-            return "network_error" if opened_at is None else "connection_lost", opened_at
+            return "network_error" if opened_at is None else "connection_lost", opened_at, None
         finally:
             self._mark_down(info, connection)
 
@@ -305,7 +336,12 @@ class WebSocketSource:
             url = Subscription("probe", endpoint, tuple(contracts)).url(self.settings.ws_url)
             headers = {"Authorization": protocol.authorization_header(token, bearer=self.settings.bearer)}
             async with connect(
-                url, additional_headers=headers, open_timeout=self.settings.open_timeout, proxy=None, compression=None
+                url,
+                additional_headers=headers,
+                open_timeout=self.settings.open_timeout,
+                close_timeout=PROBE_CLOSE_TIMEOUT,
+                proxy=None,
+                compression=None,
             ) as ws:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ws.recv(), timeout=PROBE_WINDOW)
@@ -342,7 +378,7 @@ class WebSocketSource:
                 await ws.close(1000, "no data")
                 return
 
-    async def _read(self, ws: ClientConnection, info: ConnectionInfo) -> None:
+    async def _read(self, ws: ClientConnection, info: ConnectionInfo, connection: _Connection) -> None:
         handler = self.handler
         name = info.subscription.name
         last_message_at = self._last_message_at
@@ -355,6 +391,7 @@ class WebSocketSource:
             except ConnectionClosedOK:
                 return
             now_us = time.time_ns() // 1000
+            connection.received = True
             received.inc()
             last_message_at[name] = now_us / 1e6
             try:
@@ -392,6 +429,21 @@ class WebSocketSource:
 
 _HTTP_REASONS = {401, 403, 404, 429, 500, 502, 503, 504}
 _CLOSE_REASONS = {1000: "closed_by_server", 1001: "server_going_away", 1011: "server_error"}
+
+
+# A Retry-After longer than this is taken as this: a server's typo must not silence a subscription for days.
+MAX_RETRY_AFTER = 3600.0
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header given in seconds (an HTTP date is not honoured: None)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    if seconds is None or not 0 <= seconds < float("inf"):
+        return None
+    return min(seconds, MAX_RETRY_AFTER)
 
 
 def _close_reason(code: int | None) -> str:

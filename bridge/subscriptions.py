@@ -5,8 +5,10 @@ names to ids (at start and every `name_refresh_seconds`; a name that does not re
 never published under a guessed key), keeps a quarantine of contracts the service refuses, and turns all
 of it into a plan that changes as few connections as possible (planner.replan).
 
-A 1008 that a fresh token does not cure means an invalid contract in that connection's list: the manager
-finds it by bisection with short-lived probe connections, quarantines it, and resubscribes the rest.
+A 1008 that a fresh token does not cure means an invalid contract in that connection's list: its contracts
+become suspects (left out of the plan), and the manager searches them with short-lived probe connections, at
+most MAX_CONCURRENT_PROBES at once. Each half a probe finds valid is subscribed again at once, so valid
+contracts are dark for about one probe window; only contracts refused when probed alone are quarantined.
 Quarantined contracts are probed again every `quarantine_reprobe_seconds` (a new listing becomes valid).
 """
 
@@ -31,6 +33,10 @@ from bridge.source import SourceUnavailable, WebSocketSource
 from bridge.supervise import every, supervised
 
 logger = logging.getLogger(__name__)
+
+# Probe connections open at once during a search: enough to search both halves of every refused group at a
+# level of a few invalid contracts, few enough not to look like a flood to the service.
+MAX_CONCURRENT_PROBES = 4
 
 
 class QuarantineReason(enum.StrEnum):
@@ -63,6 +69,9 @@ class SubscriptionManager:
     quarantine: dict[tuple[Endpoint, str], Quarantined] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
     _bisecting: set[str] = field(default_factory=set)
+    # Contracts of a refused subscription not yet known valid or invalid: out of the plan until found.
+    _suspects: set[tuple[Endpoint, str]] = field(default_factory=set)
+    _probe_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_PROBES))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -91,18 +100,18 @@ class SubscriptionManager:
         return await self.reconcile()
 
     def wanted(self) -> tuple[list[str], list[str]]:
-        """(ids, names) to subscribe to now: configured, resolved, not quarantined."""
-        ids = [c for c in self.settings.contract_ids if (Endpoint.ID, c) not in self.quarantine]
-        names = [n for n in self.settings.contract_names if (Endpoint.NAME, n) not in self.quarantine]
+        """(ids, names) to subscribe to now: configured, resolved, neither quarantined nor suspect."""
+        left_out = self.quarantine.keys() | self._suspects
+        ids = [c for c in self.settings.contract_ids if (Endpoint.ID, c) not in left_out]
+        names = [n for n in self.settings.contract_names if (Endpoint.NAME, n) not in left_out]
         return ids, names
 
     async def reconcile(self) -> set[str]:
         """Bring the connections in line with what is wanted; only changed connections reopen."""
         async with self._lock:
             ids, names = self.wanted()
-            current = [s for s in self.source.subscriptions if s.name not in self._bisecting]
             plan = replan(
-                current,
+                self.source.subscriptions,
                 str(self.settings.ws_url),
                 ids,
                 names,
@@ -166,6 +175,7 @@ class SubscriptionManager:
         if subscription.name in self._bisecting:
             return
         self._bisecting.add(subscription.name)
+        self._suspects.update((subscription.endpoint, contract) for contract in subscription.contracts)
         self._tasks = [task for task in self._tasks if not task.done()]
         isolate = supervised("bisection", functools.partial(self._isolate, subscription), metrics=self.metrics)
         self._tasks.append(asyncio.create_task(isolate, name=f"bisect-{subscription.name}"))
@@ -173,7 +183,8 @@ class SubscriptionManager:
     async def _isolate(self, subscription: Subscription) -> None:
         """Find the invalid contracts of `subscription` by bisection, quarantine them, resubscribe the rest."""
         started = time.monotonic()
-        # Kept out of re-plans until found: a failed search is restarted by its supervisor, still excluded.
+        await self.reconcile()  # the suspects leave the plan, and the refused connection with them
+        # Suspects stay out of re-plans until found: a failed search is restarted by its supervisor, still excluded.
         invalid, probes = await self._bisect(subscription)
         self._bisecting.discard(subscription.name)
         now = self.clock()
@@ -181,10 +192,11 @@ class SubscriptionManager:
             self.quarantine[(subscription.endpoint, identifier)] = Quarantined(
                 subscription.endpoint, identifier, QuarantineReason.REJECTED, now
             )
+        self._suspects.difference_update((subscription.endpoint, contract) for contract in subscription.contracts)
         log_event(
             logger,
-            logging.ERROR,
-            "contracts_quarantined",
+            logging.ERROR if invalid else logging.WARNING,
+            "contracts_quarantined" if invalid else "refusal_not_explained",
             connection=subscription.name,
             contracts=",".join(invalid),
             probes=probes,
@@ -197,16 +209,28 @@ class SubscriptionManager:
         delay = self.settings.reconnect_min_seconds
         probes = 0
 
+        endpoint = subscription.endpoint
+
         async def probe(subset: Sequence[str]) -> bool:
             nonlocal probes
-            probes += 1
-            return await self.source.probe(subscription.endpoint, subset, "bisect")
+            async with self._probe_slots:
+                probes += 1
+                return await self.source.probe(endpoint, subset, "bisect")
 
+        async def release(valid: Sequence[str]) -> None:
+            self._suspects.difference_update((endpoint, contract) for contract in valid)
+            await self.reconcile()
+
+        resumed = False
         while True:
+            suspects = [contract for contract in subscription.contracts if (endpoint, contract) in self._suspects]
+            if not suspects:
+                return [], probes
             try:
-                return await find_invalid(subscription.contracts, probe), probes
+                return await find_invalid(suspects, probe, release, known_refused=not resumed), probes
             except SourceUnavailable as exc:  # the service is unreachable: try the search again later
                 log_event(logger, logging.WARNING, "probe_failed", connection=subscription.name, error=str(exc))
+                resumed = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.reconnect_max_seconds)
 

@@ -63,18 +63,45 @@ def test_replan_drops_emptied_subscriptions() -> None:
 
 
 @pytest.mark.parametrize("invalid_count", [1, 2, 3])
-def test_find_invalid_stays_within_k_times_log2_n_plus_1_probes(invalid_count: int) -> None:
+def test_find_invalid_stays_within_2k_log2_n_probes_and_reports_every_valid_contract(invalid_count: int) -> None:
     contracts = [str(1001 + n) for n in range(64)]
     worst = 0
     for bad in itertools.combinations(range(0, 64, 1 if invalid_count < 3 else 7), invalid_count):
         invalid = {contracts[i] for i in bad}
         probes = 0
+        valid: list[str] = []
 
         async def probe(subset: Sequence[str], invalid: set[str] = invalid) -> bool:
             nonlocal probes
             probes += 1
             return not set(subset) & invalid
 
-        assert set(asyncio.run(find_invalid(contracts, probe))) == invalid
+        async def on_valid(subset: Sequence[str], valid: list[str] = valid) -> None:
+            valid.extend(subset)
+
+        assert set(asyncio.run(find_invalid(contracts, probe, on_valid))) == invalid
+        assert sorted(valid) == sorted(set(contracts) - invalid), "every valid contract released during the search"
         worst = max(worst, probes)
-    assert worst <= invalid_count * (6 + 1)
+    assert worst <= 2 * invalid_count * 6
+
+
+def test_find_invalid_probes_both_halves_at_once() -> None:
+    in_flight = peak = 0
+
+    async def probe(subset: Sequence[str]) -> bool:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return "13" not in subset and "50" not in subset
+
+    assert sorted(asyncio.run(find_invalid([str(n) for n in range(64)], probe))) == ["13", "50"]
+    assert peak >= 2
+
+
+def test_find_invalid_blames_nothing_when_the_refusal_was_not_a_contracts() -> None:
+    async def probe(subset: Sequence[str]) -> bool:
+        return True  # every part is accepted: the list was refused for another reason (a token expiring, say)
+
+    assert asyncio.run(find_invalid([str(n) for n in range(16)], probe)) == []

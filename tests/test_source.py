@@ -115,16 +115,31 @@ async def test_dropped_connections_are_reopened_and_classified(simulator: Simula
         await source.stop()
 
 
-async def test_1008_on_a_refused_token_counts_auth_then_contract(simulator: Simulator) -> None:
+async def test_repeated_1008s_on_a_token_that_cannot_be_renewed_never_blame_a_contract(simulator: Simulator) -> None:
     subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
     source, captured, metrics = source_for(simulator, StaticToken("not-a-token"))
     await source.apply([subscription])
     try:
-        await wait_for(lambda: policy(metrics, "contract") >= 1, what="a second 1008")
-        assert policy(metrics, "auth") == 1
+        await wait_for(lambda: policy(metrics, "auth") >= 3, what="1008s on the same token")
+        assert policy(metrics, "contract") == 0, "the same token refused again says nothing about the contracts"
         assert captured.frames == []
     finally:
         await source.stop()
+
+
+async def test_a_quick_1008_on_a_fresh_token_counts_auth_then_contract(simulator: Simulator) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
+    await simulator.invalidate_contracts([simulator.contracts[0].id])
+    async with aiohttp.ClientSession() as http:
+        tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
+        source, _captured, metrics = source_for(simulator, tokens)
+        await source.apply([subscription])
+        try:
+            await wait_for(lambda: policy(metrics, "contract") >= 1, what="a second 1008, on a fresh token")
+            assert policy(metrics, "auth") == 1
+            assert simulator.counters.tokens_issued >= 2, "the contract is blamed only on a token issued after the refusal"
+        finally:
+            await source.stop()
 
 
 async def test_1008_after_revocation_is_recovered_by_a_fresh_token(simulator: Simulator) -> None:
