@@ -12,6 +12,9 @@ Every test, the demo and the benchmark talk to this instead of the real service.
   The handshake is always accepted; a missing, bad, expired or revoked token, an empty list or any
   unknown or invalidated contract then closes with 1008 and the same generic message, as the real
   service does. Otherwise each changed snapshot of a subscribed contract is sent; the client never sends.
+  Real servers' manners, off by default: `close_on_token_expiry` closes a stream with 1008 when its token
+  expires; `ignore_close_frames` leaves a client's close frame unanswered and streams on until the client
+  drops TCP (it waits out its close timeout).
 - Static lookups (GET), answering the envelope `{"Data": [...], "Status": {"Code": 200, "Message": "OK"}}`:
   `STATIC_SEARCH_PATH?market=IMEFutures|IMEOption|IMEDepositCertificate` (all contracts without
   `market`), `STATIC_BY_NAME_PATH?contract_names=..` and `STATIC_BY_ID_PATH?contract_ids=..` (one item
@@ -28,15 +31,21 @@ Every test, the demo and the benchmark talk to this instead of the real service.
   | `POST /admin/accept-then-close?enabled=1&code=1011` | close new connections once upgraded; `code=abrupt`: drop |
   | `POST /admin/tokens/revoke` | every token issued so far is refused (`revoke_tokens`) |
   | `POST /admin/tokens/expire?ttl=2` | every token issued so far is expired; new ones live `ttl` s (`expire_tokens`) |
+  | `POST /admin/tokens/close-on-expiry?enabled=1` | 1008 when a stream's token expires (`close_on_token_expiry`) |
+  | `POST /admin/ignore-close-frames?enabled=1` | leave close frames unanswered, stream on (`ignore_close_frames`) |
   | `POST /admin/contracts/invalidate?contract=1001&delist=0` | ids or names become invalid (`invalidate_contracts`) |
   | `POST /admin/contracts/revalidate?contract=1001` | valid again (`revalidate_contracts`) |
   | `POST /admin/garbage?kind=text` | send a bad frame: text, binary, missing_fields, wrong_types (`send_garbage`) |
   | `POST /admin/oversized?size=N` | send a frame of N bytes, default `max_frame_bytes + 1` (`send_oversized`) |
   | `POST /admin/handshake/delay?seconds=3` | delay every upgrade (`delay_handshakes`) |
-  | `POST /admin/handshake/reject?status=503` | answer upgrades with HTTP `status`; none clears (`reject_handshakes`) |
-  | `POST /admin/token/reject?status=401` | token requests get `status`; none clears (`reject_token_requests`) |
-  | `POST /admin/reset` | clear every fault mode (`reset_faults`) |
+  | `POST /admin/handshake/reject?status=503&retry_after=1` | upgrades get `status`; none clears (`reject_handshakes`) |
+  | `POST /admin/token/reject?status=401&retry_after=1` | requests get `status`; none clears (`reject_token_requests`) |
+  | `POST /admin/token/rate-limit?seconds=2` | 429 within `seconds` of the last; 0 = off (`rate_limit_token_requests`) |
+  | `POST /admin/reset` | clear every fault mode; switches return to the config's values (`reset_faults`) |
   | `GET /admin/stats` | counters and open connections |
+
+429 and 503 answers carry `Retry-After: retry_after` (default: the config's `retry_after_seconds`); a
+rate-limited token request's carries the seconds left, rounded up.
 
 Pacing: `rate` snapshots per second across the whole market (0 = as fast as the connections drain),
 generated in bursts per event-loop wake-up; each snapshot goes to every connection subscribed to its
@@ -55,6 +64,7 @@ import enum
 import hashlib
 import hmac
 import json
+import math
 import time
 import uuid
 from collections import Counter, deque
@@ -99,6 +109,8 @@ CLOSE_GOING_AWAY = 1001
 PRERENDER_BUDGET = 65_536
 # With rate 0, the generator pauses while a connection has more than this many frames queued.
 _UNPACED_HIGH_WATER = 4_096
+# While a client's close frame is left unanswered, how often to look whether it dropped the TCP connection.
+_DROP_POLL_INTERVAL = 0.05
 
 GarbageKind = Literal["text", "binary", "missing_fields", "wrong_types"]
 GARBAGE_KINDS: tuple[GarbageKind, ...] = ("text", "binary", "missing_fields", "wrong_types")
@@ -115,6 +127,7 @@ class PolicyCause(enum.StrEnum):
     UNKNOWN_CONTRACT = "unknown_contract"
     INVALID_CONTRACT = "invalid_contract"  # subscribed to a contract marked invalid
     CONTRACT_INVALIDATED = "contract_invalidated"  # connected when one of its contracts became invalid
+    TOKEN_EXPIRED = "token_expired"  # connected when its token expired (close_on_token_expiry)
 
 
 @dataclass
@@ -128,7 +141,15 @@ class SimulatorConfig:
     dialect: Dialect = "ht"
     username: str = "demo"
     password: str = "demo-password"
-    token_ttl: float = 3600.0
+    token_ttl: float = 3600.0  # lifetime of issued tokens in seconds (`expire_tokens` changes it)
+    # Close a streaming connection with 1008 (the generic message) when its token expires, as real servers do.
+    close_on_token_expiry: bool = False
+    # Leave a client's close frame on a streaming connection unanswered and keep streaming until the client
+    # drops the TCP connection: the client waits out its close timeout, as with real servers.
+    ignore_close_frames: bool = False
+    retry_after_seconds: int | None = 1  # Retry-After of 429 and 503 answers; None sends none
+    # A token request within this many seconds of the last one not refused so is answered 429; 0 = no limit.
+    token_rate_limit_seconds: float = 0.0
     seed: int = 1
     prerender: bool = False  # cycle through frames rendered up front (the benchmark)
     prerender_variants: int = 32  # per contract, fewer when contracts * variants > PRERENDER_BUDGET
@@ -159,6 +180,8 @@ class SimulatorCounters:
     frames_sent: int = 0
     policy_closes: Counter[PolicyCause] = field(default_factory=Counter)  # 1008 closes by cause
     slow_consumer_closes: int = 0
+    close_frames_ignored: int = 0  # clients' close frames left unanswered (ignore_close_frames)
+    token_requests_rate_limited: int = 0  # token requests answered 429 by token_rate_limit_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +229,8 @@ class _Connection:
         self.drained = asyncio.Event()
         self.closing = False
         self.writing = False  # a frame is being written: it counts as sent once the write returns
+        self.token: _Claims | None = None  # the claims of the token it connected with
+        self.expiry_timer: asyncio.TimerHandle | None = None
 
     def push(self, contract_id: str | None, payload: bytes, opcode: WSMsgType = WSMsgType.TEXT) -> None:
         self.queue.append((contract_id, payload, opcode))
@@ -230,6 +255,9 @@ def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+_Claims = tuple[float, str]  # a token's exp and jti
+
+
 class _TokenAuthority:
     """Issues and checks HS256 JWTs (stdlib only), and remembers revocations and forced expiries."""
 
@@ -250,19 +278,29 @@ class _TokenAuthority:
 
     def check(self, token: str, now: float) -> PolicyCause | None:
         """None when the token is good, else why not."""
+        claims = self.claims(token)
+        if claims is None:
+            return PolicyCause.BAD_TOKEN
+        if claims[1] in self._revoked:
+            return PolicyCause.REVOKED_TOKEN
+        if self.expired(claims, now):
+            return PolicyCause.EXPIRED_TOKEN
+        return None
+
+    def claims(self, token: str) -> _Claims | None:
+        """A well-signed token's exp and jti; None for a bad token."""
         try:
             header, payload, signature = token.split(".")
             if not hmac.compare_digest(signature, self._sign(f"{header}.{payload}")):
-                return PolicyCause.BAD_TOKEN
+                return None
             claims = json.loads(_b64decode(payload))
-            expires, jti = float(claims["exp"]), str(claims["jti"])
+            return float(claims["exp"]), str(claims["jti"])
         except (ValueError, KeyError, TypeError):
-            return PolicyCause.BAD_TOKEN
-        if jti in self._revoked:
-            return PolicyCause.REVOKED_TOKEN
-        if expires <= now or jti in self._expired:
-            return PolicyCause.EXPIRED_TOKEN
-        return None
+            return None
+
+    def expired(self, claims: _Claims, now: float) -> bool:
+        expires, jti = claims
+        return expires <= now or jti in self._expired
 
     def revoke_all(self) -> None:
         self._revoked |= self._issued
@@ -341,6 +379,12 @@ class Simulator:
         self._handshake_delay = 0.0
         self._handshake_status: int | None = None
         self._token_status: int | None = None
+        self._handshake_retry_after: int | None = None  # None: the config's retry_after_seconds
+        self._token_retry_after: int | None = None
+        self._ignore_close_frames = self.config.ignore_close_frames
+        self._close_on_token_expiry = self.config.close_on_token_expiry
+        self._token_rate_limit = self.config.token_rate_limit_seconds
+        self._last_token_request: float | None = None  # monotonic time of the last one not rate-limited
         self._invalid: set[str] = set()
         self._delisted: set[str] = set()
 
@@ -490,10 +534,26 @@ class Simulator:
         self._notify()
 
     def expire_tokens(self, ttl: float | None = None) -> None:
-        """Every token issued so far counts as expired; with `ttl`, new tokens live that long."""
+        """Every token issued so far counts as expired; with `ttl`, new tokens live that long. With
+        `close_on_token_expiry`, streaming connections are closed with 1008 at once."""
         self._tokens.expire_all()
         if ttl is not None:
             self.config.token_ttl = ttl
+        self._close_expired()
+        self._notify()
+
+    def close_on_token_expiry(self, enabled: bool = True) -> int:
+        """Close (or stop closing) streaming connections with 1008 when their token expires; when enabled,
+        those whose token already expired are closed at once. Returns how many those were."""
+        self._close_on_token_expiry = enabled
+        closed = self._close_expired()
+        self._notify()
+        return closed
+
+    def ignore_close_frames(self, enabled: bool = True) -> None:
+        """Leave clients' close frames on streaming connections unanswered (or answer them again): the
+        connection keeps streaming until the client drops TCP. Turning it off answers the waiting ones."""
+        self._ignore_close_frames = enabled
         self._notify()
 
     async def invalidate_contracts(self, identifiers: Iterable[str], *, delist: bool = False) -> int:
@@ -556,23 +616,38 @@ class Simulator:
         self._handshake_delay = max(0.0, seconds)
         self._notify()
 
-    def reject_handshakes(self, status: int | None) -> None:
-        """Answer WebSocket upgrades with HTTP `status` instead of upgrading (None = upgrade again)."""
+    def reject_handshakes(self, status: int | None, *, retry_after: int | None = None) -> None:
+        """Answer WebSocket upgrades with HTTP `status` instead of upgrading (None = upgrade again); 429 and
+        503 carry `Retry-After: retry_after` (None: the config's `retry_after_seconds`)."""
         self._handshake_status = status
+        self._handshake_retry_after = retry_after
         self._notify()
 
-    def reject_token_requests(self, status: int | None = 401) -> None:
-        """Answer every token request with `status`, valid credentials included (None = normal)."""
+    def reject_token_requests(self, status: int | None = 401, *, retry_after: int | None = None) -> None:
+        """Answer every token request with `status`, valid credentials included (None = normal); 429 and
+        503 carry `Retry-After: retry_after` (None: the config's `retry_after_seconds`)."""
         self._token_status = status
+        self._token_retry_after = retry_after
+        self._notify()
+
+    def rate_limit_token_requests(self, seconds: float) -> None:
+        """Answer 429, with Retry-After the seconds left (rounded up), to a token request made within
+        `seconds` of the last one not refused so (0 = no limit)."""
+        self._token_rate_limit = max(0.0, seconds)
         self._notify()
 
     def reset_faults(self) -> None:
-        """Clear every fault mode. Revoked and expired tokens stay refused."""
+        """Clear every fault mode; the config's switches (ignore_close_frames, close_on_token_expiry,
+        token_rate_limit_seconds) return to its values. Revoked and expired tokens stay refused."""
         self.stall(False)
         self._accept_then_close = False
         self._accept_close_code = CLOSE_INTERNAL_ERROR
         self._handshake_delay = 0.0
         self._handshake_status = self._token_status = None
+        self._handshake_retry_after = self._token_retry_after = None
+        self._ignore_close_frames = self.config.ignore_close_frames
+        self._close_on_token_expiry = self.config.close_on_token_expiry
+        self._token_rate_limit = self.config.token_rate_limit_seconds
         self._invalid.clear()
         self._delisted.clear()
         self._notify()
@@ -603,6 +678,41 @@ class Simulator:
     async def _close(self, connection: _Connection, code: int, message: bytes) -> None:
         connection.closing = True
         await connection.ws.close(code=code, message=message)
+
+    def _close_expired(self) -> int:
+        """With close_on_token_expiry, close every streaming connection whose token expired."""
+        if not self._close_on_token_expiry:
+            return 0
+        now = time.time()
+        expired = [
+            connection
+            for connection in self._open_connections()
+            if connection.token is not None and self._tokens.expired(connection.token, now)
+        ]
+        for connection in expired:
+            self._token_expired(connection)
+        return len(expired)
+
+    def _token_expired(self, connection: _Connection) -> None:
+        """The connection's token expired (its timer fired): with close_on_token_expiry, close it with 1008."""
+        if not self._close_on_token_expiry or connection.closing:
+            return
+        connection.closing = True
+        self.counters.policy_closes[PolicyCause.TOKEN_EXPIRED] += 1
+        self._notify()
+        self._spawn(self._close(connection, CLOSE_POLICY_VIOLATION, POLICY_CLOSE_MESSAGE))
+
+    async def _answer_close(self, connection: _Connection) -> None:
+        """The client sent a close frame: answer it as aiohttp's autoclose would, unless close frames are
+        ignored: then keep streaming, unanswered, until the client drops TCP (or the switch goes off)."""
+        transport = connection.transport
+        if self._ignore_close_frames and transport is not None and not transport.is_closing():
+            self.counters.close_frames_ignored += 1
+            self._notify()
+            # Nothing to await tells that the client dropped TCP: asyncio transports only say is_closing().
+            while self._ignore_close_frames and not transport.is_closing():  # noqa: ASYNC110
+                await asyncio.sleep(_DROP_POLL_INTERVAL)
+        await connection.ws.close(drain=False)
 
     def _register(self, connection: _Connection) -> None:
         self._connections[connection.info.id] = connection
@@ -752,6 +862,8 @@ class Simulator:
             ("accept-then-close", self._admin_accept_then_close),
             ("tokens/revoke", self._admin_revoke),
             ("tokens/expire", self._admin_expire),
+            ("tokens/close-on-expiry", self._admin_close_on_expiry),
+            ("ignore-close-frames", self._admin_ignore_close_frames),
             ("contracts/invalidate", self._admin_invalidate),
             ("contracts/revalidate", self._admin_revalidate),
             ("garbage", self._admin_garbage),
@@ -759,6 +871,7 @@ class Simulator:
             ("handshake/delay", self._admin_handshake_delay),
             ("handshake/reject", self._admin_handshake_reject),
             ("token/reject", self._admin_token_reject),
+            ("token/rate-limit", self._admin_token_rate_limit),
             ("reset", self._admin_reset),
         ]
         for name, action in admin:
@@ -797,10 +910,11 @@ class Simulator:
             await asyncio.sleep(self._handshake_delay)
         if self._handshake_status is not None:
             status = self._handshake_status
-            headers = {"Retry-After": "1"} if status in (429, 503) else None
+            headers = self._retry_after(status, self._handshake_retry_after)
             return web.json_response({"detail": f"handshake rejected ({status})"}, status=status, headers=headers)
         ws = web.WebSocketResponse(
             autoping=False,  # pings are answered below, so that a stall can stop answering them
+            autoclose=False,  # close frames too, so that they can be left unanswered
             compress=self.config.compress,
             timeout=self.config.close_timeout,
         )
@@ -816,7 +930,8 @@ class Simulator:
             else:
                 await ws.close(code=self._accept_close_code, message=b"")
             return ws
-        cause = self._authorize(request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        cause = self._authorize(header)
         identifiers: list[str] = []
         if cause is None:
             identifiers, cause = self._subscription(endpoint, request)
@@ -825,11 +940,17 @@ class Simulator:
             self._notify()
             await ws.close(code=CLOSE_POLICY_VIOLATION, message=POLICY_CLOSE_MESSAGE)
             return ws
-        await self._stream(endpoint, request, ws, identifiers)
+        token = self._tokens.claims(strip_bearer(header)) if header is not None else None
+        await self._stream(endpoint, request, ws, identifiers, token)
         return ws
 
     async def _stream(
-        self, endpoint: Endpoint, request: web.Request, ws: web.WebSocketResponse, identifiers: list[str]
+        self,
+        endpoint: Endpoint,
+        request: web.Request,
+        ws: web.WebSocketResponse,
+        identifiers: list[str],
+        token: _Claims | None,
     ) -> None:
         lookup = self._by_id if endpoint is Endpoint.ID else self._by_name
         contract_ids = frozenset(lookup[identifier].id for identifier in identifiers)
@@ -843,25 +964,47 @@ class Simulator:
             self._heads[endpoint],
         )
         self._next_connection_id += 1
+        connection.token = token
+        if token is not None:  # always armed, so that close_on_token_expiry can be switched on later
+            delay = max(0.0, token[0] - time.time())
+            connection.expiry_timer = asyncio.get_running_loop().call_later(delay, self._token_expired, connection)
         writer = asyncio.create_task(self._write(connection), name=f"ime-simulator-writer-{connection.info.id}")
         self._register(connection)
         try:
-            async for message in ws:
+            while True:
+                message = await ws.receive()
                 if message.type is WSMsgType.PING:
                     if not self._stalled:
                         await ws.pong(message.data)
-                elif message.type is WSMsgType.ERROR:
+                elif message.type is WSMsgType.CLOSE:
+                    await self._answer_close(connection)
+                    break
+                elif message.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     break
                 # The service ignores anything else a client sends.
         finally:
+            if connection.expiry_timer is not None:
+                connection.expiry_timer.cancel()
             self._unregister(connection)
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
     async def _issue(self, request: web.Request) -> web.Response:
         self.counters.token_requests += 1
+        now = time.monotonic()
+        if self._token_rate_limit > 0 and self._last_token_request is not None:
+            remaining = self._last_token_request + self._token_rate_limit - now
+            if remaining > 0:
+                self.counters.token_requests_rate_limited += 1
+                self._notify()
+                retry_after = {"Retry-After": str(math.ceil(remaining))}
+                return web.json_response({"detail": "too many token requests"}, status=429, headers=retry_after)
+        self._last_token_request = now
         if self._token_status is not None:
-            return web.json_response({"detail": "token issuing is unavailable"}, status=self._token_status)
+            headers = self._retry_after(self._token_status, self._token_retry_after)
+            return web.json_response(
+                {"detail": "token issuing is unavailable"}, status=self._token_status, headers=headers
+            )
         form = await request.post()
         values: dict[str, str] = {}
         for fields in (USERNAME_FIELDS, PASSWORD_FIELDS):
@@ -876,6 +1019,12 @@ class Simulator:
         if not good:
             return web.json_response({"detail": "Incorrect username or password"}, status=401)
         return web.json_response({"Authorization": self.issue_token()}, status=201)
+
+    def _retry_after(self, status: int, seconds: int | None) -> dict[str, str] | None:
+        """The Retry-After header of a 429 or 503 answer (`seconds` None: the config's)."""
+        if seconds is None:
+            seconds = self.config.retry_after_seconds
+        return {"Retry-After": str(seconds)} if status in (429, 503) and seconds is not None else None
 
     def _static_check(self, request: web.Request) -> web.Response | None:
         """401 when a token is given and bad; the static lookups also answer without one."""
@@ -966,6 +1115,14 @@ class Simulator:
         self.expire_tokens(_float_param(request, "ttl"))
         return {"token_ttl": self.config.token_ttl}
 
+    async def _admin_close_on_expiry(self, request: web.Request) -> dict[str, Any]:
+        closed = self.close_on_token_expiry(_bool_param(request, "enabled", True))
+        return {"enabled": self._close_on_token_expiry, "connections": closed}
+
+    async def _admin_ignore_close_frames(self, request: web.Request) -> dict[str, Any]:
+        self.ignore_close_frames(_bool_param(request, "enabled", True))
+        return {"enabled": self._ignore_close_frames}
+
     async def _admin_invalidate(self, request: web.Request) -> dict[str, Any]:
         identifiers = request.query.getall("contract", [])
         closed = await self.invalidate_contracts(identifiers, delist=_bool_param(request, "delist", False))
@@ -990,12 +1147,16 @@ class Simulator:
         return {"seconds": self._handshake_delay}
 
     async def _admin_handshake_reject(self, request: web.Request) -> dict[str, Any]:
-        self.reject_handshakes(_status_param(request))
+        self.reject_handshakes(_status_param(request), retry_after=_retry_after_param(request))
         return {"status": self._handshake_status}
 
     async def _admin_token_reject(self, request: web.Request) -> dict[str, Any]:
-        self.reject_token_requests(_status_param(request))
+        self.reject_token_requests(_status_param(request), retry_after=_retry_after_param(request))
         return {"status": self._token_status}
+
+    async def _admin_token_rate_limit(self, request: web.Request) -> dict[str, Any]:
+        self.rate_limit_token_requests(_float_param(request, "seconds") or 0.0)
+        return {"seconds": self._token_rate_limit}
 
     async def _admin_reset(self, request: web.Request) -> dict[str, Any]:
         self.reset_faults()
@@ -1012,6 +1173,8 @@ class Simulator:
                 "frames_sent": counters.frames_sent,
                 "policy_closes": dict(counters.policy_closes),
                 "slow_consumer_closes": counters.slow_consumer_closes,
+                "close_frames_ignored": counters.close_frames_ignored,
+                "token_requests_rate_limited": counters.token_requests_rate_limited,
                 "connections": [
                     {
                         "id": info.id,
@@ -1067,6 +1230,13 @@ def _status_param(request: web.Request) -> int | None:
     if not 100 <= status <= 599:
         raise ValueError(f"status must be an HTTP status, got {status}")
     return status
+
+
+def _retry_after_param(request: web.Request) -> int | None:
+    seconds = _int_param(request, "retry_after")
+    if seconds is not None and seconds < 0:
+        raise ValueError(f"retry_after must not be negative, got {seconds}")
+    return seconds
 
 
 # --- CLI glue, wired into `ime-bridge simulate`

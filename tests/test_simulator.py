@@ -587,6 +587,30 @@ async def test_invalidating_an_unknown_contract_is_an_error(sim: Simulator) -> N
     assert "NOPE" in body["detail"]
 
 
+async def test_three_invalid_among_64_refuse_every_list_holding_one() -> None:
+    async with Simulator(SimulatorConfig(contracts=64, rate=1000.0)) as simulator:
+        catalogue = simulator.contracts
+        invalid = {catalogue[5].id, catalogue[30].id, catalogue[63].id}
+        status, body = await admin(
+            simulator, "contracts/invalidate", contract=[catalogue[5].id, catalogue[30].name, catalogue[63].id]
+        )
+        assert (status, body) == (200, {"ok": True, "connections": 0})
+        valid = [contract for contract in catalogue if contract.id not in invalid]
+        for endpoint, key in ((Endpoint.ID, "id"), (Endpoint.NAME, "name")):
+            async with live(simulator, [getattr(c, key) for c in catalogue], endpoint=endpoint) as ws:
+                assert close_code(await close_of(ws)) == 1008
+            async with live(simulator, [getattr(c, key) for c in valid], endpoint=endpoint) as ws:
+                await frames(ws, 1)
+        for start in range(0, 64, 8):
+            group = catalogue[start : start + 8]
+            async with live(simulator, [c.id for c in group]) as ws:
+                if invalid.intersection(c.id for c in group):
+                    assert close_code(await close_of(ws)) == 1008
+                else:
+                    await frames(ws, 1)
+        assert simulator.counters.policy_closes[PolicyCause.INVALID_CONTRACT] == 2 + 3
+
+
 @pytest.mark.parametrize("kind", GARBAGE_KINDS)
 async def test_garbage_frames(sim: Simulator, kind: str) -> None:
     async with live(sim) as ws:
@@ -658,6 +682,7 @@ async def test_rejected_handshakes(sim: Simulator, status: int) -> None:
         async with live(sim):
             pass
     assert rejected.value.response.status_code == status
+    assert rejected.value.response.headers.get("Retry-After") == ("1" if status in (429, 503) else None)
     assert sim.counters.connections_accepted == 0
     assert sim.counters.handshakes == 1
     assert await admin(sim, "handshake/reject") == (200, {"ok": True, "status": None})
@@ -673,6 +698,145 @@ async def test_rejected_token_requests(sim: Simulator) -> None:
     assert (await post_token(sim, good))[0] == 503
     assert await admin(sim, "reset") == (200, {"ok": True})
     assert (await post_token(sim, good))[0] == 201
+
+
+async def post_token_headers(simulator: Simulator) -> tuple[int, str | None]:
+    """A token request with good credentials: its status and Retry-After header."""
+    form = {"username": "demo", "password": "demo-password"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(simulator.base_url + TOKEN_PATH, data=form) as response,
+    ):
+        return response.status, response.headers.get("Retry-After")
+
+
+async def handshake_refusal(simulator: Simulator) -> tuple[int, str | None]:
+    with pytest.raises(InvalidStatus) as rejected:
+        async with live(simulator):
+            pass
+    response = rejected.value.response
+    return response.status_code, response.headers.get("Retry-After")
+
+
+async def test_retry_after_of_rejected_handshakes_and_token_requests() -> None:
+    async with Simulator(SimulatorConfig(contracts=2, retry_after_seconds=7)) as simulator:
+        simulator.reject_handshakes(429)
+        assert await handshake_refusal(simulator) == (429, "7")
+        assert (await admin(simulator, "handshake/reject", status="503", retry_after="3"))[0] == 200
+        assert await handshake_refusal(simulator) == (503, "3")
+        simulator.reject_handshakes(500, retry_after=3)
+        assert await handshake_refusal(simulator) == (500, None)
+        simulator.reject_token_requests(503)
+        assert await post_token_headers(simulator) == (503, "7")
+        assert await admin(simulator, "token/reject", status="429", retry_after="4") == (
+            200,
+            {"ok": True, "status": 429},
+        )
+        assert await post_token_headers(simulator) == (429, "4")
+        simulator.reject_token_requests(401, retry_after=4)
+        assert await post_token_headers(simulator) == (401, None)
+        assert (await admin(simulator, "token/reject", status="429", retry_after="-1"))[0] == 400
+    async with Simulator(SimulatorConfig(contracts=2, retry_after_seconds=None)) as simulator:
+        simulator.reject_handshakes(429)
+        assert await handshake_refusal(simulator) == (429, None)
+        simulator.reject_token_requests(429)
+        assert await post_token_headers(simulator) == (429, None)
+
+
+async def test_token_requests_are_rate_limited_with_retry_after() -> None:
+    async with Simulator(SimulatorConfig(contracts=2, token_rate_limit_seconds=30)) as simulator:
+        assert (await post_token_headers(simulator))[0] == 201
+        assert await post_token_headers(simulator) == (429, "30")
+        assert await post_token_headers(simulator) == (429, "30")
+        assert simulator.counters.token_requests_rate_limited == 2
+        assert simulator.counters.tokens_issued == 1
+        assert await admin(simulator, "token/rate-limit", seconds="0") == (200, {"ok": True, "seconds": 0.0})
+        assert await post_token_headers(simulator) == (201, None)
+        assert await admin(simulator, "token/rate-limit", seconds="30") == (200, {"ok": True, "seconds": 30.0})
+        status, retry_after = await post_token_headers(simulator)
+        assert status == 429
+        assert retry_after in ("29", "30")
+        simulator.reset_faults()  # back to the config's limit
+        assert (await post_token_headers(simulator))[0] == 429
+        assert (await get(simulator, "/admin/stats"))[1]["token_requests_rate_limited"] == 4
+    async with Simulator(SimulatorConfig(contracts=2)) as simulator:  # off by default
+        for _ in range(3):
+            assert (await post_token_headers(simulator))[0] == 201
+
+
+async def test_tokens_expiring_while_streaming_close_with_1008() -> None:
+    async with Simulator(SimulatorConfig(contracts=2, rate=200.0, close_on_token_expiry=True)) as simulator:
+        token = simulator.issue_token(ttl=2)
+        expires = jwt_claims(token, simulator.config.jwt_secret)["exp"]
+        async with live(simulator, token=token) as ws:
+            await frames(ws, 1)
+            closed = await close_of(ws)
+        assert time.time() >= expires - 0.01  # not before the token's exp
+        assert close_code(closed) == 1008
+        assert closed.rcvd is not None
+        assert closed.rcvd.reason == "Policy Violation"
+        assert simulator.counters.policy_closes == {PolicyCause.TOKEN_EXPIRED: 1}
+        async with live(simulator) as ws:  # forced expiry closes streams at once too
+            await frames(ws, 1)
+            simulator.expire_tokens()
+            assert close_code(await close_of(ws)) == 1008
+        assert simulator.counters.policy_closes == {PolicyCause.TOKEN_EXPIRED: 2}
+
+
+async def test_closing_on_token_expiry_is_a_runtime_switch(sim: Simulator) -> None:
+    async with live(sim) as ws:
+        await frames(ws, 1)
+        sim.expire_tokens()  # off by default: a stream is checked at the handshake only
+        await frames(ws, 1)
+        assert await admin(sim, "tokens/close-on-expiry") == (200, {"ok": True, "enabled": True, "connections": 1})
+        assert close_code(await close_of(ws)) == 1008
+    assert sim.counters.policy_closes == {PolicyCause.TOKEN_EXPIRED: 1}
+    assert await admin(sim, "tokens/close-on-expiry", enabled="0") == (
+        200,
+        {"ok": True, "enabled": False, "connections": 0},
+    )
+
+
+async def timed_close(ws: ClientConnection) -> float:
+    started = time.monotonic()
+    await ws.close()
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("endpoint", list(Endpoint))
+async def test_ignored_close_frames_make_the_client_wait_its_close_timeout(endpoint: Endpoint) -> None:
+    config = SimulatorConfig(contracts=2, rate=200.0, ignore_close_frames=True)
+    async with Simulator(config) as simulator:
+        identifier = simulator.contracts[0].id if endpoint is Endpoint.ID else simulator.contracts[0].name
+        async with live(simulator, [identifier], endpoint=endpoint, close_timeout=2) as ws:
+            await frames(ws, 1)
+            assert await timed_close(ws) >= 1.5
+        assert ws.close_code == 1006  # no close frame came back
+        assert simulator.counters.close_frames_ignored == 1
+        await asyncio.wait_for(simulator.wait_for(lambda: not simulator.connections), WAIT)  # cleaned up
+        simulator.ignore_close_frames(False)
+        async with live(simulator, [identifier], endpoint=endpoint, close_timeout=2) as ws:
+            await frames(ws, 1)
+            assert await timed_close(ws) < 1.0
+        assert ws.close_code == 1000
+
+
+async def test_ignoring_close_frames_is_a_runtime_switch(sim: Simulator) -> None:
+    async with live(sim, close_timeout=2) as ws:  # probe-like: closes right after its first frame
+        await frames(ws, 1)
+        assert await timed_close(ws) < 1.0
+    assert await admin(sim, "ignore-close-frames") == (200, {"ok": True, "enabled": True})
+    async with live(sim, close_timeout=30) as ws:
+        await frames(ws, 1)
+        closing = asyncio.create_task(ws.close())
+        await asyncio.wait_for(sim.wait_for(lambda: sim.counters.close_frames_ignored == 1), WAIT)
+        frames_sent = sim.counters.frames_sent
+        await asyncio.wait_for(sim.wait_for(lambda: sim.counters.frames_sent > frames_sent), WAIT)  # streams on
+        assert not closing.done()
+        assert await admin(sim, "ignore-close-frames", enabled="0") == (200, {"ok": True, "enabled": False})
+        await asyncio.wait_for(closing, WAIT)  # the waiting close frame is answered now
+    assert ws.close_code == 1000
+    await asyncio.wait_for(sim.wait_for(lambda: not sim.connections), WAIT)
 
 
 async def test_admin_refuses_bad_parameters(sim: Simulator) -> None:
