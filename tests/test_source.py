@@ -137,7 +137,7 @@ async def test_a_quick_1008_on_a_fresh_token_counts_auth_then_contract(simulator
         try:
             await wait_for(lambda: policy(metrics, "contract") >= 1, what="a second 1008, on a fresh token")
             assert policy(metrics, "auth") == 1
-            assert simulator.counters.tokens_issued >= 2, "the contract is blamed only on a token issued after the refusal"
+            assert simulator.counters.tokens_issued >= 2, "blamed only on a token issued after the refusal"
         finally:
             await source.stop()
 
