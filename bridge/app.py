@@ -158,7 +158,9 @@ class Bridge:
             timeout=ime.http_timeout_seconds,
             refresh_margin=ime.token_refresh_margin_seconds,
             rejected_backoff=ime.auth_rejected_backoff_seconds,
+            min_interval=ime.token_request_interval_seconds,
             on_issue=self._token_issued,
+            on_held_back=self.metrics.token_requests_held_back.inc,
         )
         refresh = supervised("token-refresh", tokens.refresh_ahead, metrics=self.metrics)
         self._background.append(asyncio.create_task(refresh, name="token-refresh"))

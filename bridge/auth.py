@@ -105,7 +105,9 @@ class IssuedToken:
         refresh_margin: float = 60.0,
         timeout: float = 10.0,
         rejected_backoff: float = 300.0,
+        min_interval: float = 2.0,
         on_issue: Callable[[str, float | None], None] | None = None,
+        on_held_back: Callable[[], None] | None = None,
     ) -> None:
         self._session = session
         self._url = base_url.rstrip("/") + protocol.TOKEN_PATH
@@ -120,6 +122,11 @@ class IssuedToken:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._token: str | None = None
         self._expires_at: float | None = None
+        self._issued_at = 0.0
+        # Requests are spaced by min_interval (shared by every connection and probe), or by a 429's Retry-After.
+        self._min_interval = min_interval
+        self._next_request_at = 0.0  # monotonic
+        self._on_held_back = on_held_back
         self._lock = asyncio.Lock()
         self._rejected_backoff = rejected_backoff
         self._rejected: tuple[float, AuthRejected] | None = None
@@ -140,6 +147,7 @@ class IssuedToken:
             if self._token is None or self._expiring():
                 if self._rejected is not None and time.monotonic() < self._rejected[0]:
                     raise self._rejected[1]
+                await self._wait_for_turn()
                 try:
                     token = await self._issue()
                 except AuthRejected as exc:
@@ -150,9 +158,20 @@ class IssuedToken:
                     self._report("error", None)
                     raise
                 self._rejected = None
-                self._token, self._expires_at = token, jwt_expiry(token)
+                self._token, self._expires_at, self._issued_at = token, jwt_expiry(token), time.time()
                 self._report("ok", self._expires_at)
             return self._token
+
+    async def _wait_for_turn(self) -> None:
+        """Space token requests: wait out min_interval; refuse at once while a 429's Retry-After runs longer."""
+        wait = self._next_request_at - time.monotonic()
+        if wait > self._min_interval:
+            raise AuthUnavailable(f"token endpoint asked to retry in {wait:.0f} s")
+        if wait > 0:
+            if self._on_held_back is not None:
+                self._on_held_back()
+            await asyncio.sleep(wait)
+        self._next_request_at = time.monotonic() + self._min_interval
 
     def _report(self, outcome: str, expires_at: float | None) -> None:
         if self._on_issue is not None:
@@ -171,7 +190,7 @@ class IssuedToken:
             if expires_at is None:
                 delay = self._rejected_backoff if self._rejected is not None else self._refresh_margin
             else:
-                delay = max(1.0, expires_at - self._refresh_margin - time.time())
+                delay = max(1.0, expires_at - self._margin() - time.time())
             await asyncio.sleep(delay)
 
     def invalidate(self, token: str) -> None:
@@ -180,8 +199,15 @@ class IssuedToken:
             self._token = None
             self._expires_at = None
 
+    def _margin(self) -> float:
+        """The refresh margin, at most half the current token's lifetime (a short-lived token is not renewed on
+        every call)."""
+        if self._expires_at is None:
+            return self._refresh_margin
+        return min(self._refresh_margin, (self._expires_at - self._issued_at) / 2)
+
     def _expiring(self) -> bool:
-        return self._expires_at is not None and time.time() >= self._expires_at - self._refresh_margin
+        return self._expires_at is not None and time.time() >= self._expires_at - self._margin()
 
     async def _issue(self) -> str:
         try:
@@ -194,6 +220,9 @@ class IssuedToken:
             detail = redacted_detail(body, self._secrets)
             raise AuthRejected(f"token endpoint refused the credentials (HTTP {status}): {detail}")
         if not 200 <= status < 300:
+            retry_after = protocol.retry_after_seconds(response.headers.get("Retry-After"))
+            if retry_after is not None:
+                self._next_request_at = max(self._next_request_at, time.monotonic() + retry_after)
             raise AuthUnavailable(f"token endpoint answered HTTP {status}")
         try:
             token = json.loads(body)["Authorization"]

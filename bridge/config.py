@@ -107,7 +107,11 @@ class ImeSettings(_Section):
         default=1_048_576, ge=1024, description="Larger frames are dead-lettered as `oversized`."
     )
     token_refresh_margin_seconds: PositiveSeconds = Field(
-        default=120.0, description="Issue a new token this long before the current one expires."
+        default=120.0,
+        description="Issue a new token this long before the current one expires (at most half its lifetime).",
+    )
+    token_request_interval_seconds: PositiveSeconds = Field(
+        default=2.0, description="Token requests at most this often, shared by every connection and probe."
     )
     auth_rejected_backoff_seconds: PositiveSeconds = Field(
         default=300.0, description="Wait after the token endpoint refuses the credentials (no hot loop)."

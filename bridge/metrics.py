@@ -223,6 +223,11 @@ class Metrics:
             ["purpose"],
             registry=r,
         )
+        self.token_requests_held_back = Counter(
+            "ime_bridge_token_requests_held_back_total",
+            "Token requests that waited for ime.token_request_interval_seconds since the previous one.",
+            registry=r,
+        )
         self.token_refreshes = Counter(
             "ime_bridge_token_refreshes_total",
             "Token issue attempts, by outcome (ok, rejected, error).",

@@ -287,6 +287,8 @@ class Normalizer:
         self.naive_timezone = naive_timezone
         self.names_by_id: Mapping[str, str] = names_by_id if names_by_id is not None else {}
         self.ids_by_name: Mapping[str, str] = ids_by_name if ids_by_name is not None else {}
+        # Whether the last timestamp read had no zone (read in `naive_timezone`): the pipeline's zone check.
+        self.timestamp_was_naive = False
 
     def __call__(self, raw: str | bytes, endpoint: Endpoint, receive_time: int) -> ContractUpdate | Rejected:
         """Normalize one frame received at `receive_time` (epoch µs). The record's sequence is 0."""
@@ -356,7 +358,8 @@ class Normalizer:
 
     def _epoch_micros(self, timestamp: str) -> int:
         parsed = datetime.fromisoformat(timestamp)
-        if parsed.tzinfo is None:
+        self.timestamp_was_naive = naive = parsed.tzinfo is None
+        if naive:
             parsed = parsed.replace(tzinfo=self.naive_timezone)
         return (parsed - _EPOCH) // _MICROSECOND
 

@@ -29,6 +29,7 @@ from bridge.protocol import Endpoint
 from bridge.sink import Headers, NotSent, OutgoingRecord, Sink, SinkUnavailable
 from bridge.source import ConnectionInfo
 from bridge.spool import SpooledRecord
+from bridge.zonecheck import NaiveZoneCheck
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class FramePipeline:
         max_frame_bytes: int,
         suppress_duplicates: bool = False,
         dead_letter_raw_bytes: int = 512 * 1024,
+        naive_zone_check: NaiveZoneCheck | None = None,
     ) -> None:
         self.normalizer = normalizer
         self.buffer = buffer
@@ -85,6 +87,8 @@ class FramePipeline:
         self._current_contracts: frozenset[str] = frozenset()
         self._current_by_name = False
         self._observe_lag = metrics.exchange_lag.observe
+        # Zone-less timestamps lagging by whole half hours mean a wrong ime.naive_timezone (bridge/zonecheck.py).
+        self._zone_check = naive_zone_check or NaiveZoneCheck(normalizer.naive_timezone)
         # A flood of bad frames must not cost a log line each: the first few per reason, then a summary
         # (ime_bridge_messages_rejected_total still counts every frame).
         self._rejection_log = RateLimitedLog(logger, logging.WARNING, "frame_rejected", key_field="reason")
@@ -133,7 +137,13 @@ class FramePipeline:
         sequence = self._sequences.get(contract_id, 0) + 1
         self._sequences[contract_id] = sequence
         result.sequence = sequence
-        self._observe_lag((receive_time - result.exchange_time) / 1e6)
+        lag = (receive_time - result.exchange_time) / 1e6
+        self._observe_lag(lag)
+        # A snapshot resent on (re)subscription may carry the time of its last change: not a sample.
+        if self.normalizer.timestamp_was_naive and not result.first_after_subscribe:
+            warning = self._zone_check.observe(lag, received)
+            if warning is not None:
+                log_event(logger, logging.WARNING, "naive_timestamps_lag", **warning.fields())
         self.buffer.add_update(result, self.topic, self._current_headers, received)
 
     def on_frame_too_large(self, connection: ConnectionInfo, detail: str) -> None:

@@ -73,3 +73,18 @@ def strip_bearer(value: str) -> str:
     """Accept both Authorization spellings and return the bare token."""
     scheme, _, rest = value.partition(" ")
     return rest.strip() if scheme.lower() == "bearer" and rest else value.strip()
+
+
+# A Retry-After longer than this is taken as this: a server's typo must not silence a subscription for days.
+MAX_RETRY_AFTER = 3600.0
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header given in seconds (an HTTP date is not honoured: None)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    if seconds is None or not 0 <= seconds < float("inf"):
+        return None
+    return min(seconds, MAX_RETRY_AFTER)

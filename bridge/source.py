@@ -314,7 +314,7 @@ class WebSocketSource:
             if status in (401, 403):
                 self.tokens.invalidate(token)
             reason = f"http_{status}" if status in _HTTP_REASONS else f"http_{status // 100}xx"
-            return reason, None, _retry_after(exc.response.headers.get("Retry-After"))
+            return reason, None, protocol.retry_after_seconds(exc.response.headers.get("Retry-After"))
         except ssl.SSLCertVerificationError as exc:
             log_event(logger, logging.CRITICAL, "tls_verification_failed", connection=subscription.name, error=str(exc))
             return "tls_error", None, None
@@ -429,21 +429,6 @@ class WebSocketSource:
 
 _HTTP_REASONS = {401, 403, 404, 429, 500, 502, 503, 504}
 _CLOSE_REASONS = {1000: "closed_by_server", 1001: "server_going_away", 1011: "server_error"}
-
-
-# A Retry-After longer than this is taken as this: a server's typo must not silence a subscription for days.
-MAX_RETRY_AFTER = 3600.0
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header given in seconds (an HTTP date is not honoured: None)."""
-    try:
-        seconds = float(value) if value is not None else None
-    except ValueError:
-        return None
-    if seconds is None or not 0 <= seconds < float("inf"):
-        return None
-    return min(seconds, MAX_RETRY_AFTER)
 
 
 def _close_reason(code: int | None) -> str:

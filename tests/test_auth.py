@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,8 +12,17 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bridge.auth import DETAIL_LIMIT, AuthRejected, IssuedToken, StaticToken, jwt_expiry, redacted_detail
+from bridge.auth import (
+    DETAIL_LIMIT,
+    AuthRejected,
+    AuthUnavailable,
+    IssuedToken,
+    StaticToken,
+    jwt_expiry,
+    redacted_detail,
+)
 from bridge.protocol import authorization_header, strip_bearer
+from bridge.simulator import Simulator, SimulatorConfig
 
 
 def jwt(claims: object) -> str:
@@ -114,3 +124,37 @@ def test_redacted_detail_is_capped_after_redaction() -> None:
     body = json.dumps({"detail": "x" * 195 + "hunter2" + "y" * 500}).encode()
     assert redacted_detail(body, ["hunter2"]) == "x" * 195 + "***yy"
     assert redacted_detail(b"<html>hunter2</html>", ["hunter2"]) == "no detail"
+
+
+async def test_a_short_lived_token_is_renewed_at_half_its_life_and_requests_are_spaced() -> None:
+    async with Simulator(SimulatorConfig(contracts=1, token_ttl=4.0)) as simulator, aiohttp.ClientSession() as http:
+        held_back = []
+        tokens = IssuedToken(
+            http,
+            simulator.base_url,
+            simulator.config.username,
+            simulator.config.password,
+            refresh_margin=120.0,  # longer than the token lives: clamped to half its lifetime
+            min_interval=1.0,
+            on_held_back=lambda: held_back.append(1),
+        )
+        first = await tokens.token()
+        assert await tokens.token() == first, "not renewed on every call"
+        assert simulator.counters.token_requests == 1
+        tokens.invalidate(first)
+        started = time.monotonic()
+        await tokens.token()  # a second request within min_interval waits its turn
+        assert time.monotonic() - started >= 0.9
+        assert held_back == [1]
+
+
+async def test_a_429_with_retry_after_holds_token_requests_back() -> None:
+    async with Simulator(SimulatorConfig(contracts=1)) as simulator, aiohttp.ClientSession() as http:
+        simulator.reject_token_requests(429, retry_after=30)
+        tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
+        with pytest.raises(AuthUnavailable, match="HTTP 429"):
+            await tokens.token()
+        simulator.reject_token_requests(None)
+        with pytest.raises(AuthUnavailable, match="retry in"):
+            await tokens.token()
+        assert simulator.counters.token_requests == 1, "no request before Retry-After has passed"

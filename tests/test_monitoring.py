@@ -434,6 +434,7 @@ def populate(metrics: Metrics) -> None:
     metrics.quarantined_contracts.labels("rejected").set(1)
     metrics.contract_probes.labels("bisect").inc(7)
     metrics.token_refreshes.labels("ok").inc()
+    metrics.token_requests_held_back.inc()
     metrics.token_expiry.set(now + 3600)
     metrics.ready.set(1)
     metrics.undelivered_at_shutdown.set(0)
