@@ -200,11 +200,11 @@ class IssuedToken:
             self._expires_at = None
 
     def _margin(self) -> float:
-        """The refresh margin, at most half the current token's lifetime (a short-lived token is not renewed on
-        every call)."""
+        """The refresh margin, at most a quarter of the current token's lifetime: a short-lived token is renewed
+        once per three quarters of its life, not on every call."""
         if self._expires_at is None:
             return self._refresh_margin
-        return min(self._refresh_margin, (self._expires_at - self._issued_at) / 2)
+        return min(self._refresh_margin, (self._expires_at - self._issued_at) / 4)
 
     def _expiring(self) -> bool:
         return self._expires_at is not None and time.time() >= self._expires_at - self._margin()

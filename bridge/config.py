@@ -108,7 +108,7 @@ class ImeSettings(_Section):
     )
     token_refresh_margin_seconds: PositiveSeconds = Field(
         default=120.0,
-        description="Issue a new token this long before the current one expires (at most half its lifetime).",
+        description="Issue a new token this long before the current one expires (at most a quarter of its lifetime).",
     )
     token_request_interval_seconds: PositiveSeconds = Field(
         default=2.0, description="Token requests at most this often, shared by every connection and probe."

@@ -225,7 +225,9 @@ class WebSocketSource:
                 # Fresh token first; if that is refused at once too, the list holds an invalid contract.
                 cause = refusals.on_policy_close(ended.token, ended.seconds_open, ended.received)
                 self.metrics.policy_rejections.labels(endpoint, cause.value).inc()
-                if cause is PolicyCause.CONTRACT and self.on_invalid_contract is not None:
+                if cause is PolicyCause.AUTH:
+                    self.tokens.invalidate(ended.token)  # a fresh token next time; kept when a contract is blamed
+                elif self.on_invalid_contract is not None:
                     self.metrics.reconnects.labels(endpoint, reason).inc()
                     log_event(logger, logging.WARNING, "invalid_contract_suspected", connection=subscription.name)
                     self.on_invalid_contract(subscription)
@@ -300,7 +302,6 @@ class WebSocketSource:
             return ("stale" if connection.stale else _close_reason(ws.close_code)), opened_at, None
         except ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
-                self.tokens.invalidate(token)
                 return "policy_violation", opened_at, None
             if exc.sent is not None and exc.sent.code == protocol.CLOSE_MESSAGE_TOO_BIG:
                 if self.on_frame_too_large is not None:

@@ -126,7 +126,7 @@ def test_redacted_detail_is_capped_after_redaction() -> None:
     assert redacted_detail(b"<html>hunter2</html>", ["hunter2"]) == "no detail"
 
 
-async def test_a_short_lived_token_is_renewed_at_half_its_life_and_requests_are_spaced() -> None:
+async def test_a_short_lived_token_is_not_renewed_on_every_call_and_requests_are_spaced() -> None:
     async with Simulator(SimulatorConfig(contracts=1, token_ttl=4.0)) as simulator, aiohttp.ClientSession() as http:
         held_back = []
         tokens = IssuedToken(
@@ -134,7 +134,7 @@ async def test_a_short_lived_token_is_renewed_at_half_its_life_and_requests_are_
             simulator.base_url,
             simulator.config.username,
             simulator.config.password,
-            refresh_margin=120.0,  # longer than the token lives: clamped to half its lifetime
+            refresh_margin=120.0,  # longer than the token lives: clamped to a quarter of it
             min_interval=1.0,
             on_held_back=lambda: held_back.append(1),
         )
