@@ -29,6 +29,12 @@ pytestmark = pytest.mark.integration
 FAST = {"reconnect_min_seconds": 0.1, "reconnect_max_seconds": 1.0, "healthy_after_seconds": 5}
 
 
+@pytest.fixture(params=[False, True], ids=["close-answered", "close-ignored"])
+def ignore_close_frames(request: pytest.FixtureRequest) -> bool:
+    """Every fault twice: against a server that answers close frames, and one that ignores them while it streams."""
+    return bool(request.param)
+
+
 async def flowing_after(
     broker: BrokerInfo, running: RunningBridge, contracts: list[str], since: float, within: float = 60
 ) -> float:
@@ -56,8 +62,8 @@ def report(name: str, seconds: float, **extra: object) -> None:
     print(f"\nrecovery {name}: {seconds:.2f}s {details}")
 
 
-async def test_drop_of_all_connections(kafka_broker: BrokerInfo) -> None:
-    async with Simulator(SimulatorConfig(contracts=8, rate=200)) as simulator:
+async def test_drop_of_all_connections(kafka_broker: BrokerInfo, ignore_close_frames: bool) -> None:
+    async with Simulator(SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=8, rate=200)) as simulator:
         ids = [c.id for c in simulator.contracts]
         settings = bridge_settings(
             simulator, kafka_broker, ime={"contract_ids": ids, "max_contracts_per_connection": 4, **FAST}
@@ -71,9 +77,11 @@ async def test_drop_of_all_connections(kafka_broker: BrokerInfo) -> None:
     report("drop all connections", took)
 
 
-async def test_half_open_connection_is_detected_within_ping_interval_plus_timeout(kafka_broker: BrokerInfo) -> None:
+async def test_half_open_connection_is_detected_within_ping_interval_plus_timeout(
+    kafka_broker: BrokerInfo, ignore_close_frames: bool
+) -> None:
     async with (
-        Simulator(SimulatorConfig(contracts=4, rate=100)) as simulator,
+        Simulator(SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=4, rate=100)) as simulator,
         FaultProxy("127.0.0.1", simulator.port) as proxy,
     ):
         ids = [c.id for c in simulator.contracts]
@@ -103,8 +111,10 @@ async def test_half_open_connection_is_detected_within_ping_interval_plus_timeou
     report("half-open (black-holed) connection", detected, flowing_again_after_restore=f"{took:.2f}s")
 
 
-async def test_accept_then_close_storm_stays_within_the_backoff(kafka_broker: BrokerInfo) -> None:
-    async with Simulator(SimulatorConfig(contracts=2, rate=100)) as simulator:
+async def test_accept_then_close_storm_stays_within_the_backoff(
+    kafka_broker: BrokerInfo, ignore_close_frames: bool
+) -> None:
+    async with Simulator(SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=2, rate=100)) as simulator:
         ids = [c.id for c in simulator.contracts]
         settings = bridge_settings(simulator, kafka_broker, ime={"contract_ids": ids, **FAST})
         async with running_bridge(settings) as running:
@@ -123,8 +133,8 @@ async def test_accept_then_close_storm_stays_within_the_backoff(kafka_broker: Br
     report("accept-then-close storm", took, attempts_in_8s=attempts)
 
 
-async def test_close_1011_recovers(kafka_broker: BrokerInfo) -> None:
-    async with Simulator(SimulatorConfig(contracts=4, rate=200)) as simulator:
+async def test_close_1011_recovers(kafka_broker: BrokerInfo, ignore_close_frames: bool) -> None:
+    async with Simulator(SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=4, rate=200)) as simulator:
         ids = [c.id for c in simulator.contracts]
         settings = bridge_settings(simulator, kafka_broker, ime={"contract_ids": ids, **FAST})
         async with running_bridge(settings) as running:
@@ -136,9 +146,9 @@ async def test_close_1011_recovers(kafka_broker: BrokerInfo) -> None:
     report("close 1011", took)
 
 
-async def test_server_down_at_start_then_back(kafka_broker: BrokerInfo) -> None:
+async def test_server_down_at_start_then_back(kafka_broker: BrokerInfo, ignore_close_frames: bool) -> None:
     port = free_port()
-    config = SimulatorConfig(port=port, contracts=4, rate=200)
+    config = SimulatorConfig(ignore_close_frames=ignore_close_frames, port=port, contracts=4, rate=200)
     nobody = {"base_url": f"http://127.0.0.1:{port}", "ws_url": f"ws://127.0.0.1:{port}"}
     settings = bridge_settings(
         Simulator(config), kafka_broker, ime={"contract_ids": ["1001", "1002"], **nobody, **FAST}
@@ -153,8 +163,12 @@ async def test_server_down_at_start_then_back(kafka_broker: BrokerInfo) -> None:
     report("server down at start, then back", took)
 
 
-async def test_token_expiry_mid_stream_is_refreshed_ahead_without_a_1008(kafka_broker: BrokerInfo) -> None:
-    async with Simulator(SimulatorConfig(contracts=2, rate=100, token_ttl=4.0)) as simulator:
+async def test_token_expiry_mid_stream_is_refreshed_ahead_without_a_1008(
+    kafka_broker: BrokerInfo, ignore_close_frames: bool
+) -> None:
+    async with Simulator(
+        SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=2, rate=100, token_ttl=4.0)
+    ) as simulator:
         ids = [c.id for c in simulator.contracts]
         settings = bridge_settings(
             simulator, kafka_broker, ime={"contract_ids": ids, "token_refresh_margin_seconds": 2, **FAST}
@@ -171,8 +185,10 @@ async def test_token_expiry_mid_stream_is_refreshed_ahead_without_a_1008(kafka_b
     report("token expiry mid-stream (refreshed ahead)", took)
 
 
-async def test_token_revocation_is_recovered_by_one_reissue(kafka_broker: BrokerInfo) -> None:
-    async with Simulator(SimulatorConfig(contracts=6, rate=200)) as simulator:
+async def test_token_revocation_is_recovered_by_one_reissue(
+    kafka_broker: BrokerInfo, ignore_close_frames: bool
+) -> None:
+    async with Simulator(SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=6, rate=200)) as simulator:
         ids = [c.id for c in simulator.contracts]
         settings = bridge_settings(
             simulator, kafka_broker, ime={"contract_ids": ids, "max_contracts_per_connection": 3, **FAST}
@@ -189,8 +205,10 @@ async def test_token_revocation_is_recovered_by_one_reissue(kafka_broker: Broker
     report("token revocation", took, policy_rejections=auth)
 
 
-async def test_wrong_credentials_keep_the_bridge_unready_without_a_hot_loop(kafka_broker: BrokerInfo) -> None:
-    async with Simulator(SimulatorConfig(contracts=4, rate=100)) as simulator:
+async def test_wrong_credentials_keep_the_bridge_unready_without_a_hot_loop(
+    kafka_broker: BrokerInfo, ignore_close_frames: bool
+) -> None:
+    async with Simulator(SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=4, rate=100)) as simulator:
         ids = [c.id for c in simulator.contracts]
         settings = bridge_settings(
             simulator,
@@ -210,8 +228,10 @@ async def test_wrong_credentials_keep_the_bridge_unready_without_a_hot_loop(kafk
     assert running.metric("ime_bridge_reconnects_total", endpoint="id", reason="auth_rejected") >= 1
 
 
-async def test_two_invalid_contracts_among_64_are_found_by_bisection_and_quarantined(kafka_broker: BrokerInfo) -> None:
-    async with Simulator(SimulatorConfig(contracts=64, rate=400)) as simulator:
+async def test_two_invalid_contracts_among_64_are_found_by_bisection_and_quarantined(
+    kafka_broker: BrokerInfo, ignore_close_frames: bool
+) -> None:
+    async with Simulator(SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=64, rate=400)) as simulator:
         ids = [c.id for c in simulator.contracts]
         invalid = [ids[9], ids[41]]
         await simulator.invalidate_contracts(invalid)
@@ -246,11 +266,13 @@ async def test_two_invalid_contracts_among_64_are_found_by_bisection_and_quarant
 
 
 @pytest.mark.parametrize("inside", [True, False], ids=["inside-trading-hours", "outside-trading-hours"])
-async def test_silence_reconnects_only_inside_the_trading_calendar(kafka_broker: BrokerInfo, inside: bool) -> None:
+async def test_silence_reconnects_only_inside_the_trading_calendar(
+    kafka_broker: BrokerInfo, ignore_close_frames: bool, inside: bool
+) -> None:
     today_in_tehran = datetime.now(ZoneInfo("Asia/Tehran")).date().isoformat()
     calendar = {"trading_sessions": ["sat-fri 00:00-24:00"], "holidays": [] if inside else [today_in_tehran]}
     # A market that changes about once a minute: silence, but pings are answered.
-    async with Simulator(SimulatorConfig(contracts=1, rate=0.01)) as simulator:
+    async with Simulator(SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=1, rate=0.01)) as simulator:
         settings = bridge_settings(
             simulator,
             kafka_broker,
@@ -273,9 +295,11 @@ async def test_silence_reconnects_only_inside_the_trading_calendar(kafka_broker:
 
 
 async def test_500_contracts_sharded_under_a_url_limit_and_sighup_reopens_only_affected_connections(
-    kafka_broker: BrokerInfo, tmp_path: Path
+    kafka_broker: BrokerInfo, ignore_close_frames: bool, tmp_path: Path
 ) -> None:
-    async with Simulator(SimulatorConfig(contracts=520, rate=500)) as simulator:
+    async with Simulator(
+        SimulatorConfig(ignore_close_frames=ignore_close_frames, contracts=520, rate=500)
+    ) as simulator:
         ids = [c.id for c in simulator.contracts]
         limits = {"max_url_length": 1200, "max_contracts_per_connection": 100}
         config = bridge_config(simulator, kafka_broker, ime={"contract_ids": ids[:500], **limits, **FAST})
