@@ -72,6 +72,17 @@ async def proxied_broker() -> AsyncIterator[ProxiedBroker]:
         broker.close()
 
 
+def spool_after_50(simulator: Simulator, proxied: ProxiedBroker, directory: Path) -> dict[str, Any]:
+    """A bridge process's config: every contract, Kafka failing fast, spooling past 50 records in memory."""
+    return bridge_config(
+        simulator,
+        proxied.info,
+        ime={"contract_ids": [c.id for c in simulator.contracts]},
+        kafka=fast_failing_kafka(),
+        buffer={"overflow": "spool", "spool_dir": str(directory / "spool"), "spool_after_records": 50},
+    )
+
+
 def all_contracts_strict_pings(simulator: Simulator) -> dict[str, Any]:
     """Subscribe to every contract with pings tight enough that a reader stuck for 3 s would reconnect."""
     return {"contract_ids": [c.id for c in simulator.contracts], "ping_interval_seconds": 1, "ping_timeout_seconds": 2}
@@ -334,13 +345,7 @@ async def test_a_spool_whose_disk_refuses_writes_enters_the_alerted_full_state_a
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     async with Simulator(SimulatorConfig(contracts=CONTRACTS, rate=150, record_sent=True)) as simulator:
-        config = bridge_config(
-            simulator,
-            proxied_broker.info,
-            ime={"contract_ids": [c.id for c in simulator.contracts]},
-            kafka=fast_failing_kafka(),
-            buffer={"overflow": "spool", "spool_dir": str(tmp_path / "spool"), "spool_after_records": 50},
-        )
+        config = spool_after_50(simulator, proxied_broker, tmp_path)
         bridge = BridgeProcess(config, tmp_path)
         bridge.start(preexec_fn=limit_file_size)
         try:
@@ -548,13 +553,7 @@ async def test_shutdown_timeout_in_spool_mode_counts_the_undelivered_and_the_nex
     proxied_broker: ProxiedBroker, tmp_path: Path
 ) -> None:
     async with Simulator(SimulatorConfig(contracts=CONTRACTS, rate=200, record_sent=True)) as simulator:
-        config = bridge_config(
-            simulator,
-            proxied_broker.info,
-            ime={"contract_ids": [c.id for c in simulator.contracts]},
-            kafka=fast_failing_kafka(),
-            buffer={"overflow": "spool", "spool_dir": str(tmp_path / "spool"), "spool_after_records": 50},
-        )
+        config = spool_after_50(simulator, proxied_broker, tmp_path)
         config["shutdown_timeout_seconds"] = 2.0
         first = BridgeProcess(config, tmp_path)
         first.start()

@@ -16,7 +16,7 @@ from bridge.planner import Subscription
 from bridge.protocol import Endpoint
 from bridge.simulator import Simulator, SimulatorConfig
 from bridge.source import ConnectionInfo, SourceSettings, WebSocketSource
-from tests.conftest import wait_for
+from tests.conftest import assert_holds, wait_for
 
 
 @dataclass
@@ -213,3 +213,19 @@ async def test_stop_closes_connections_with_going_away(simulator: Simulator) -> 
     await wait_for(lambda: len(captured.frames) >= 1)
     await asyncio.wait_for(source.stop(), timeout=10)
     await wait_for(lambda: not simulator.connections, what="the simulator to see the close")
+
+
+async def test_a_handshake_refused_with_429_waits_its_retry_after(simulator: Simulator) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
+    simulator.reject_handshakes(429, retry_after=3)
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([subscription])
+    try:
+        await wait_for(lambda: reconnects(metrics, "id", "http_429") == 1, what="a 429")
+        handshakes = simulator.counters.handshakes
+        simulator.reject_handshakes(None)
+        # reconnect_max is 0.2 s: only the server's Retry-After keeps the next attempt away this long.
+        await assert_holds(lambda: simulator.counters.handshakes == handshakes, seconds=2.5, what="no new attempt")
+        await wait_for(lambda: len(captured.frames) > 0, what="frames once Retry-After has passed")
+    finally:
+        await source.stop()
