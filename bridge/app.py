@@ -26,12 +26,14 @@ from bridge.catalog import ContractCatalog, HttpContractCatalog
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.encode import load_schema
 from bridge.health import HealthServer
+from bridge.intake import Intake
 from bridge.logs import log_event
 from bridge.metrics import Metrics
-from bridge.normalize import Normalizer
-from bridge.pipeline import FramePipeline, Publisher, start_sink
+from bridge.normalize import Normalizer, RejectReason
 from bridge.protocol import Endpoint
-from bridge.sink import KafkaSink, Sink, SinkFatal
+from bridge.publisher import Publisher, start_sink
+from bridge.records import Sink, SinkFatal
+from bridge.sink import KafkaSink
 from bridge.source import SourceSettings, WebSocketSource
 from bridge.spool import Spool, SpoolError
 from bridge.subscriptions import SubscriptionManager
@@ -185,7 +187,7 @@ class Bridge:
         ids_by_name: dict[str, str] = {}
         buffer = self._open_buffer()
         self._buffer = buffer
-        pipeline = FramePipeline(
+        intake = Intake(
             normalizer=Normalizer(
                 session_id=self.session_id,
                 naive_timezone=ime.timezone,
@@ -195,8 +197,6 @@ class Bridge:
             buffer=buffer,
             metrics=self.metrics,
             schema=load_schema(),
-            topic=settings.kafka.topic,
-            dlq_topic=settings.kafka.dlq_topic,
             max_frame_bytes=ime.max_frame_bytes,
             suppress_duplicates=settings.buffer.suppress_duplicates,
             dead_letter_raw_bytes=settings.buffer.dead_letter_raw_bytes,
@@ -205,7 +205,6 @@ class Bridge:
             buffer,
             sink,
             self.metrics,
-            dlq_topic=settings.kafka.dlq_topic,
             max_batch_records=settings.buffer.max_batch_records,
         )
         self._publisher_task = asyncio.create_task(self._publisher.run(), name="publisher")
@@ -233,8 +232,8 @@ class Bridge:
                 max_message_bytes=4 * ime.max_frame_bytes,
             ),
             tokens=tokens,
-            handler=pipeline.on_frame,
-            on_frame_too_large=pipeline.on_frame_too_large,
+            handler=intake.on_frame,
+            on_frame_too_large=intake.on_frame_too_large,
             metrics=self.metrics,
             calendar=ime.calendar,
         )
@@ -260,7 +259,11 @@ class Bridge:
         spool = None
         if config.overflow == "spool":
             assert config.spool_dir is not None  # required by BufferSettings
-            spool = Spool(config.spool_dir, max_bytes=config.spool_max_bytes)
+            spool = Spool(
+                config.spool_dir,
+                max_bytes=config.spool_max_bytes,
+                on_unknown_schema=self.metrics.messages_rejected.labels(RejectReason.UNKNOWN_SCHEMA.value).inc,
+            )
             try:
                 recovery = spool.open()
             except SpoolError as exc:  # the directory cannot be created, read or written: nothing to run with
@@ -288,7 +291,6 @@ class Bridge:
             spool_after_seconds=config.spool_after_seconds,
             fsync_interval=config.spool_fsync_interval_seconds,
             dead_letter_memory_bytes=config.dead_letter_memory_bytes,
-            topics=(self.settings.kafka.topic, self.settings.kafka.dlq_topic),
         )
 
     async def _start_sink(self, sink: Sink) -> None:

@@ -35,7 +35,7 @@ from bridge.encode import encode_update
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate
-from bridge.sink import Headers, OutgoingRecord
+from bridge.records import Headers, OutgoingRecord, RecordKind
 from bridge.spool import Spool, SpooledRecord, SpoolError, SpoolFull
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,11 @@ class _Entry:
 
     record: OutgoingRecord
     update: ContractUpdate | None = None
+
+    def encode(self) -> None:
+        """Encode the update into the record's value: the one place an update becomes bytes."""
+        if self.update is not None:
+            self.record.value = encode_update(self.update)
 
 
 @dataclass
@@ -81,7 +86,6 @@ class DeliveryBuffer:
         spool_after_seconds: float = 1.0,
         fsync_interval: float = 0.2,
         dead_letter_memory_bytes: int = 64 << 20,
-        topics: tuple[str, str] | None = None,
     ) -> None:
         if overflow is Overflow.SPOOL and spool is None:
             raise ValueError("spool overflow needs a spool")
@@ -96,8 +100,6 @@ class DeliveryBuffer:
         self.dead_letter_memory_bytes = dead_letter_memory_bytes
         self._dead_letter_bytes = 0
         self._dropping_dead_letters = False
-        # (updates, dead letters): a spool written under another configuration replays into today's topics.
-        self.topics = topics
         self.spool_full = False
         self._spool_failing = ""  # why the last spool operation failed, until one succeeds
         self._synced_at = 0.0
@@ -125,12 +127,13 @@ class DeliveryBuffer:
         """Records waiting, in memory and in the spool."""
         return len(self._memory) + len(self._held) + (self.spool.records if self.spool is not None else 0)
 
-    def add_update(self, update: ContractUpdate, topic: str, headers: Headers, received: float) -> None:
+    def add_update(self, update: ContractUpdate, headers: Headers, received: float) -> None:
         """Queue a normalized snapshot (its key is its contract id)."""
         key = update.contract_id.encode()
+        entry = _Entry(OutgoingRecord(RecordKind.UPDATE, key, b"", headers, received), update)
         if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill(received)):
-            record = OutgoingRecord(topic, key, encode_update(update), headers, received)
-            self._to_spool(_Entry(record, update))
+            entry.encode()
+            self._to_spool(entry)
             return
         memory = self._memory
         if self.overflow is Overflow.CONFLATE and len(memory) >= self.capacity:
@@ -138,7 +141,6 @@ class DeliveryBuffer:
                 self._index(memory)
             if self._conflate(self._latest, key, update, headers, received):
                 return
-        entry = _Entry(OutgoingRecord(topic, key, b"", headers, received), update)
         memory.append(entry)
         if self._indexed:
             self._latest[key] = entry
@@ -231,9 +233,8 @@ class DeliveryBuffer:
                 self._spool_failed(exc)
             self._in_flight_since = 0.0
         for entry in waiting:
-            if entry.update is not None:
-                entry.record.value = encode_update(entry.update)
-            else:
+            entry.encode()
+            if entry.update is None:
                 self._release_dead_letter(entry)
             self._to_spool(entry)
 
@@ -273,7 +274,7 @@ class DeliveryBuffer:
         update = entry.update
         if key is not None and update is not None:
             if self._conflate(self._held, key, update, entry.record.headers, entry.record.received):
-                self._held[key].record.value = encode_update(update)
+                self._held[key].encode()
                 return
             self._held[key] = entry
             return
@@ -329,9 +330,8 @@ class DeliveryBuffer:
                 key = entry.record.key
                 if indexed and key is not None and self._latest.get(key) is entry:
                     del self._latest[key]
-                if entry.update is not None:
-                    entry.record.value = encode_update(entry.update)
-                else:
+                entry.encode()
+                if entry.update is None:
                     self._release_dead_letter(entry)
                 taken.entries.append(entry)
                 taken.records.append(entry.record)
@@ -343,11 +343,7 @@ class DeliveryBuffer:
                 spooled = self._read_spool(max_records - len(taken.records))
                 read_failed = spooled is None
                 taken.spooled = spooled or []
-                for spooled_record in taken.spooled:
-                    record = spooled_record.record
-                    if self.topics is not None:
-                        record.topic = self.topics[record.dead_letter_reason is not None]
-                    taken.records.append(record)
+                taken.records.extend(spooled_record.record for spooled_record in taken.spooled)
                 assert self.spool is not None
                 if not read_failed and not self.spool.unread and not self._held:
                     self._spooling = False  # the backlog is taken: new records go to memory again
@@ -427,8 +423,7 @@ class DeliveryBuffer:
         newer: list[_Entry] = []
         (older if self._spooling else newer).extend(self._memory)
         for entry in (*older, *newer):
-            if entry.update is not None:
-                entry.record.value = encode_update(entry.update)
+            entry.encode()
         held = [entry.record for entry in self._held.values()]
         undelivered = len(older) + len(newer) + len(held) + (self.spool.records if self.spool is not None else 0)
         if self.spool is not None:

@@ -69,7 +69,7 @@ def _fatal(reason: str, code: int) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run the bridge; every fatal end is one `ime-bridge: fatal:` line on stderr and an exit code (EXIT_*)."""
     from bridge.app import PublisherFailed
-    from bridge.sink import SinkFatal
+    from bridge.records import SinkFatal
     from bridge.source import SourceFatal
     from bridge.spool import SpoolError
 

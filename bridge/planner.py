@@ -28,6 +28,19 @@ class Subscription:
         return live_url(ws_base_url, self.endpoint, self.contracts)
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """Identifies one physical connection: the subscription and which attempt of it this is."""
+
+    subscription: Subscription
+    attempt: int
+
+    @property
+    def label(self) -> str:
+        """`<subscription>/<attempt>`, the `connection` header of records."""
+        return f"{self.subscription.name}/{self.attempt}"
+
+
 def plan_subscriptions(
     ws_base_url: str,
     contract_ids: Sequence[str],

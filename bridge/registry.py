@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
 
-from bridge.backoff import Backoff
 from bridge.config import SchemaRegistrySettings
 from bridge.encode import Schema
-from bridge.sink import SinkFatal, SinkUnavailable
+from bridge.records import SinkFatal, SinkUnavailable
+from bridge.retry import Backoff
 
 T = TypeVar("T")
 

@@ -3,8 +3,8 @@
 `KafkaSink` wraps aiokafka. It picks each record's partition itself (murmur2 of the key, as the Java
 client and aiokafka's default partitioner do, so every client agrees where a contract lives) and
 sends one `create_batch`/`send_batch` per partition, which costs a fifth of a `send()` per record
-(see ../shared/design.md). Library errors are translated here into SinkUnavailable. `MemorySink` is
-the in-memory twin for unit tests.
+(see ../shared/design.md). Only this module knows Kafka: it maps each record's kind to its topic and
+translates aiokafka's errors into the outcomes and errors of bridge/records.py.
 
 Updates also go to the latest-state topic (compacted, same key, value and headers): each contract's newest
 update of every publish round, under the same one-batch-per-partition rule, so per-contract order holds on
@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -28,55 +27,14 @@ from aiokafka.partitioner import murmur2
 
 from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
+from bridge.records import NOT_SENT, Failed, Headers, Outcome, OutgoingRecord, RecordKind, SinkUnavailable, TooLarge
 
 if TYPE_CHECKING:
     from bridge.registry import SchemaRegistry
 
-Headers = list[tuple[str, bytes]]
-
 _TOPIC_ALREADY_EXISTS = 36
 # The latest-state topic keeps the newest record per key; older ones are compacted away.
 STATE_TOPIC_CONFIG = {"cleanup.policy": "compact"}
-
-
-@dataclass(slots=True)
-class OutgoingRecord:
-    """One record on its way to Kafka. `received` is the monotonic time its frame arrived."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: Headers
-    received: float
-    dead_letter_reason: str | None = None
-
-
-class SinkUnavailable(Exception):
-    """Kafka could not be reached, or the producer became unusable and must be replaced."""
-
-
-class SinkFatal(Exception):
-    """A failure retrying cannot fix (the schema registry refuses the schema or the credentials): stop, loudly."""
-
-
-class NotSent(Exception):
-    """The record was not handed to Kafka in this round (its partition's batch was full): send it next round."""
-
-
-class Sink(Protocol):
-    """Where records go. `publish` resolves once every record has an outcome."""
-
-    async def start(self) -> None:
-        """Connect; raise SinkUnavailable if Kafka cannot be reached."""
-        ...
-
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
-        """Send `records` in order, per partition; one outcome per record (None = acknowledged)."""
-        ...
-
-    async def stop(self) -> None:
-        """Flush what is in flight and disconnect."""
-        ...
 
 
 def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
@@ -113,16 +71,15 @@ class _Batch:
         self.indices: list[int] = []
         self.full = False
 
-    def add(self, key: bytes | None, value: bytes, headers: Headers, index: int) -> Exception | None:
+    def add(self, key: bytes | None, value: bytes, headers: Headers, index: int) -> Outcome:
         """Add record `index`; its outcome when it is not in the batch."""
         if self.full:  # this partition's batch is full for this round
-            return NotSent()
+            return NOT_SENT
         if self.builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
             if not self.indices:  # a single record larger than a whole batch
-                too_large: Exception = MessageSizeTooLargeError(f"record of {len(value)} bytes")
-                return too_large
+                return TooLarge()
             self.full = True
-            return NotSent()
+            return NOT_SENT
         self.indices.append(index)
         return None
 
@@ -147,6 +104,11 @@ class KafkaSink:
 
             self._registry = SchemaRegistry(registry)
         self._state_topic = settings.state_topic if settings.state_topic_enabled else None
+        self._topics = {
+            RecordKind.UPDATE: settings.topic,
+            RecordKind.DEAD_LETTER: settings.dlq_topic,
+            RecordKind.STATE: settings.state_topic,
+        }
         # The wire-format prefix of update values on each topic; empty without a registry (b"" + value is value).
         self._updates_prefix = self._state_prefix = b""
         self._producer: AIOKafkaProducer | None = None
@@ -154,6 +116,10 @@ class KafkaSink:
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
         self._partitions_of_update: dict[bytes, tuple[int, int]] = {}
         self._next_unkeyed = 0
+
+    def topic(self, kind: RecordKind) -> str:
+        """The topic of `kind` (kafka.topic, kafka.dlq_topic or kafka.state_topic)."""
+        return self._topics[kind]
 
     async def start(self) -> None:
         """Register the value schemas (registry only), create missing topics, start the producer.
@@ -235,7 +201,7 @@ class KafkaSink:
             cached = self._partition_of_key[(topic, key)] = (murmur2(key) & 0x7FFFFFFF) % count
         return cached
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
         """One batch per partition per topic, in record order; each record's outcome (None = acknowledged).
 
         A partition never gets a second batch in the same round, so a batch that fails cannot be
@@ -251,7 +217,7 @@ class KafkaSink:
         producer = self._producer
         if producer is None:
             raise SinkUnavailable("publish before start")
-        outcomes: list[Exception | None] = [None] * len(records)
+        outcomes: list[Outcome] = [None] * len(records)
         updates_topic, state_topic = self._settings.topic, self._state_topic
         updates_prefix, state_prefix = self._updates_prefix, self._state_prefix
         # Batches by partition: of the updates topic, of the state topic, and by (topic, partition) of others.
@@ -262,21 +228,20 @@ class KafkaSink:
         new_batch = producer.create_batch
         # The state topic needs only each contract's newest update of the round (compaction keeps no other).
         newest = (
-            {r.key: i for i, r in enumerate(records) if r.topic == updates_topic and r.dead_letter_reason is None}
-            if state_topic is not None
-            else {}
+            {r.key: i for i, r in enumerate(records) if r.kind is RecordKind.UPDATE} if state_topic is not None else {}
         )
         for index, record in enumerate(records):
             key = record.key
-            if record.topic != updates_topic or record.dead_letter_reason is not None or key is None:
-                slot = (record.topic, self._partition(record.topic, key))
+            if record.kind is not RecordKind.UPDATE or key is None:
+                topic = self._topics[record.kind]
+                slot = (topic, self._partition(topic, key))
                 batch = others.get(slot) or others.setdefault(slot, _Batch(new_batch()))
                 outcome = batch.add(key, record.value, record.headers, index)
             else:
                 partition, state_partition = partitions_of_update.get(key) or self._update_partitions(key)
                 batch = updates.get(partition) or updates.setdefault(partition, _Batch(new_batch()))
                 if batch.full:
-                    outcome = NotSent()
+                    outcome = NOT_SENT
                 elif newest.get(key) != index:
                     outcome = batch.add(key, updates_prefix + record.value, record.headers, index)
                 else:
@@ -301,7 +266,7 @@ class KafkaSink:
                 pending.append((future, batch.indices, topic == state_topic))
             except KafkaError as exc:
                 for index in batch.indices:
-                    outcomes[index] = exc
+                    outcomes[index] = _failed(exc)
             except Exception as exc:
                 raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
         state_copies = 0
@@ -310,7 +275,7 @@ class KafkaSink:
                 await future
             except KafkaError as exc:
                 for index in sent:
-                    outcomes[index] = exc
+                    outcomes[index] = _failed(exc)
             except Exception as exc:
                 raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
             else:
@@ -336,25 +301,6 @@ class KafkaSink:
             await producer.stop()
 
 
-@dataclass
-class MemorySink:
-    """A Sink that keeps what it is given, for unit tests. `fail_with` makes every publish fail."""
-
-    records: list[OutgoingRecord] = field(default_factory=list)
-    fail_with: Exception | None = None
-    started: bool = False
-
-    async def start(self) -> None:
-        """Mark started."""
-        self.started = True
-
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
-        """Keep `records`, or fail each with `fail_with`."""
-        if self.fail_with is not None:
-            return [self.fail_with] * len(records)
-        self.records.extend(records)
-        return [None] * len(records)
-
-    async def stop(self) -> None:
-        """Mark stopped."""
-        self.started = False
+def _failed(exc: KafkaError) -> Failed:
+    """The outcome of a record Kafka refused with `exc`."""
+    return TooLarge() if isinstance(exc, MessageSizeTooLargeError) else Failed(type(exc).__name__)

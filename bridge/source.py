@@ -25,31 +25,18 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidH
 
 from bridge import protocol
 from bridge.auth import AuthError, AuthRejected, TokenProvider
-from bridge.backoff import Backoff
 from bridge.calendar import ALWAYS_OPEN, TradingCalendar
 from bridge.logs import log_event, log_exception
 from bridge.metrics import Metrics
-from bridge.planner import Subscription
+from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
 from bridge.refusals import PolicyCause, PolicyRefusals
+from bridge.retry import Backoff
 from bridge.supervise import supervised
 
 logger = logging.getLogger(__name__)
 
-FrameHandler = Callable[[bytes, int, "ConnectionInfo"], None]
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionInfo:
-    """Identifies one physical connection: the subscription and which attempt of it this is."""
-
-    subscription: Subscription
-    attempt: int
-
-    @property
-    def label(self) -> str:
-        """`<subscription>/<attempt>`, the `connection` header of records."""
-        return f"{self.subscription.name}/{self.attempt}"
+FrameHandler = Callable[[bytes, int, ConnectionInfo], None]
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,11 @@ point leaves a position that discards nothing unsent. On open, a torn last entry
 mid-write) is cut off and counted; an empty or unreadable `committed.json` is recovered from the
 segments, replaying all of them (`Recovery.possible_duplicates`). Every OSError becomes a
 `SpoolError`, which the owner treats as a failing disk.
+
+Records outlive versions: an update read back that an older release wrote is re-encoded in the current
+schema (by its `schema-fingerprint` header); one a newer release wrote (after a downgrade) is read back as
+an `unknown_schema` dead letter, never mislabelled. A record's kind is stored by name in the payload's first
+field (which held its topic before: a dead letter is told by its reason either way).
 """
 
 from __future__ import annotations
@@ -22,13 +27,16 @@ import logging
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
+from bridge.encode import SchemaHistory
 from bridge.logs import log_event
-from bridge.sink import OutgoingRecord
+from bridge.normalize import RejectReason
+from bridge.records import HEADER_FINGERPRINT, OutgoingRecord, RecordKind, dead_letter
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +93,15 @@ class Recovery:
 class Spool:
     """The spool in `directory`. Not thread-safe; owned by one event loop."""
 
-    def __init__(self, directory: Path, *, max_bytes: int, segment_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        segment_bytes: int = 16 * 1024 * 1024,
+        schema_history: SchemaHistory | None = None,
+        on_unknown_schema: Callable[[int], None] | None = None,
+    ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
@@ -101,6 +117,8 @@ class Spool:
         self._commit_pending = False  # the committed position moved but could not be written
         # Acknowledged entries not yet contiguous with the committed position, by where they start.
         self._acked_ahead: dict[SpoolPosition, SpooledRecord] = {}
+        self._schema_history = schema_history or SchemaHistory.shipped()
+        self._on_unknown_schema = on_unknown_schema
 
     # --- opening and recovery
 
@@ -230,7 +248,7 @@ class Spool:
     @staticmethod
     def _entry(record: OutgoingRecord) -> bytes:
         payload = _encode(
-            (record.topic, record.key, record.value, record.headers, record.dead_letter_reason, record.received)
+            (record.kind.value, record.key, record.value, record.headers, record.dead_letter_reason, record.received)
         )
         return _HEADER.pack(_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
@@ -269,9 +287,50 @@ class Spool:
         """Up to `max_records` records after the cursor, in order; advances the cursor (SpoolError if the disk
         fails)."""
         try:
-            return self._read(max_records)
+            spooled = self._read(max_records)
         except OSError as exc:
             raise SpoolError(f"cannot read the spool: {exc}") from exc
+        return self._in_current_schema(spooled)
+
+    def _in_current_schema(self, spooled: list[SpooledRecord]) -> list[SpooledRecord]:
+        """Updates an older version wrote, re-encoded in the current schema; one written with a schema this
+        version does not know becomes a dead letter."""
+        history = self._schema_history
+        upgraded = unknown = 0
+        for index, entry in enumerate(spooled):
+            record = entry.record
+            if record.kind is not RecordKind.UPDATE:
+                continue
+            fingerprint = next((value for name, value in record.headers if name == HEADER_FINGERPRINT), b"")
+            if fingerprint == history.fingerprint:
+                continue
+            value = history.upgrade(record.value, fingerprint)
+            if value is not None:
+                record.value = value
+                record.headers = [
+                    (name, history.fingerprint if name == HEADER_FINGERPRINT else header)
+                    for name, header in record.headers
+                ]
+                upgraded += 1
+                continue
+            detail = f"spooled with schema fingerprint {fingerprint.decode(errors='replace')}, not a released version"
+            letter = dead_letter(
+                RejectReason.UNKNOWN_SCHEMA.value,
+                record.value,
+                key=record.key,
+                received=record.received,
+                headers=record.headers,
+                detail=detail,
+            )
+            spooled[index] = SpooledRecord(letter, entry.end, entry.size)
+            unknown += 1
+        if upgraded:
+            log_event(logger, logging.INFO, "spooled_records_upgraded", records=upgraded)
+        if unknown:
+            log_event(logger, logging.ERROR, "spooled_records_unknown_schema", records=unknown)
+            if self._on_unknown_schema is not None:
+                self._on_unknown_schema(unknown)
+        return spooled
 
     def _read(self, max_records: int) -> list[SpooledRecord]:
         out: list[SpooledRecord] = []
@@ -295,8 +354,9 @@ class Spool:
                     self._cursor = end
                     if start in self._acked_ahead:  # delivered in a round that failed after it
                         continue
-                    topic, key, value, headers, reason, received = _decode(payload)
-                    record = OutgoingRecord(topic, key, value, headers, received, reason)
+                    _, key, value, headers, reason, received = _decode(payload)
+                    kind = RecordKind.UPDATE if reason is None else RecordKind.DEAD_LETTER
+                    record = OutgoingRecord(kind, key, value, headers, received, reason)
                     out.append(SpooledRecord(record, end, _HEADER.size + length))
         return out
 

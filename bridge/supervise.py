@@ -16,9 +16,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from bridge.backoff import Backoff
 from bridge.logs import log_exception
 from bridge.metrics import Metrics
+from bridge.retry import Backoff
 
 logger = logging.getLogger(__name__)
 

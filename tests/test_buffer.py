@@ -14,7 +14,7 @@ from bridge.buffer import DeliveryBuffer, Overflow, Round
 from bridge.encode import load_schema
 from bridge.metrics import Metrics
 from bridge.normalize import ContractInfo, ContractUpdate
-from bridge.sink import OutgoingRecord
+from bridge.records import OutgoingRecord, RecordKind
 from bridge.spool import Spool, SpooledRecord, SpoolError
 
 SCHEMA = load_schema()
@@ -33,7 +33,7 @@ def decoded(record: OutgoingRecord) -> tuple[str, int, int]:
 
 
 def add(buffer: DeliveryBuffer, contract: str, sequence: int) -> None:
-    buffer.add_update(update(contract, sequence), "t", [], 0.0)
+    buffer.add_update(update(contract, sequence), [], 0.0)
 
 
 async def take(buffer: DeliveryBuffer, limit: int = 1000) -> Round:
@@ -180,7 +180,7 @@ def spool_buffer(tmp_path: Path, metrics: Metrics | None = None, **kwargs: float
 
 
 def add_at(buffer: DeliveryBuffer, contract: str, sequence: int, received: float) -> None:
-    buffer.add_update(update(contract, sequence), "t", [], received)
+    buffer.add_update(update(contract, sequence), [], received)
 
 
 async def test_spool_mode_ends_when_a_round_takes_the_backlog_and_new_records_stay_in_memory(tmp_path: Path) -> None:
@@ -345,7 +345,7 @@ async def test_a_failing_read_commit_or_fsync_is_the_spool_full_state_until_the_
 
 
 def dead_letter(size: int) -> OutgoingRecord:
-    return OutgoingRecord("dead", None, b"x" * size, [], 0.0, dead_letter_reason="invalid_json")
+    return OutgoingRecord(RecordKind.DEAD_LETTER, None, b"x" * size, [], 0.0, dead_letter_reason="invalid_json")
 
 
 async def test_dead_letters_in_memory_are_bounded_in_bytes_and_the_drops_counted() -> None:

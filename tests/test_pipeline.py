@@ -8,19 +8,18 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiokafka.errors import MessageSizeTooLargeError
 from fastavro import schemaless_reader, schemaless_writer
 
-from bridge.backoff import Backoff
 from bridge.buffer import DeliveryBuffer, Overflow
 from bridge.encode import load_released_schemas, load_schema
+from bridge.intake import Intake
 from bridge.metrics import Metrics
 from bridge.normalize import Normalizer
-from bridge.pipeline import FramePipeline, Publisher
-from bridge.planner import Subscription
+from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
-from bridge.sink import MemorySink, OutgoingRecord, SinkUnavailable
-from bridge.source import ConnectionInfo
+from bridge.publisher import Publisher
+from bridge.records import Failed, MemorySink, Outcome, OutgoingRecord, RecordKind, SinkUnavailable, TooLarge
+from bridge.retry import Backoff
 from bridge.spool import Spool
 
 SCHEMA = load_schema()
@@ -41,22 +40,20 @@ def frame(identifier: dict[str, str], last_price: int = 100) -> str:
 
 def make_pipeline(
     capacity: int = 100, max_frame_bytes: int = 10_000, suppress_duplicates: bool = False
-) -> tuple[FramePipeline, Metrics]:
+) -> tuple[Intake, Metrics]:
     metrics = Metrics()
-    pipeline = FramePipeline(
+    pipeline = Intake(
         normalizer=Normalizer(session_id="s", names_by_id={"1001": "GC1405"}, ids_by_name={"GC1405": "1001"}),
         buffer=DeliveryBuffer(capacity=capacity, overflow=Overflow.CONFLATE, metrics=metrics),
         metrics=metrics,
         schema=SCHEMA,
-        topic="updates",
-        dlq_topic="dead",
         max_frame_bytes=max_frame_bytes,
         suppress_duplicates=suppress_duplicates,
     )
     return pipeline, metrics
 
 
-async def take_all(pipeline: FramePipeline) -> list[OutgoingRecord]:
+async def take_all(pipeline: Intake) -> list[OutgoingRecord]:
     return (await pipeline.buffer.take(1000)).records
 
 
@@ -97,7 +94,7 @@ async def test_rejected_and_oversized_frames_become_dead_letters() -> None:
     pipeline.on_frame(frame({"contractId": "1001"}) + " " * 3000, 6, BY_ID)
 
     broken, oversized = await take_all(pipeline)
-    assert (broken.topic, broken.key, broken.value) == ("dead", None, b"{broken")
+    assert (broken.kind, broken.key, broken.value) == (RecordKind.DEAD_LETTER, None, b"{broken")
     assert dict(broken.headers)["reason"] == b"invalid_json"
     assert dict(broken.headers)["receive-time-us"] == b"5"
     assert dict(broken.headers)["connection"] == b"id-0/3"
@@ -140,7 +137,7 @@ async def test_without_suppression_identical_snapshots_are_published() -> None:
 async def test_publisher_accounts_for_every_outcome() -> None:
     pipeline, metrics = make_pipeline()
     sink = MemorySink()
-    publisher = Publisher(pipeline.buffer, sink, metrics, dlq_topic="dead")
+    publisher = Publisher(pipeline.buffer, sink, metrics, max_batch_records=10_000)
     task = asyncio.create_task(publisher.run())
     for price in range(5):
         pipeline.on_frame(frame({"contractId": "1001"}, price), price, BY_ID)
@@ -148,8 +145,8 @@ async def test_publisher_accounts_for_every_outcome() -> None:
     await asyncio.wait_for(publisher.wait_drained(), timeout=5)
     task.cancel()
 
-    assert [record.topic for record in sink.records] == ["updates"] * 5 + ["dead"]
-    assert sample(metrics, "ime_bridge_messages_published_total", topic="updates") == 5
+    assert [record.kind for record in sink.records] == [RecordKind.UPDATE] * 5 + [RecordKind.DEAD_LETTER]
+    assert sample(metrics, "ime_bridge_messages_published_total", topic="update") == 5
     assert sample(metrics, "ime_bridge_dead_letters_total", reason="invalid_json") == 1
     assert sample(metrics, "ime_bridge_publish_latency_seconds_count") == 5
 
@@ -157,7 +154,7 @@ async def test_publisher_accounts_for_every_outcome() -> None:
 async def test_failed_records_are_sent_again_in_order_and_counted() -> None:
     pipeline, metrics = make_pipeline()
     sink = FlakySink(failures=2)
-    publisher = Publisher(pipeline.buffer, sink, metrics, dlq_topic="dead", retry_backoff=Backoff(0.001, 0.01))
+    publisher = Publisher(pipeline.buffer, sink, metrics, max_batch_records=10_000, retry_backoff=Backoff(0.001, 0.01))
     task = asyncio.create_task(publisher.run())
     for price in range(4):
         pipeline.on_frame(frame({"contractId": "1001"}, price), price, BY_ID)
@@ -165,7 +162,7 @@ async def test_failed_records_are_sent_again_in_order_and_counted() -> None:
     task.cancel()
     assert [decode(record)["sequence"] for record in sink.records] == [1, 2, 3, 4]
     assert sample(metrics, "ime_bridge_produce_errors_total", error="SinkUnavailable") == 8
-    assert sample(metrics, "ime_bridge_messages_published_total", topic="updates") == 4
+    assert sample(metrics, "ime_bridge_messages_published_total", topic="update") == 4
 
 
 class FlakySink(MemorySink):
@@ -175,10 +172,10 @@ class FlakySink(MemorySink):
         super().__init__()
         self.failures = failures
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
         if self.failures:
             self.failures -= 1
-            return [SinkUnavailable("down")] * len(records)
+            return [Failed("SinkUnavailable")] * len(records)
         return await super().publish(records)
 
 
@@ -195,7 +192,7 @@ class BrokenProducerSink(MemorySink):
         self.broken = False
         await super().start()
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
         if self.broken:
             raise SinkUnavailable("the producer failed: RuntimeError('sender died')")
         return await super().publish(records)
@@ -204,7 +201,7 @@ class BrokenProducerSink(MemorySink):
 async def test_an_unusable_producer_is_replaced_and_the_round_sent_again() -> None:
     pipeline, metrics = make_pipeline()
     sink = BrokenProducerSink()
-    publisher = Publisher(pipeline.buffer, sink, metrics, dlq_topic="dead", retry_backoff=Backoff(0.001, 0.01))
+    publisher = Publisher(pipeline.buffer, sink, metrics, max_batch_records=10_000, retry_backoff=Backoff(0.001, 0.01))
     task = asyncio.create_task(publisher.run())
     pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID)
     await asyncio.wait_for(publisher.wait_drained(), timeout=5)
@@ -217,11 +214,11 @@ async def test_an_unusable_producer_is_replaced_and_the_round_sent_again() -> No
 class TooLargeSink(MemorySink):
     """Kafka refuses records on the updates topic as too large."""
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
-        outcomes: list[Exception | None] = []
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
         for record in records:
-            if record.topic == "updates":
-                outcomes.append(MessageSizeTooLargeError())
+            if record.kind is RecordKind.UPDATE:
+                outcomes.append(TooLarge())
             else:
                 self.records.append(record)
                 outcomes.append(None)
@@ -231,13 +228,17 @@ class TooLargeSink(MemorySink):
 async def test_a_record_kafka_finds_too_large_goes_to_the_dead_letter_topic() -> None:
     pipeline, metrics = make_pipeline()
     sink = TooLargeSink()
-    publisher = Publisher(pipeline.buffer, sink, metrics, dlq_topic="dead")
+    publisher = Publisher(pipeline.buffer, sink, metrics, max_batch_records=10_000)
     task = asyncio.create_task(publisher.run())
     pipeline.on_frame(frame({"contractId": "1001"}), 1, BY_ID)
     await asyncio.wait_for(publisher.wait_drained(), timeout=5)
     task.cancel()
     (letter,) = sink.records
-    assert (letter.topic, letter.key, dict(letter.headers)["reason"]) == ("dead", b"1001", b"record_too_large")
+    assert (letter.kind, letter.key, dict(letter.headers)["reason"]) == (
+        RecordKind.DEAD_LETTER,
+        b"1001",
+        b"record_too_large",
+    )
     assert decode(letter)["contract_id"] == "1001", "the dead letter keeps the encoded record"
     assert sample(metrics, "ime_bridge_dead_letters_total", reason="record_too_large") == 1
 
@@ -252,10 +253,18 @@ async def test_spooled_updates_an_older_version_wrote_go_out_in_the_current_sche
     schemaless_writer(written, older.parsed, decode(current))  # what the previous version spooled
     headers = [(name, value) for name, value in current.headers if name != "schema-fingerprint"]
     previous = OutgoingRecord(
-        "updates", b"1001", written.getvalue(), [*headers, ("schema-fingerprint", older.fingerprint.encode())], 1.0
+        RecordKind.UPDATE,
+        b"1001",
+        written.getvalue(),
+        [*headers, ("schema-fingerprint", older.fingerprint.encode())],
+        1.0,
     )
     from_a_newer_version = OutgoingRecord(
-        "updates", b"1002", b"\x08abcd", [("schema", SCHEMA.name.encode()), ("schema-fingerprint", b"f" * 16)], 2.0
+        RecordKind.UPDATE,
+        b"1002",
+        b"\x08abcd",
+        [("schema", SCHEMA.name.encode()), ("schema-fingerprint", b"f" * 16)],
+        2.0,
     )
     spool = Spool(tmp_path, max_bytes=1 << 20)
     spool.open()
@@ -268,7 +277,7 @@ async def test_spooled_updates_an_older_version_wrote_go_out_in_the_current_sche
     restarted.open()
     buffer = DeliveryBuffer(capacity=100, overflow=Overflow.SPOOL, metrics=metrics, spool=restarted)
     sink = MemorySink()
-    publisher = Publisher(buffer, sink, metrics, dlq_topic="dead")
+    publisher = Publisher(buffer, sink, metrics, max_batch_records=10_000)
     task = asyncio.create_task(publisher.run())
     await asyncio.wait_for(publisher.wait_drained(), timeout=5)
     task.cancel()
@@ -279,7 +288,11 @@ async def test_spooled_updates_an_older_version_wrote_go_out_in_the_current_sche
     assert decode(upgraded) == {**decode(current), "first_after_subscribe": False, "skipped": 0}
     assert dict(upgraded.headers) == dict(current.headers)  # the current fingerprint, other headers kept
     assert (unchanged.value, unchanged.headers) == (current.value, current.headers)
-    assert (dead.topic, dead.value, dict(dead.headers)["reason"]) == ("dead", b"\x08abcd", b"unknown_schema")
+    assert (dead.kind, dead.value, dict(dead.headers)["reason"]) == (
+        RecordKind.DEAD_LETTER,
+        b"\x08abcd",
+        b"unknown_schema",
+    )
     assert b"ffffffffffffffff" in dict(dead.headers)["detail"]
     assert sample(metrics, "ime_bridge_dead_letters_total", reason="unknown_schema") == 1
-    assert sample(metrics, "ime_bridge_messages_published_total", topic="updates") == 2
+    assert sample(metrics, "ime_bridge_messages_published_total", topic="update") == 2

@@ -25,12 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bridge.backoff import Backoff
 from bridge.broker import free_port
 from bridge.config import SchemaRegistrySettings, load_settings
 from bridge.encode import load_schema
+from bridge.records import SinkFatal, SinkUnavailable
 from bridge.registry import SchemaRegistry, SchemaRejected, split_framed, value_subject, wire_prefix
-from bridge.sink import SinkFatal, SinkUnavailable
+from bridge.retry import Backoff
 from tests.schema_registry_double import SchemaRegistryDouble
 
 SCHEMA = load_schema()

@@ -8,9 +8,9 @@ import logging
 import pytest
 
 from bridge.logs import RateLimitedLog, log_event
-from bridge.planner import Subscription
+from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
-from bridge.source import ConnectionInfo
+from bridge.records import RecordKind
 from tests.test_pipeline import BY_ID, frame, make_pipeline, sample, take_all
 
 LOGGER = "tests.rejections"
@@ -106,7 +106,7 @@ async def test_a_thousand_bad_frames_log_a_handful_of_lines_and_are_all_counted_
     assert sample(metrics, "ime_bridge_messages_rejected_total", reason="invalid_frame") == 500
     records = await take_all(pipeline)
     assert len(records) == 1000
-    assert all(record.topic == "dead" for record in records)
+    assert all(record.kind is RecordKind.DEAD_LETTER for record in records)
 
 
 async def test_dead_letter_headers_stay_per_frame_and_per_connection() -> None:

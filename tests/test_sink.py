@@ -9,7 +9,8 @@ import pytest
 
 from bridge.broker import free_port
 from bridge.config import KafkaSettings
-from bridge.sink import KafkaSink, SinkUnavailable
+from bridge.records import SinkUnavailable
+from bridge.sink import KafkaSink
 
 
 @pytest.mark.parametrize("create_topics", [True, False])

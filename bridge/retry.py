@@ -1,4 +1,4 @@
-"""Exponential backoff with full jitter, for every retry loop (connections, Kafka, the registry, tasks)."""
+"""Exponential backoff with full jitter: the one every retry loop uses (connections, Kafka, the registry, tasks)."""
 
 from __future__ import annotations
 

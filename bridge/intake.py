@@ -1,0 +1,220 @@
+"""Intake: each frame the WebSocket readers receive becomes a record in the delivery buffer, or a dead letter.
+
+`Intake.on_frame` runs synchronously in the reader for each frame and never waits: normalize, check the
+contract was subscribed on that connection, mark the first snapshot of each contract after a
+(re)subscription, drop exact repeats when configured, give the update its per-contract sequence number, and
+add it to the buffer (or a dead letter for a rejected frame). bridge/publisher.py takes it from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from bridge.buffer import DeliveryBuffer
+from bridge.encode import Schema
+from bridge.logs import RateLimitedLog, log_event, log_exception
+from bridge.metrics import Metrics
+from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
+from bridge.planner import ConnectionInfo, Subscription
+from bridge.protocol import Endpoint
+from bridge.records import (
+    HEADER_CONNECTION,
+    HEADER_ENDPOINT,
+    HEADER_FINGERPRINT,
+    HEADER_RECEIVE_TIME,
+    HEADER_SCHEMA,
+    Headers,
+    dead_letter,
+)
+from bridge.zonecheck import NaiveZoneCheck
+
+logger = logging.getLogger(__name__)
+
+
+class Intake:
+    """The synchronous per-frame work of the readers."""
+
+    def __init__(
+        self,
+        *,
+        normalizer: Normalizer,
+        buffer: DeliveryBuffer,
+        metrics: Metrics,
+        schema: Schema,
+        max_frame_bytes: int,
+        suppress_duplicates: bool = False,
+        dead_letter_raw_bytes: int = 512 * 1024,
+        naive_zone_check: NaiveZoneCheck | None = None,
+    ) -> None:
+        self.normalizer = normalizer
+        self.buffer = buffer
+        self.metrics = metrics
+        self.max_frame_bytes = max_frame_bytes
+        self.dead_letter_raw_bytes = dead_letter_raw_bytes  # Kafka's default max.message.bytes is 1 MiB
+        self._schema_headers: Headers = [
+            (HEADER_SCHEMA, schema.name.encode()),
+            (HEADER_FINGERPRINT, schema.fingerprint.encode()),
+        ]
+        self.suppress_duplicates = suppress_duplicates
+        self._sequences: dict[str, int] = {}
+        self._headers: dict[str, tuple[str, Headers]] = {}
+        # Per subscription: the attempt seen last, and the contracts seen on it since it opened.
+        self._subscribed: dict[str, tuple[int, set[str]]] = {}
+        self._last_state: dict[str, tuple[object, ...]] = {}
+        self._carry_first: set[str] = set()  # a suppressed first-after-subscribe passes its flag on
+        self._current: ConnectionInfo | None = None
+        self._current_seen: set[str] = set()
+        self._current_headers: Headers = []
+        self._contracts: dict[str, tuple[Subscription, frozenset[str]]] = {}
+        self._current_contracts: frozenset[str] = frozenset()
+        self._current_by_name = False
+        self._observe_lag = metrics.exchange_lag.observe
+        # Zone-less timestamps lagging by whole half hours mean a wrong ime.naive_timezone (bridge/zonecheck.py).
+        self._zone_check = naive_zone_check or NaiveZoneCheck(normalizer.naive_timezone)
+        # A flood of bad frames must not cost a log line each: the first few per reason, then a summary
+        # (ime_bridge_messages_rejected_total still counts every frame).
+        self._rejection_log = RateLimitedLog(logger, logging.WARNING, "frame_rejected", key_field="reason")
+        # Per reason: its counter's inc; per connection: its two headers (built once, not per frame).
+        self._count_rejected: dict[str, Callable[[], None]] = {}
+        self._dead_letter_connection: ConnectionInfo | None = None
+        self._dead_letter_headers: Headers = []
+
+    def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
+        """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
+        whose handling fails unexpectedly becomes an `internal_error` dead letter, and the stream goes on."""
+        try:
+            self._on_frame(raw, receive_time, connection)
+        except Exception as exc:
+            detail = f"{type(exc).__name__} while handling the frame: {str(exc)[:200]}"
+            log_exception(logger, "frame_handling_failed", connection=connection.label, error=type(exc).__name__)
+            rejected = Rejected(RejectReason.INTERNAL_ERROR, detail, _as_bytes(raw))
+            self._dead_letter(rejected, receive_time, connection, receive_time / 1e6)
+
+    def _on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
+        received = receive_time / 1e6
+        result: ContractUpdate | Rejected
+        if len(raw) > self.max_frame_bytes:
+            detail = f"frame of {len(raw)} bytes exceeds ime.max_frame_bytes={self.max_frame_bytes}"
+            result = Rejected(RejectReason.OVERSIZED, detail, _as_bytes(raw))
+        else:
+            result = self.normalizer(raw, connection.subscription.endpoint, receive_time)
+        if isinstance(result, Rejected):
+            self._dead_letter(result, receive_time, connection, received)
+            return
+        contract_id = result.contract_id
+        if connection is not self._current:  # frames come in bursts per connection: look up once per switch
+            self._switch_to(connection)
+        if not self._subscribed_here(result):
+            # An id the server invents must not become a key, nor per-contract state that grows without bound.
+            detail = f"contract {contract_id[:60]!r} is not subscribed on connection {connection.label}"
+            rejected = Rejected(RejectReason.UNKNOWN_CONTRACT, detail, _as_bytes(raw))
+            self._dead_letter(rejected, receive_time, connection, received)
+            return
+        seen = self._current_seen
+        if contract_id not in seen:
+            seen.add(contract_id)
+            result.first_after_subscribe = True
+        if self.suppress_duplicates and self._is_repeat(result):
+            return
+        sequence = self._sequences.get(contract_id, 0) + 1
+        self._sequences[contract_id] = sequence
+        result.sequence = sequence
+        lag = (receive_time - result.exchange_time) / 1e6
+        self._observe_lag(lag)
+        # A snapshot resent on (re)subscription may carry the time of its last change: not a sample.
+        if self.normalizer.timestamp_was_naive and not result.first_after_subscribe:
+            warning = self._zone_check.observe(lag, received)
+            if warning is not None:
+                log_event(logger, logging.WARNING, "naive_timestamps_lag", **warning.fields())
+        self.buffer.add_update(result, self._current_headers, received)
+
+    def on_frame_too_large(self, connection: ConnectionInfo, detail: str) -> None:
+        """A frame past the WebSocket's size limit ended its connection (1009) unread: dead-letter the fact,
+        without the bytes, so that it is as visible as any other refused frame."""
+        receive_time = time.time_ns() // 1000
+        detail = f"{detail}: the connection was closed (1009) before the frame was read, and reopens"
+        rejected = Rejected(RejectReason.OVERSIZED, detail, b"")
+        self._dead_letter(rejected, receive_time, connection, receive_time / 1e6)
+
+    def _subscribed_here(self, update: ContractUpdate) -> bool:
+        """Whether the current connection subscribed `update`'s contract (by id, or by name on the name endpoint)."""
+        if self._current_by_name:
+            return update.contract_name in self._current_contracts
+        return update.contract_id in self._current_contracts
+
+    def _switch_to(self, connection: ConnectionInfo) -> None:
+        """Per-connection state: the record headers, the contracts subscribed, and those seen since it
+        (re)subscribed."""
+        subscription = connection.subscription
+        known, contracts = self._contracts.get(subscription.name) or (None, frozenset[str]())
+        if known != subscription:
+            contracts = frozenset(subscription.contracts)
+            self._contracts[subscription.name] = (subscription, contracts)
+        self._current_contracts = contracts
+        self._current_by_name = subscription.endpoint is Endpoint.NAME
+        name = connection.subscription.name
+        attempt, seen = self._subscribed.get(name) or (0, set())
+        if attempt != connection.attempt:
+            seen = set()
+            self._subscribed[name] = (connection.attempt, seen)
+        label, headers = self._headers.get(name) or ("", [])
+        if label != connection.label:
+            headers = self._connection_headers(connection)
+        self._current, self._current_seen, self._current_headers = connection, seen, headers
+
+    def _is_repeat(self, update: ContractUpdate) -> bool:
+        """The same market data as the contract's previous snapshot (a resend, e.g. after a reconnect)."""
+        state = (update.best_limit, update.aggregate, update.allowed_price_range, update.contract_info)
+        if self._last_state.get(update.contract_id) == state:
+            self.metrics.duplicates_suppressed.inc()
+            if update.first_after_subscribe:
+                self._carry_first.add(update.contract_id)
+            return True
+        self._last_state[update.contract_id] = state
+        if update.contract_id in self._carry_first:
+            self._carry_first.discard(update.contract_id)
+            update.first_after_subscribe = True
+        return False
+
+    def _connection_headers(self, connection: ConnectionInfo) -> Headers:
+        headers = [
+            *self._schema_headers,
+            (HEADER_ENDPOINT, connection.subscription.endpoint.value.encode()),
+            (HEADER_CONNECTION, connection.label.encode()),
+        ]
+        self._headers[connection.subscription.name] = (connection.label, headers)
+        return headers
+
+    def _dead_letter(self, rejected: Rejected, receive_time: int, connection: ConnectionInfo, received: float) -> None:
+        reason = rejected.reason.value
+        count = self._count_rejected.get(reason)
+        if count is None:
+            count = self._count_rejected[reason] = self.metrics.messages_rejected.labels(reason).inc
+        count()
+        if self._rejection_log.allow(reason):
+            log_event(
+                logger,
+                logging.WARNING,
+                "frame_rejected",
+                connection=connection.label,
+                reason=reason,
+                detail=rejected.detail[:300],
+                bytes=len(rejected.raw),
+            )
+        if connection is not self._dead_letter_connection:
+            self._dead_letter_connection = connection
+            self._dead_letter_headers = [
+                (HEADER_ENDPOINT, connection.subscription.endpoint.value.encode()),
+                (HEADER_CONNECTION, connection.label.encode()),
+            ]
+        headers = [*self._dead_letter_headers, (HEADER_RECEIVE_TIME, str(receive_time).encode())]
+        key = rejected.contract_id.encode() if rejected.contract_id else None
+        raw = rejected.raw[: self.dead_letter_raw_bytes]
+        record = dead_letter(reason, raw, key=key, received=received, headers=headers, detail=rejected.detail)
+        self.buffer.add_record(record)
+
+
+def _as_bytes(raw: str | bytes) -> bytes:
+    return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw

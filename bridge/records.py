@@ -1,0 +1,134 @@
+"""What goes from intake to Kafka: records, their kinds, the `Sink` interface, its errors and publish outcomes.
+
+The core (intake, buffer, spool, publisher) speaks only these types; the Kafka sink (bridge/sink.py) maps a
+record's kind to a topic and translates aiokafka's errors into them at its boundary, so nothing else imports
+aiokafka. `MemorySink` is the in-memory twin for unit tests.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Headers = list[tuple[str, bytes]]
+
+# Header names on every record; docs/consumers.md documents them.
+HEADER_SCHEMA = "schema"
+HEADER_FINGERPRINT = "schema-fingerprint"
+HEADER_ENDPOINT = "endpoint"
+HEADER_CONNECTION = "connection"
+HEADER_REASON = "reason"
+HEADER_DETAIL = "detail"
+HEADER_RECEIVE_TIME = "receive-time-us"
+
+
+class RecordKind(enum.Enum):
+    """What a record is; each kind has its own topic, chosen by the sink."""
+
+    UPDATE = "update"
+    STATE = "state"  # an update's copy on the compacted latest-state topic, made by the sink
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(slots=True)
+class OutgoingRecord:
+    """One record on its way to Kafka. `received` is the monotonic time its frame arrived."""
+
+    kind: RecordKind
+    key: bytes | None
+    value: bytes
+    headers: Headers
+    received: float
+    dead_letter_reason: str | None = None
+
+
+def dead_letter(
+    reason: str, value: bytes, *, key: bytes | None, received: float, headers: Headers, detail: str | None = None
+) -> OutgoingRecord:
+    """A dead letter: `reason` (and `detail`, if any) lead its headers, then `headers`."""
+    leading: Headers = [(HEADER_REASON, reason.encode())]
+    if detail is not None:
+        leading.append((HEADER_DETAIL, detail[:1000].encode(errors="replace")))
+    return OutgoingRecord(RecordKind.DEAD_LETTER, key, value, [*leading, *headers], received, reason)
+
+
+class SinkUnavailable(Exception):
+    """Kafka could not be reached, or the producer became unusable and must be replaced."""
+
+
+class SinkFatal(Exception):
+    """A failure retrying cannot fix (the schema registry refuses the schema or the credentials): stop, loudly."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotSent:
+    """The record was not handed to Kafka in this round (its partition's batch was full): send it next round."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Kafka did not acknowledge the record; `error` names what the sink met, for metrics and logs."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class TooLarge(Failed):
+    """Kafka will never take this record: it is larger than a batch or than the topic allows."""
+
+    error: str = "MessageSizeTooLargeError"
+
+
+NOT_SENT = NotSent()
+# One per record: None means acknowledged.
+Outcome = NotSent | Failed | None
+
+
+class Sink(Protocol):
+    """Where records go. `publish` resolves once every record has an outcome."""
+
+    def topic(self, kind: RecordKind) -> str:
+        """The topic records of `kind` go to (for metrics and logs)."""
+        ...
+
+    async def start(self) -> None:
+        """Connect; raise SinkUnavailable if Kafka cannot be reached, SinkFatal if retrying cannot help."""
+        ...
+
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
+        """Send `records` in order, per partition; one outcome per record."""
+        ...
+
+    async def stop(self) -> None:
+        """Flush what is in flight and disconnect."""
+        ...
+
+
+@dataclass
+class MemorySink:
+    """A Sink that keeps what it is given, for unit tests. `fail_with` makes every publish fail."""
+
+    records: list[OutgoingRecord] = field(default_factory=list)
+    fail_with: Failed | None = None
+    started: bool = False
+
+    def topic(self, kind: RecordKind) -> str:
+        """The kind's name."""
+        return kind.value
+
+    async def start(self) -> None:
+        """Mark started."""
+        self.started = True
+
+    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
+        """Keep `records`, or fail each with `fail_with`."""
+        if self.fail_with is not None:
+            return [self.fail_with] * len(records)
+        self.records.extend(records)
+        return [None] * len(records)
+
+    async def stop(self) -> None:
+        """Mark stopped."""
+        self.started = False
