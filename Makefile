@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-unit test-tools lint bench clean
+.PHONY: help install demo test test-unit test-tools lint bench chart-schema clean
 
 help:
 	@echo "make demo   run the bridge against the built-in simulator and an embedded broker"
 	@echo "make test   lint, type-check and run every test"
 	@echo "make bench  measure throughput, CPU per message and latency"
 	@echo "make lint   ruff and mypy"
+	@echo "make chart-schema  regenerate the config part of helm/ime-bridge/values.schema.json from bridge/config.py"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,10 @@ test: lint test-tools
 
 test-unit: $(STAMP)
 	$(BIN)/pytest -q -m 'not integration' $(PYTEST_ARGS)
+
+# values.schema.json's properties.config from the settings model (tests/test_config_schema.py checks it is current).
+chart-schema: $(STAMP)
+	$(BIN)/ime-bridge config schema --write helm/ime-bridge/values.schema.json
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)

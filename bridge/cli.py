@@ -1,4 +1,4 @@
-"""`ime-bridge run | demo | simulate | tail | check-config | schemas export`."""
+"""`ime-bridge run | demo | simulate | tail | check-config | config schema | schemas export`."""
 
 from __future__ import annotations
 
@@ -106,6 +106,23 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"configuration OK: {len(ime.contract_ids)} contract ids, {len(ime.contract_names)} contract names, "
         f"ws {ime.ws_url}, kafka {','.join(kafka.bootstrap_servers)} → {kafka.topic} (dead letters {kafka.dlq_topic})"
     )
+    return 0
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from bridge.config_schema import chart_config_schema, config_schema, dump, write_chart_schema
+
+    if args.write is not None:
+        try:
+            changed = write_chart_schema(args.write)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(
+                f"ime-bridge config schema: {args.write}: cannot update its properties.config: {exc!r}", file=sys.stderr
+            )
+            return 1
+        print(f"{args.write}: properties.config {'regenerated' if changed else 'already current'}")
+        return 0
+    print(dump(chart_config_schema() if args.chart else config_schema()), end="")
     return 0
 
 
@@ -226,6 +243,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
     check.set_defaults(handler=_cmd_check_config)
+
+    config = commands.add_parser(
+        "config", help="the configuration: its JSON Schema, or check one", description="The bridge's configuration."
+    )
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    config_check = config_commands.add_parser(
+        "check", help="the same as check-config", description="Exit 0 if valid, 2 with the reasons."
+    )
+    config_check.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
+    config_check.set_defaults(handler=_cmd_check_config)
+    config_schema = config_commands.add_parser(
+        "schema",
+        help="print the config file's JSON Schema",
+        description="Print the JSON Schema (draft-07) of the config file, generated from the bridge's settings "
+        "model. Cross-key rules (credentials, contracts) are check-config's.",
+    )
+    target = config_schema.add_mutually_exclusive_group()
+    target.add_argument(
+        "--chart",
+        action="store_true",
+        help="the Helm chart's `config` value instead: without the secrets and buffer.spool_dir, which the chart "
+        "supplies, and without defaults (values.yaml holds the chart's)",
+    )
+    target.add_argument(
+        "--write",
+        type=Path,
+        metavar="VALUES_SCHEMA_JSON",
+        help="replace properties.config of this values.schema.json with the chart's schema, the rest unchanged "
+        "(make chart-schema)",
+    )
+    config_schema.set_defaults(handler=_cmd_config_schema)
 
     simulate = commands.add_parser(
         "simulate", help="run the IME simulator", description="Serve a simulated IME service on one port."

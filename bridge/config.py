@@ -40,8 +40,18 @@ from bridge.calendar import DEFAULT_IME_SESSIONS, TradingCalendar
 
 ENV_PREFIX = "IME_BRIDGE_"
 
-HttpUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["http", "https"], host_required=True)]
-WebSocketUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["ws", "wss"], host_required=True)]
+# The json_schema_extra keywords restate a validation for `ime-bridge config schema` (the Helm chart's schema),
+# which pydantic's JSON Schema would not carry: the URL schemes, unique contracts, host:port.
+HttpUrl = Annotated[
+    AnyUrl,
+    UrlConstraints(allowed_schemes=["http", "https"], host_required=True),
+    Field(json_schema_extra={"pattern": "^https?://"}),
+]
+WebSocketUrl = Annotated[
+    AnyUrl,
+    UrlConstraints(allowed_schemes=["ws", "wss"], host_required=True),
+    Field(json_schema_extra={"pattern": "^wss?://"}),
+]
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
 
@@ -54,7 +64,12 @@ def _list_from_text(value: Any) -> Any:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-ContractList = Annotated[list[Annotated[str, Field(min_length=1)]], NoDecode, BeforeValidator(_list_from_text)]
+ContractList = Annotated[
+    list[Annotated[str, Field(min_length=1)]],
+    NoDecode,
+    BeforeValidator(_list_from_text),
+    Field(json_schema_extra={"uniqueItems": True}),
+]
 
 
 class _Section(BaseModel):
@@ -202,9 +217,12 @@ class ImeSettings(_Section):
 class KafkaSettings(_Section):
     """The Kafka cluster and topics the bridge publishes to."""
 
-    bootstrap_servers: Annotated[list[str], NoDecode, BeforeValidator(_list_from_text), Field(min_length=1)] = Field(
-        default_factory=lambda: ["localhost:9092"]
-    )
+    bootstrap_servers: Annotated[
+        list[Annotated[str, Field(json_schema_extra={"pattern": "^.+:[0-9]+$"})]],
+        NoDecode,
+        BeforeValidator(_list_from_text),
+        Field(min_length=1),
+    ] = Field(default_factory=lambda: ["localhost:9092"], description="Bootstrap servers, host:port.")
     client_id: str = "ime-bridge"
     topic: str = Field(default="ime.contract.updates", min_length=1, max_length=249)
     dlq_topic: str = Field(default="ime.contract.updates.dlq", min_length=1, max_length=249)
@@ -317,7 +335,10 @@ class LogSettings(_Section):
 class SchemaRegistrySettings(_Section):
     """A Confluent Schema Registry: value schemas are registered at start, update values framed with their id."""
 
-    url: HttpUrl = Field(description="Base URL of the registry, e.g. https://schema-registry:8081.")
+    url: HttpUrl = Field(
+        description="Base URL of the registry, e.g. https://schema-registry:8081 (no credentials in it).",
+        json_schema_extra={"pattern": "^https?://[^@/]+(/.*)?$"},
+    )
     username: str | None = Field(default=None, description="Basic-auth user (with password).")
     password: SecretStr | None = Field(default=None, description="Basic-auth password.")
     ssl_cafile: Path | None = Field(

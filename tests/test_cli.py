@@ -216,3 +216,41 @@ def test_run_refuses_a_bad_config_with_exit_2_and_one_final_line(
     err = capsys.readouterr().err
     assert "ime: ime.base_url (http://) would send the password and the token in clear text" in err
     assert last_line(err).startswith("ime-bridge: fatal: invalid configuration: ime: ime.base_url (http://)")
+
+
+def test_config_schema_prints_the_settings_json_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    assert schema["additionalProperties"] is False
+    assert "password" in schema["properties"]["ime"]["properties"]
+    assert cli.main(["config", "schema", "--chart"]) == 0
+    chart = json.loads(capsys.readouterr().out)
+    assert "password" not in chart["properties"]["ime"]["properties"]
+    assert "$schema" not in chart
+
+
+def test_config_schema_write_updates_a_values_schema_in_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "values.schema.json"
+    target.write_text('{\n  "type": "object",\n  "properties": {\n    "config": {}\n  }\n}\n', "utf-8")
+    assert cli.main(["config", "schema", "--write", str(target)]) == 0
+    assert "properties.config regenerated" in capsys.readouterr().out
+    document = json.loads(target.read_text("utf-8"))
+    assert document["type"] == "object"
+    assert document["properties"]["config"]["properties"]["kafka"]["additionalProperties"] is False
+    assert cli.main(["config", "schema", "--write", str(target)]) == 0
+    assert "already current" in capsys.readouterr().out
+    assert cli.main(["config", "schema", "--write", str(tmp_path / "missing.json")]) == 1
+    assert "cannot update its properties.config" in capsys.readouterr().err
+
+
+def test_config_check_is_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("ime:\n  token: t\n  contract_ids: ['1']\n", "utf-8")
+    assert cli.main(["config", "check", "--config", str(path)]) == 0
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second
+    assert first.startswith("configuration OK: 1 contract ids")
