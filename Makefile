@@ -10,7 +10,7 @@ help:
 	@echo "make demo   run the bridge against the built-in simulator and an embedded broker"
 	@echo "make test   lint, type-check and run every test"
 	@echo "make bench  measure throughput, CPU per message and latency"
-	@echo "make lint   ruff and mypy"
+	@echo "make lint   ruff, mypy and the import layers (import-linter)"
 	@echo "make chart-schema  regenerate the config part of helm/ime-bridge/values.schema.json from bridge/config.py"
 
 $(STAMP): pyproject.toml
@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check bridge tests bench
 	$(BIN)/ruff format --check bridge tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # Debian's prometheus package: promtool and the server that tests/test_monitoring.py runs. Installed only
 # where missing and only as root with apt-get; elsewhere the tests say what is missing (fail under CI=true).

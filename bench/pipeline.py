@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from bridge.broker import EmbeddedBroker, free_port, stop_process
+from bridge.devtools.broker import EmbeddedBroker, free_port, stop_process
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -16,29 +15,15 @@ from pathlib import Path, PurePosixPath
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.logs import configure_logging
+from bridge.signals import install_stop_signals
 
 # Exit codes of `ime-bridge run` (README, Commands): 0 stopped by a signal, 1 a fatal runtime error (the
 # orchestrator restarts the process), 2 a configuration refused, 70 an unexpected exception (EX_SOFTWARE, a bug).
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
 EXIT_SOFTWARE = 70
-EXIT_INTERRUPTED = 130
 
 logger = logging.getLogger(__name__)
-
-
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """First SIGTERM/SIGINT: orderly stop. Second: exit at once."""
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if stop.is_set():
-            os._exit(EXIT_INTERRUPTED)
-        print(f"received {signal.Signals(signum).name}, stopping (again to exit at once)", file=sys.stderr)
-        stop.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
 
 
 def _load(path: Path | None) -> Settings:
@@ -127,7 +112,7 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from bridge import simulator
+    from bridge.devtools import simulator
 
     configure_logging("INFO")
     stop = asyncio.Event()
@@ -222,14 +207,15 @@ def _cmd_schemas_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bridge.demo import run_demo
+    from bridge.devtools.demo import run_demo
 
     configure_logging("WARNING")
     return asyncio.run(run_demo(duration=args.duration, contracts=args.contracts, rate=args.rate))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line interface."""
+def build_parser(*, simulator_options: bool = True) -> argparse.ArgumentParser:
+    """The command-line interface. The simulator's options load the simulator (a development tool): without
+    `simulator_options`, the `simulate` command is listed but takes none, and nothing of it is imported."""
     parser = argparse.ArgumentParser(prog="ime-bridge", description="IME real-time WebSocket → validated Avro → Kafka.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -278,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate", help="run the IME simulator", description="Serve a simulated IME service on one port."
     )
-    from bridge import simulator
+    if simulator_options:
+        from bridge.devtools import simulator
 
-    simulator.add_arguments(simulate)
+        simulator.add_arguments(simulate)
     simulate.set_defaults(handler=_cmd_simulate)
 
     tail_cmd = commands.add_parser(
@@ -340,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ime-bridge` console script."""
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(simulator_options=arguments[:1] == ["simulate"]).parse_args(arguments)
     code: int = args.handler(args)
     return code
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
-from bridge.simulator import SentFrame
+from bridge.devtools.simulator import SentFrame
 from tests.harness import decode_value
 
 Identity = tuple[Any, ...]

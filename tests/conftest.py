@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
-from bridge.broker import EmbeddedBroker
+from bridge.devtools.broker import EmbeddedBroker
 
 
 @dataclass(frozen=True)

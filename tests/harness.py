@@ -21,10 +21,10 @@ from fastavro import schemaless_reader
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import Bridge
-from bridge.broker import free_port
 from bridge.config import Settings
+from bridge.devtools.broker import free_port
+from bridge.devtools.simulator import Simulator
 from bridge.encode import load_schema
-from bridge.simulator import Simulator
 from tests.conftest import BrokerInfo
 
 SCHEMA = load_schema()

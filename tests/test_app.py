@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bridge.app import Bridge, PublisherFailed
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.records import MemorySink, OutgoingRecord
-from bridge.simulator import Simulator, SimulatorConfig
 from bridge.spool import SpoolError
 from tests.conftest import BrokerInfo
 from tests.harness import bridge_settings

@@ -21,8 +21,8 @@ from bridge.auth import (
     jwt_expiry,
     redacted_detail,
 )
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.protocol import authorization_header, strip_bearer
-from bridge.simulator import Simulator, SimulatorConfig
 
 
 def jwt(claims: object) -> str:

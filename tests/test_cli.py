@@ -16,9 +16,9 @@ import yaml
 
 from bridge import cli
 from bridge.app import PublisherFailed
-from bridge.broker import free_port
 from bridge.config import load_settings
-from bridge.simulator import Simulator, SimulatorConfig
+from bridge.devtools.broker import free_port
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.source import SourceFatal
 from tests.conftest import BrokerInfo, wait_for
 from tests.harness import bridge_config, bridge_settings, running_bridge

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from fastavro import schemaless_reader
 
-from bridge.broker import EmbeddedBroker, free_port
 from bridge.config import Settings
-from bridge.simulator import Simulator, SimulatorConfig
+from bridge.devtools.broker import EmbeddedBroker, free_port
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.spool import Spool
 from tests.checker import DeliveryReport, check_delivery, record_identity
 from tests.conftest import BrokerInfo, assert_holds, consume, wait_for

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord
 
-from bridge.simulator import Simulator, SimulatorConfig
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from tests.conftest import BrokerInfo, consume, wait_for
 from tests.harness import bridge_settings, decode_value, frame_json, running_bridge
 

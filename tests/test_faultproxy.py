@@ -13,9 +13,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from bridge.broker import free_port
+from bridge.devtools.broker import free_port
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.protocol import CHANNEL, Endpoint, live_url
-from bridge.simulator import Simulator, SimulatorConfig
 from tests.conftest import wait_for
 from tests.faultproxy import FaultProxy
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from bridge.simulator import Simulator, SimulatorConfig
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from tests.checker import check_delivery
 from tests.conftest import BrokerInfo, consume, wait_for
 from tests.harness import bridge_settings, running_bridge

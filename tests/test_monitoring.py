@@ -31,9 +31,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.health import HealthServer
 from bridge.metrics import Metrics
-from bridge.simulator import Simulator, SimulatorConfig
 from tests.conftest import BrokerInfo
 from tests.harness import bridge_settings, running_bridge
 

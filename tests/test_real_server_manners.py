@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bridge.simulator import Simulator, SimulatorConfig
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from tests.conftest import BrokerInfo, consume, wait_for
 from tests.harness import bridge_settings, decode_value, running_bridge
 from tests.test_resilience import FAST, flowing_after, report

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from bridge.broker import free_port
 from bridge.config import SchemaRegistrySettings, load_settings
+from bridge.devtools.broker import free_port
 from bridge.encode import load_schema
 from bridge.records import SinkFatal, SinkUnavailable
 from bridge.registry import SchemaRegistry, SchemaRejected, split_framed, value_subject, wire_prefix

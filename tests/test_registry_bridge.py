@@ -23,10 +23,10 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from fastavro import schemaless_reader
 
 from bridge.app import Bridge
-from bridge.broker import free_port
 from bridge.config import KafkaSettings, SchemaRegistrySettings
+from bridge.devtools.broker import free_port
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.registry import SchemaRejected, split_framed, value_subject
-from bridge.simulator import Simulator, SimulatorConfig
 from bridge.tail import Decoded, tail
 from tests.conftest import BrokerInfo, consume, wait_for
 from tests.harness import SCHEMA, BridgeProcess, bridge_config, bridge_settings, frame_json, running_bridge

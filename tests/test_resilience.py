@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo
 import pytest
 import yaml
 
-from bridge.broker import free_port
 from bridge.config import Settings
-from bridge.simulator import Simulator, SimulatorConfig
+from bridge.devtools.broker import free_port
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from tests.conftest import BrokerInfo, consume, wait_for
 from tests.faultproxy import FaultProxy
 from tests.harness import RunningBridge, bridge_config, bridge_settings, decode_value, running_bridge

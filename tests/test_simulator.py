@@ -23,13 +23,22 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from bridge.market import (
+from bridge.devtools.market import (
     UNLIMITED_PRICE_RANGE,
     FrameRenderer,
     MarketGenerator,
     Snapshot,
     build_catalogue,
     prerender,
+)
+from bridge.devtools.simulator import (
+    GARBAGE_KINDS,
+    PolicyCause,
+    Simulator,
+    SimulatorConfig,
+    add_arguments,
+    config_from_args,
+    run_from_args,
 )
 from bridge.normalize import ContractUpdate, Normalizer, Rejected
 from bridge.protocol import (
@@ -41,15 +50,6 @@ from bridge.protocol import (
     Endpoint,
     authorization_header,
     live_url,
-)
-from bridge.simulator import (
-    GARBAGE_KINDS,
-    PolicyCause,
-    Simulator,
-    SimulatorConfig,
-    add_arguments,
-    config_from_args,
-    run_from_args,
 )
 
 NOW = datetime(2026, 5, 29, 12, 0, 0, 123456, tzinfo=UTC)

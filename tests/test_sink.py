@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from bridge.broker import free_port
 from bridge.config import KafkaSettings
+from bridge.devtools.broker import free_port
 from bridge.records import SinkUnavailable
 from bridge.sink import KafkaSink
 

@@ -11,10 +11,10 @@ import pytest
 
 from bridge.auth import AuthRejected, IssuedToken, StaticToken, TokenProvider, jwt_expiry
 from bridge.catalog import HttpContractCatalog
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.metrics import Metrics
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
-from bridge.simulator import Simulator, SimulatorConfig
 from bridge.source import SourceSettings, WebSocketSource
 from tests.conftest import assert_holds, wait_for
 

@@ -20,9 +20,9 @@ from aiokafka.errors import KafkaTimeoutError
 from aiokafka.producer.message_accumulator import BatchBuilder
 
 from bridge.config import ConfigError, KafkaSettings, Settings, load_settings
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.records import Failed, NotSent, OutgoingRecord, RecordKind
 from bridge.registry import wire_prefix
-from bridge.simulator import Simulator, SimulatorConfig
 from bridge.sink import KafkaSink
 from tests.conftest import BrokerInfo, consume, wait_for
 from tests.harness import bridge_settings, decode_value, frame_json, running_bridge

@@ -14,10 +14,10 @@ import pytest
 from bridge.app import Bridge
 from bridge.auth import IssuedToken
 from bridge.buffer import DeliveryBuffer
+from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.metrics import Metrics
 from bridge.records import MemorySink
 from bridge.retry import Backoff
-from bridge.simulator import Simulator, SimulatorConfig
 from bridge.source import WebSocketSource
 from bridge.subscriptions import SubscriptionManager
 from bridge.supervise import every, supervised

@@ -76,7 +76,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import WSMsgType, web
 
-from bridge.market import (
+from bridge.devtools.market import (
     Contract,
     Dialect,
     FramePayload,
@@ -185,7 +185,7 @@ class SimulatorCounters:
 
 
 @dataclass(frozen=True, slots=True)
-class ConnectionInfo:
+class ServerConnection:
     """One open, streaming connection."""
 
     id: int
@@ -220,7 +220,7 @@ class _Connection:
         contract_ids: frozenset[str],
         heads: dict[str, bytes],
     ) -> None:
-        self.info = ConnectionInfo(connection_id, endpoint, request.path, identifiers, contract_ids)
+        self.info = ServerConnection(connection_id, endpoint, request.path, identifiers, contract_ids)
         self.ws = ws
         self.transport = request.transport
         self.heads = heads
@@ -462,7 +462,7 @@ class Simulator:
         return list(self._contracts)
 
     @property
-    def connections(self) -> list[ConnectionInfo]:
+    def connections(self) -> list[ServerConnection]:
         """The connections currently streaming, in the order they opened."""
         return [connection.info for connection in self._connections.values()]
 

@@ -13,10 +13,10 @@ from datetime import UTC
 from typing import Any
 
 from bridge.app import Bridge
-from bridge.broker import EmbeddedBroker, free_port
-from bridge.cli import install_stop_signals
 from bridge.config import Settings
-from bridge.simulator import Simulator, SimulatorConfig
+from bridge.devtools.broker import EmbeddedBroker, free_port
+from bridge.devtools.simulator import Simulator, SimulatorConfig
+from bridge.signals import install_stop_signals
 from bridge.tail import Decoded, tail
 
 TOPIC = "ime.contract.updates"
