@@ -29,7 +29,7 @@ class UnitLayerViolation(RuntimeError):
 def _guarded_socket_method(name: str, original: Callable[..., Any], attempts: list[str]) -> Callable[..., Any]:
     def guarded(self: socket.socket, *args: Any, **kwargs: Any) -> Any:
         if self.family in _NETWORK_FAMILIES:
-            what = f"socket.{name}{args!r}"
+            what = f"socket.{name}({', '.join(repr(arg) for arg in args)})"
             attempts.append(what)
             raise UnitLayerViolation(f"{what}: {_MOVE}")
         return original(self, *args, **kwargs)
@@ -37,9 +37,10 @@ def _guarded_socket_method(name: str, original: Callable[..., Any], attempts: li
     return guarded
 
 
-def _refused(name: str, attempts: list[str]) -> Callable[..., Any]:
+def _refused(name: str, attempts: list[str], *, method: bool = False) -> Callable[..., Any]:
     def refuse(*args: Any, **kwargs: Any) -> Any:
-        what = f"{name}({', '.join(repr(arg) for arg in args)[:200]})"
+        shown = args[1:] if method else args  # not the half-made instance: its repr may need what __init__ sets
+        what = f"{name}({', '.join(repr(arg) for arg in shown)[:200]})"
         attempts.append(what)
         raise UnitLayerViolation(f"{what}: {_MOVE}")
 
@@ -52,7 +53,7 @@ def _unit_guard(attempts: list[str]) -> Iterator[None]:
         for name in ("connect", "connect_ex", "bind", "sendto"):
             patch.setattr(socket.socket, name, _guarded_socket_method(name, getattr(socket.socket, name), attempts))
         # Popen covers subprocess.run/call/check_output and asyncio's create_subprocess_exec/shell.
-        patch.setattr(subprocess.Popen, "__init__", _refused("subprocess.Popen", attempts))
+        patch.setattr(subprocess.Popen, "__init__", _refused("subprocess.Popen", attempts, method=True))
         for name in ("system", "fork", "forkpty", "posix_spawn", "posix_spawnp", "execv", "execve", "execvp"):
             if hasattr(os, name):
                 patch.setattr(os, name, _refused(f"os.{name}", attempts))
