@@ -1,7 +1,7 @@
 """Delivery through Kafka outages, crashes and shutdowns: nothing lost, duplicated or reordered.
 
 A broker runs behind a TCP fault proxy and advertises the proxy's address, so cutting the proxy cuts
-the bridge off Kafka. The checker (tests/checker.py) matches every record consumed afterwards with the
+the bridge off Kafka. The checker (tests/support/checker.py) matches every record consumed afterwards with the
 snapshot the simulator sent.
 """
 

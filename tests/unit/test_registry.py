@@ -1,4 +1,4 @@
-"""bridge/registry.py against the registry test double (tests/schema_registry_double.py).
+"""bridge/registry.py against the registry test double (tests/support/schema_registry_double.py).
 
 The double is itself checked against confluent-kafka's `SchemaRegistryClient`, the reference client: if
 the real client did not accept it, these tests would say nothing about a real registry.

@@ -1,6 +1,6 @@
 """Schema evolution as a tested contract: BACKWARD_TRANSITIVE over every released version (schemas/README.md).
 
-The check itself lives in tests/schema_evolution.py, runnable on a candidate schema; here it runs on the
+The check itself lives in tests/support/schema_evolution.py, runnable on a candidate schema; here it runs on the
 shipped history, and is shown to fail on deliberately incompatible candidates.
 """
 
