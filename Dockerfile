@@ -4,7 +4,7 @@
 #   docker run --rm -p 9108:9108 -v "$PWD/config.yaml:/etc/ime-bridge/config.yaml:ro" \
 #     -e IME_BRIDGE_IME__PASSWORD ime-bridge:0.1.0
 # The install steps are the Makefile's (a venv, then pip install of this project), without the dev extra
-# and not editable; tests/test_dockerfile.py holds them to that and runs hadolint on this file.
+# and not editable; tests/unit/test_dockerfile.py holds them to that; tests/component/test_dockerfile.py runs hadolint on this file.
 
 # --- build: a virtual environment with the dependencies, then the application -----------------------
 FROM python:3.11.14-slim-bookworm AS build

@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make demo   run the bridge against the built-in simulator and an embedded broker"
 	@echo "make test   lint, type-check and run every test"
+	@echo "make test-unit   the unit tests only (tests/unit: no network, no subprocess), in seconds"
 	@echo "make bench  measure throughput, CPU per message and latency"
 	@echo "make lint   ruff, mypy and the import layers (import-linter)"
 	@echo "make chart-schema  regenerate the config part of helm/ime-bridge/values.schema.json from bridge/config.py"
@@ -30,12 +31,13 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
 
-# Debian's prometheus package: promtool and the server that tests/test_monitoring.py runs. Installed only
-# where missing and only as root with apt-get; elsewhere the tests say what is missing (fail under CI=true).
+# Debian's prometheus package: promtool and the server that tests/component/test_monitoring.py and
+# tests/integration/test_monitoring.py run. Installed only where missing and only as root with apt-get;
+# elsewhere the tests say what is missing (fail under CI=true).
 test-tools:
 	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's prometheus package (promtool and the server, for tests/test_monitoring.py)"; \
+	    echo "installing Debian's prometheus package (promtool and the server, for the monitoring tests)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else \
 	    echo "promtool or prometheus missing: apt-get install prometheus (the tests fail under CI=true without them)" >&2; \
@@ -45,10 +47,11 @@ test-tools:
 test: lint test-tools
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# tests/unit only: no sockets, no subprocesses, no broker (tests/unit/conftest.py fails a test that tries).
 test-unit: $(STAMP)
-	$(BIN)/pytest -q -m 'not integration' $(PYTEST_ARGS)
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
-# values.schema.json's properties.config from the settings model (tests/test_config_schema.py checks it is current).
+# values.schema.json's properties.config from the settings model (tests/unit/test_config_schema.py checks it is current).
 chart-schema: $(STAMP)
 	$(BIN)/ime-bridge config schema --write helm/ime-bridge/values.schema.json
 

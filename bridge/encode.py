@@ -4,7 +4,7 @@ The schema in schemas/contract_update.avsc is the contract with consumers; it is
 once here. The writer below is specialized to that schema because fastavro's generic writer costs
 15-26 µs per record on this record (its union handling validates every candidate branch), three to
 four times the whole budget of the stage. The specialized writer produces byte-identical output:
-tests/test_encode.py checks it against fastavro (the reference) on generated records, and checks that
+tests/unit/test_encode.py checks it against fastavro (the reference) on generated records, and checks that
 it covers exactly the schema's fields, so a schema change cannot silently diverge from it.
 """
 

@@ -44,7 +44,7 @@ class RejectReason(enum.StrEnum):
 
 
 # --- The normalized record. Field for field the Avro schema schemas/contract_update.avsc
-# (tests/test_encode.py keeps the two in step). Numbers stay as upstream sent them (int or float):
+# (tests/unit/test_encode.py keeps the two in step). Numbers stay as upstream sent them (int or float):
 # the encoder packs both into Avro doubles, so no conversion is spent here.
 
 

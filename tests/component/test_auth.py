@@ -1,0 +1,94 @@
+"""auth: reading a JWT's expiry without verifying it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bridge.auth import (
+    DETAIL_LIMIT,
+    AuthRejected,
+    AuthUnavailable,
+    IssuedToken,
+)
+from bridge.devtools.simulator import Simulator, SimulatorConfig
+
+PASSWORD = "s3cr3t p@ss&wörd"  # URL-encoding changes it
+
+
+@asynccontextmanager
+async def echoing_token_endpoint(status: int) -> AsyncIterator[str]:
+    """A token endpoint on 127.0.0.1 that refuses every request and echoes the submitted form back."""
+
+    async def issue(request: web.Request) -> web.Response:
+        raw = (await request.read()).decode()
+        form = await request.post()
+        detail = f"no user {form.get('username')} with password {form.get('password')} (you sent {raw})"
+        return web.json_response({"detail": detail, "input": dict(form)}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/auth/user/token/issue", issue)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_refusal_echoing_the_password_is_reported_without_it() -> None:
+    async with echoing_token_endpoint(401) as base_url, aiohttp.ClientSession() as http:
+        tokens = IssuedToken(http, base_url, "demo", PASSWORD)
+        with pytest.raises(AuthRejected) as refused:
+            await tokens.token()
+        with pytest.raises(AuthRejected) as remembered:
+            await tokens.token()  # the remembered refusal, without a request
+    for error in (refused.value, remembered.value):
+        for text in (str(error), repr(error)):
+            assert "HTTP 401" in text
+            assert PASSWORD not in text
+            assert "s3cr3t" not in text
+            assert "***" in text
+        assert len(str(error)) <= len("token endpoint refused the credentials (HTTP 401): ") + DETAIL_LIMIT
+
+
+async def test_a_short_lived_token_is_not_renewed_on_every_call_and_requests_are_spaced() -> None:
+    async with Simulator(SimulatorConfig(contracts=1, token_ttl=4.0)) as simulator, aiohttp.ClientSession() as http:
+        held_back = []
+        tokens = IssuedToken(
+            http,
+            simulator.base_url,
+            simulator.config.username,
+            simulator.config.password,
+            refresh_margin=120.0,  # longer than the token lives: clamped to a quarter of it
+            min_interval=1.0,
+            on_held_back=lambda: held_back.append(1),
+        )
+        first = await tokens.token()
+        assert await tokens.token() == first, "not renewed on every call"
+        assert simulator.counters.token_requests == 1
+        tokens.invalidate(first)
+        started = time.monotonic()
+        await tokens.token()  # a second request within min_interval waits its turn
+        assert time.monotonic() - started >= 0.9
+        assert held_back == [1]
+
+
+async def test_a_429_with_retry_after_holds_token_requests_back() -> None:
+    async with Simulator(SimulatorConfig(contracts=1)) as simulator, aiohttp.ClientSession() as http:
+        simulator.reject_token_requests(429, retry_after=30)
+        tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
+        with pytest.raises(AuthUnavailable, match="HTTP 429"):
+            await tokens.token()
+        simulator.reject_token_requests(None)
+        with pytest.raises(AuthUnavailable, match="retry in"):
+            await tokens.token()
+        assert simulator.counters.token_requests == 1, "no request before Retry-After has passed"

@@ -1,0 +1,231 @@
+"""source, auth and catalog against the project's IME simulator on 127.0.0.1 (no Kafka)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+
+from bridge.auth import AuthRejected, IssuedToken, StaticToken, TokenProvider, jwt_expiry
+from bridge.catalog import HttpContractCatalog
+from bridge.devtools.simulator import Simulator, SimulatorConfig
+from bridge.metrics import Metrics
+from bridge.planner import ConnectionInfo, Subscription
+from bridge.protocol import Endpoint
+from bridge.source import SourceSettings, WebSocketSource
+from tests.support.waiting import assert_holds, wait_for
+
+
+@dataclass
+class Captured:
+    """A frame handler that keeps what it is given."""
+
+    frames: list[tuple[str | bytes, int, ConnectionInfo]] = field(default_factory=list)
+
+    def __call__(self, raw: str | bytes, receive_time: int, info: ConnectionInfo) -> None:
+        self.frames.append((raw, receive_time, info))
+
+    def count(self, subscription: str) -> int:
+        return sum(1 for _, _, info in self.frames if info.subscription.name == subscription)
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    async with Simulator(SimulatorConfig(contracts=6, rate=200)) as running:
+        yield running
+
+
+def source_for(
+    simulator: Simulator, tokens: TokenProvider, *, bearer: bool = False
+) -> tuple[WebSocketSource, Captured, Metrics]:
+    captured, metrics = Captured(), Metrics()
+    source = WebSocketSource(
+        settings=SourceSettings(ws_url=simulator.ws_url, bearer=bearer, reconnect_min=0.01, reconnect_max=0.2),
+        tokens=tokens,
+        handler=captured,
+        metrics=metrics,
+    )
+    return source, captured, metrics
+
+
+def reconnects(metrics: Metrics, endpoint: str, reason: str) -> float:
+    value = metrics.registry.get_sample_value("ime_bridge_reconnects_total", {"endpoint": endpoint, "reason": reason})
+    return value or 0.0
+
+
+def policy(metrics: Metrics, reason: str) -> float:
+    labels = {"endpoint": "id", "reason": reason}
+    return metrics.registry.get_sample_value("ime_bridge_policy_rejections_total", labels) or 0.0
+
+
+async def test_frames_from_both_endpoints_arrive_with_their_connection(simulator: Simulator) -> None:
+    ids = Subscription("id-0", Endpoint.ID, tuple(c.id for c in simulator.contracts[:3]))
+    names = Subscription("name-0", Endpoint.NAME, tuple(c.name for c in simulator.contracts[3:]))
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([ids, names])
+    try:
+        await wait_for(lambda: captured.count("id-0") >= 5 and captured.count("name-0") >= 5)
+        assert source.connections_up == 2
+        assert metrics.registry.get_sample_value("ime_bridge_connections") == 2
+        assert metrics.registry.get_sample_value("ime_bridge_subscribed_contracts") == 6
+    finally:
+        await source.stop()
+    assert all(
+        b"contractName" in (raw if isinstance(raw, bytes) else raw.encode())
+        for raw, _, info in captured.frames
+        if info.subscription.endpoint is Endpoint.NAME
+    )
+    assert source.connections_up == 0
+    assert all(receive_time > 1_700_000_000_000_000 for _, receive_time, _ in captured.frames)
+
+
+@pytest.mark.parametrize("bearer", [False, True])
+async def test_both_authorization_spellings_are_accepted(simulator: Simulator, bearer: bool) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
+    source, captured, _ = source_for(simulator, StaticToken(simulator.issue_token()), bearer=bearer)
+    await source.apply([subscription])
+    try:
+        await wait_for(lambda: len(captured.frames) >= 2)
+    finally:
+        await source.stop()
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("drop", "connection_lost"), ("close_1011", "server_error"), ("close_1000", "closed_by_server")],
+)
+async def test_dropped_connections_are_reopened_and_classified(simulator: Simulator, fault: str, reason: str) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, tuple(c.id for c in simulator.contracts))
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([subscription])
+    try:
+        await wait_for(lambda: len(captured.frames) >= 3)
+        if fault == "drop":
+            assert await simulator.drop_connections() == 1
+        else:
+            assert await simulator.close_connections(int(fault.removeprefix("close_"))) == 1
+        await wait_for(lambda: reconnects(metrics, "id", reason) == 1, what=f"reconnect with reason {reason}")
+        before = len(captured.frames)
+        await wait_for(lambda: len(captured.frames) > before + 3, what="frames after the reconnect")
+        assert {info.attempt for _, _, info in captured.frames} == {1, 2}
+    finally:
+        await source.stop()
+
+
+async def test_repeated_1008s_on_a_token_that_cannot_be_renewed_never_blame_a_contract(simulator: Simulator) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
+    source, captured, metrics = source_for(simulator, StaticToken("not-a-token"))
+    await source.apply([subscription])
+    try:
+        await wait_for(lambda: policy(metrics, "auth") >= 3, what="1008s on the same token")
+        assert policy(metrics, "contract") == 0, "the same token refused again says nothing about the contracts"
+        assert captured.frames == []
+    finally:
+        await source.stop()
+
+
+async def test_a_quick_1008_on_a_fresh_token_counts_auth_then_contract(simulator: Simulator) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
+    await simulator.invalidate_contracts([simulator.contracts[0].id])
+    async with aiohttp.ClientSession() as http:
+        tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
+        source, _captured, metrics = source_for(simulator, tokens)
+        await source.apply([subscription])
+        try:
+            await wait_for(lambda: policy(metrics, "contract") >= 1, what="a second 1008, on a fresh token")
+            assert policy(metrics, "auth") == 1
+            assert simulator.counters.tokens_issued >= 2, "blamed only on a token issued after the refusal"
+        finally:
+            await source.stop()
+
+
+async def test_1008_after_revocation_is_recovered_by_a_fresh_token(simulator: Simulator) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, tuple(c.id for c in simulator.contracts[:2]))
+    async with aiohttp.ClientSession() as http:
+        tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
+        source, captured, metrics = source_for(simulator, tokens)
+        await source.apply([subscription])
+        try:
+            await wait_for(lambda: len(captured.frames) >= 2)
+            issued = simulator.counters.tokens_issued
+            simulator.revoke_tokens()
+            await simulator.close_connections(1008)
+            before = len(captured.frames)
+            await wait_for(lambda: len(captured.frames) > before + 2, what="frames on a fresh token")
+            assert simulator.counters.tokens_issued == issued + 1
+            assert policy(metrics, "auth") == 1
+            assert policy(metrics, "contract") == 0
+        finally:
+            await source.stop()
+
+
+async def test_handshake_refused_with_http_status(simulator: Simulator) -> None:
+    simulator.reject_handshakes(503)
+    subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([subscription])
+    try:
+        await wait_for(lambda: reconnects(metrics, "id", "http_503") >= 2)
+        simulator.reject_handshakes(None)
+        await wait_for(lambda: len(captured.frames) >= 1, what="frames once the server accepts again")
+    finally:
+        await source.stop()
+
+
+@pytest.mark.parametrize("sdk_field_names", [False, True])
+async def test_token_issue_with_both_form_spellings(simulator: Simulator, sdk_field_names: bool) -> None:
+    async with aiohttp.ClientSession() as http:
+        tokens = IssuedToken(http, simulator.base_url, "demo", "demo-password", sdk_field_names=sdk_field_names)
+        token = await tokens.token()
+        assert await tokens.token() == token  # cached until close to expiry
+        expiry = jwt_expiry(token)
+        assert expiry is not None
+        assert tokens.expires_at == expiry
+        tokens.invalidate(token)
+        assert await tokens.token() != token
+
+
+async def test_bad_credentials_are_rejected_without_leaking_the_password(simulator: Simulator) -> None:
+    async with aiohttp.ClientSession() as http:
+        tokens = IssuedToken(http, simulator.base_url, "demo", "wrong-password-value")
+        with pytest.raises(AuthRejected, match="HTTP 401") as caught:
+            await tokens.token()
+    assert "wrong-password-value" not in str(caught.value)
+
+
+async def test_static_lookups_resolve_names_and_ids_and_leave_out_unknown_ones(simulator: Simulator) -> None:
+    first, second = simulator.contracts[:2]
+    async with aiohttp.ClientSession() as http:
+        catalog = HttpContractCatalog(http, simulator.base_url, StaticToken(simulator.issue_token()))
+        by_name = await catalog.by_names([first.name, "NOPE", second.name])
+        by_id = await catalog.by_ids(["999999", second.id])
+    assert {name: ref.contract_id for name, ref in by_name.items()} == {first.name: first.id, second.name: second.id}
+    assert {contract_id: ref.contract_name for contract_id, ref in by_id.items()} == {second.id: second.name}
+
+
+async def test_stop_closes_connections_with_going_away(simulator: Simulator) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
+    source, captured, _ = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([subscription])
+    await wait_for(lambda: len(captured.frames) >= 1)
+    await asyncio.wait_for(source.stop(), timeout=10)
+    await wait_for(lambda: not simulator.connections, what="the simulator to see the close")
+
+
+async def test_a_handshake_refused_with_429_waits_its_retry_after(simulator: Simulator) -> None:
+    subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
+    simulator.reject_handshakes(429, retry_after=3)
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    await source.apply([subscription])
+    try:
+        await wait_for(lambda: reconnects(metrics, "id", "http_429") == 1, what="a 429")
+        handshakes = simulator.counters.handshakes
+        simulator.reject_handshakes(None)
+        # reconnect_max is 0.2 s: only the server's Retry-After keeps the next attempt away this long.
+        await assert_holds(lambda: simulator.counters.handshakes == handshakes, seconds=2.5, what="no new attempt")
+        await wait_for(lambda: len(captured.frames) > 0, what="frames once Retry-After has passed")
+    finally:
+        await source.stop()

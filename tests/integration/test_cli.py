@@ -1,0 +1,102 @@
+"""The commands a person runs: demo and tail, as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bridge import cli
+from bridge.config import load_settings
+from bridge.devtools.simulator import Simulator, SimulatorConfig
+from tests.component.test_cli import run
+from tests.support.broker import BrokerInfo
+from tests.support.harness import bridge_config, bridge_settings, running_bridge
+from tests.support.waiting import wait_for
+from tests.unit.test_cli import last_line
+
+pytestmark = pytest.mark.integration
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_demo_shows_records_from_both_endpoints_and_leaves_no_broker_behind() -> None:
+    code, out, err = await run("demo", "--duration", "6", "--contracts", "4", "--rate", "40")
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("key=")]
+    assert len(lines) >= 10, out
+    assert any(" via ID " in line for line in lines)
+    assert any(" via NAME " in line for line in lines)
+    assert all(re.match(r"key=\d+ ", line) for line in lines), "every key is a contract id"
+    assert "metrics    http://127.0.0.1:" in out
+    broker_pid = int(re.search(r"\(pid (\d+)\)", out).group(1))  # type: ignore[union-attr]
+    assert not pid_alive(broker_pid)
+    assert "stopped: bridge, simulator and broker" in out
+
+
+async def test_tail_prints_decoded_records_as_json_lines(kafka_broker: BrokerInfo) -> None:
+    async with Simulator(SimulatorConfig(contracts=2, rate=100)) as simulator:
+        settings = bridge_settings(simulator, kafka_broker, ime={"contract_ids": [simulator.contracts[0].id]})
+        async with running_bridge(settings) as running:
+            await wait_for(lambda: running.published() >= 5)
+        code, out, err = await run(
+            "tail",
+            "--bootstrap-servers",
+            kafka_broker.bootstrap_servers,
+            "--topic",
+            settings.kafka.topic,
+            "--max-records",
+            "5",
+            "--no-table",
+        )
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 5
+    assert {record["key"] for record in records} == {simulator.contracts[0].id}
+    assert [record["value"]["sequence"] for record in records] == [1, 2, 3, 4, 5]
+    assert records[0]["headers"]["schema"] == "ir.ime.bridge.ContractUpdate"
+
+
+async def test_tail_with_the_bridge_config_uses_its_connection_and_topic(
+    kafka_broker: BrokerInfo, tmp_path: Path
+) -> None:
+    async with Simulator(SimulatorConfig(contracts=2, rate=100)) as simulator:
+        config = bridge_config(simulator, kafka_broker, ime={"contract_ids": [simulator.contracts[0].id]})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        async with running_bridge(load_settings(path)) as running:
+            await wait_for(lambda: running.published() >= 3)
+        code, out, err = await run("tail", "--config", str(path), "--max-records", "3", "--no-table")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [record["value"]["sequence"] for record in records] == [1, 2, 3]
+    assert {record["key"] for record in records} == {simulator.contracts[0].id}
+
+
+async def test_run_with_an_unusable_spool_exits_1(kafka_broker: BrokerInfo, tmp_path: Path) -> None:
+    """buffer.spool_dir under a regular file: the spool cannot be opened, the start fails after Kafka's."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    async with Simulator(SimulatorConfig(contracts=2, rate=10)) as simulator:
+        config = bridge_config(
+            simulator,
+            kafka_broker,
+            ime={"contract_ids": [simulator.contracts[0].id]},
+            buffer={"overflow": "spool", "spool_dir": str(blocker / "spool")},
+        )
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        code, _, err = await run("run", "--config", str(path), within=90)
+    assert code == cli.EXIT_FATAL == 1, err
+    assert "event=spool_unusable" in err
+    assert last_line(err).startswith("ime-bridge: fatal: spool unusable: cannot open the spool in ")

@@ -1,0 +1,768 @@
+"""The Helm chart helm/ime-bridge, rendered and linted by the Helm engine of the `helm-python-sdk` wheel.
+
+Every rendered manifest is validated offline by `kubernetes-validate --strict` against Kubernetes 1.30,
+except the Prometheus Operator's custom resources (ServiceMonitor, PrometheusRule), for which it has no
+schema: those are checked structurally here, and the PrometheusRule's groups with `promtool check rules`.
+A missing tool fails the test under CI=true and skips it elsewhere, saying which.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import importlib
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from bridge.config import (
+    BufferSettings,
+    ConfigError,
+    ImeSettings,
+    KafkaSettings,
+    LogSettings,
+    MetricsSettings,
+    Settings,
+    load_settings,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "ime-bridge"
+ALL_ENABLED = CHART / "ci" / "all-enabled-values.yaml"
+RULES = ROOT / "deploy" / "prometheus" / "ime-bridge-rules.yaml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "ime-bridge-dashboard.json"
+KUBE_VERSION = "1.30.0"
+RELEASE, NAMESPACE = "md", "market-data"
+FULLNAME = "md-ime-bridge"
+SECRET_ENV = (
+    "IME_BRIDGE_IME__PASSWORD",
+    "IME_BRIDGE_IME__TOKEN",
+    "IME_BRIDGE_KAFKA__SASL_PASSWORD",
+    "IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD",
+)
+Manifest = dict[str, Any]
+
+
+# --- tools -------------------------------------------------------------------------------------------
+
+
+def _missing(what: str) -> None:
+    """Fail under CI (the tool must be installed there), skip elsewhere."""
+    message = f"{what} (make test installs it: pip install -e '.[dev]')"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"required tool missing under CI: {message}")
+    pytest.skip(f"tool missing: {message}")
+
+
+def _module(name: str, package: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        _missing(f"Python package {package}")
+        raise  # unreachable: _missing raises
+
+
+@pytest.fixture(scope="module")
+def helm() -> ModuleType:
+    """The helm_python module (Helm v4 embedded, no helm binary)."""
+    module = _module("helm_python", "helm-python-sdk")
+    module.disable_logging()
+    return module
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+
+
+def all_enabled_values() -> dict[str, Any]:
+    """The values that switch every optional part on."""
+    values: dict[str, Any] = yaml.safe_load(ALL_ENABLED.read_text("utf-8"))
+    return values
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override` merged in, recursively (a copy)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def render_files(helm: ModuleType, values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template path → rendered text, as `helm template md --namespace market-data` gives."""
+    with helm.Chart.load(CHART) as chart:
+        files: dict[str, str] = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+    return files
+
+
+def render(helm: ModuleType, values: dict[str, Any] | None = None) -> list[Manifest]:
+    """Every rendered Kubernetes object."""
+    manifests: list[Manifest] = []
+    for path, text in sorted(render_files(helm, values).items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        manifests.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return manifests
+
+
+def one(manifests: list[Manifest], kind: str, name: str | None = None) -> Manifest:
+    """The single object of `kind` (and `name`)."""
+    found = [m for m in manifests if m["kind"] == kind and (name is None or m["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[m['metadata']['name'] for m in found]}"
+    return found[0]
+
+
+def workload(manifests: list[Manifest]) -> Manifest:
+    """The Deployment or the StatefulSet."""
+    found = [m for m in manifests if m["kind"] in ("Deployment", "StatefulSet")]
+    assert len(found) == 1, [m["kind"] for m in found]
+    return found[0]
+
+
+def pod_spec(manifests: list[Manifest]) -> dict[str, Any]:
+    """The pod spec of the workload."""
+    spec: dict[str, Any] = workload(manifests)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(manifests: list[Manifest]) -> dict[str, Any]:
+    """The bridge's container."""
+    containers = pod_spec(manifests)["containers"]
+    assert [c["name"] for c in containers] == ["ime-bridge"]
+    first: dict[str, Any] = containers[0]
+    return first
+
+
+def config_text(manifests: list[Manifest]) -> str:
+    """The bridge's config file as the ConfigMap holds it."""
+    text: str = one(manifests, "ConfigMap", FULLNAME)["data"]["config.yaml"]
+    return text
+
+
+VARIANTS = {
+    "defaults": None,
+    "all-enabled": all_enabled_values(),
+    "existing-secret": merged(all_enabled_values(), {"credentials": {"existingSecret": "ime-credentials"}}),
+    "deployment-with-credentials": {
+        "credentials": {"imeToken": "header.payload.signature"},
+        "config": {"ime": {"contract_ids": ["1001"]}},
+    },
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any] | None]:
+    """One named set of values."""
+    name: str = request.param
+    return name, VARIANTS[name]
+
+
+# --- lint and render ---------------------------------------------------------------------------------
+
+
+def test_chart_passes_strict_lint(helm: ModuleType, variant: tuple[str, dict[str, Any] | None]) -> None:
+    """`helm lint --strict --kube-version v1.30.0` finds no warning or error."""
+    _, values = variant
+    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["total_charts_linted"] == 1
+    assert not problems, problems
+    assert not report["errors"], report["errors"]
+    infos = {m["error"] for m in report["messages"]}
+    assert infos <= {"icon is recommended"}, infos
+
+
+def test_lint_reports_a_broken_values_file(helm: ModuleType) -> None:
+    """The linter is really looking: a wrong type is an error."""
+    report = helm.lint(CHART, {"service": {"port": "metrics"}}, strict=True)
+    assert report["errors"], report
+
+
+def test_default_render_is_a_deployment_with_its_companions(helm: ModuleType) -> None:
+    """Defaults: ConfigMap, Service, ServiceAccount and Deployment, and none of the optional parts."""
+    kinds = sorted(m["kind"] for m in render(helm))
+    assert kinds == ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
+
+
+def test_all_enabled_render_has_every_part(helm: ModuleType) -> None:
+    """Every optional part on: a StatefulSet with a spool claim replaces the Deployment."""
+    manifests = render(helm, all_enabled_values())
+    kinds = sorted(m["kind"] for m in manifests)
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "NetworkPolicy",
+            "PodDisruptionBudget",
+            "PrometheusRule",
+            "Secret",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor",
+            "StatefulSet",
+        ]
+    )
+    statefulset = one(manifests, "StatefulSet")
+    headless = one(manifests, "Service", statefulset["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    claim = statefulset["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    mounts = {m["name"]: m["mountPath"] for m in container(manifests)["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == "/var/lib/ime-bridge/spool"
+    assert yaml.safe_load(config_text(manifests))["buffer"]["spool_dir"] == "/var/lib/ime-bridge/spool"
+
+
+def test_spool_mode_requires_persistence(helm: ModuleType) -> None:
+    """`overflow: spool` without a persistent volume fails the rendering, naming both keys."""
+    with pytest.raises(helm.HelmRenderError, match=r"overflow: spool needs persistence\.enabled"):
+        render(helm, {"config": {"buffer": {"overflow": "spool"}}})
+
+
+# --- the Prometheus Operator's resources, structurally -----------------------------------------------
+
+
+def test_service_monitor_scrapes_the_metrics_service_as_job_ime_bridge(helm: ModuleType) -> None:
+    """The ServiceMonitor selects the metrics Service, its port, and names the job the rules select."""
+    manifests = render(helm, all_enabled_values())
+    monitor = one(manifests, "ServiceMonitor")
+    service = one(manifests, "Service", FULLNAME)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = monitor["spec"]
+    assert set(spec) <= {"jobLabel", "selector", "namespaceSelector", "endpoints"}
+    assert spec["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert service["metadata"]["labels"][spec["jobLabel"]] == "ime-bridge"
+    (endpoint,) = spec["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    assert re.fullmatch(r"[0-9]+(ms|s|m|h)", endpoint["interval"])
+    assert re.fullmatch(r"[0-9]+(ms|s|m|h)", endpoint["scrapeTimeout"])
+    assert endpoint["metricRelabelings"][0]["action"] == "drop"
+
+
+def test_prometheus_rule_without_rule_labels_is_the_plain_file_verbatim(helm: ModuleType) -> None:
+    """With no ruleLabels the chart adds nothing to the rules."""
+    manifests = render(helm, {"prometheusRule": {"enabled": True}})
+    assert one(manifests, "PrometheusRule")["spec"]["groups"] == yaml.safe_load(RULES.read_text("utf-8"))["groups"]
+
+
+def test_grafana_dashboard_configmap_holds_the_plain_dashboard(helm: ModuleType) -> None:
+    """The dashboard ConfigMap is labelled for the Grafana sidecar and holds deploy/grafana's JSON."""
+    manifests = render(helm, all_enabled_values())
+    configmap = one(manifests, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Market data"}
+    assert json.loads(configmap["data"]["ime-bridge.json"]) == json.loads(DASHBOARD.read_text("utf-8"))
+
+
+def test_chart_files_are_the_plain_files_and_survive_packaging(helm: ModuleType, tmp_path: Path) -> None:
+    """files/ links to deploy/; the loader and a packaged chart carry their content, not the link."""
+    expected = {
+        "files/ime-bridge-rules.yaml": RULES.read_text("utf-8"),
+        "files/ime-bridge-dashboard.json": DASHBOARD.read_text("utf-8"),
+    }
+    for name, text in expected.items():
+        assert (CHART / name).resolve().read_text("utf-8") == text, name
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        files = {f["name"]: f["data"] for f in packaged.files}
+        if files and not isinstance(next(iter(files.values())), str):
+            files = {k: base64.b64decode(v).decode() for k, v in files.items()}
+        for name, text in expected.items():
+            assert files.get(name) == text, f"{name} differs in the packaged chart"
+        rendered = packaged.render({"prometheusRule": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE)
+    assert "ImeBridgeDown" in rendered["ime-bridge/templates/prometheusrule.yaml"]
+
+
+# --- security ----------------------------------------------------------------------------------------
+
+ALLOWED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What in a pod spec breaks the restricted Pod Security Standard (Kubernetes 1.30's checks)."""
+    problems = []
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            problems.append(f"{field} is set")
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= ALLOWED_VOLUME_TYPES:
+            problems.append(f"volume {volume['name']} has a disallowed type {kinds}")
+    pod_context = pod.get("securityContext", {})
+    if pod_context.get("runAsUser") == 0:
+        problems.append("pod runs as uid 0")
+    pod_seccomp = pod_context.get("seccompProfile", {}).get("type")
+    containers = pod.get("containers", []) + pod.get("initContainers", []) + pod.get("ephemeralContainers", [])
+    for entry in containers:
+        context = entry.get("securityContext", {})
+        name = entry["name"]
+        if context.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        if context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is not True:
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if context.get("runAsUser") == 0:
+            problems.append(f"{name}: runs as uid 0")
+        if context.get("seccompProfile", {}).get("type", pod_seccomp) not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccomp profile is neither RuntimeDefault nor Localhost")
+        capabilities = context.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            problems.append(f"{name}: capabilities are not all dropped")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities {capabilities['add']}")
+        for port in entry.get("ports", []):
+            if port.get("hostPort"):
+                problems.append(f"{name}: hostPort {port['hostPort']}")
+    return problems
+
+
+def test_restricted_checker_finds_violations() -> None:
+    """The checker itself reports what it should."""
+    pod = {
+        "hostNetwork": True,
+        "volumes": [{"name": "docker", "hostPath": {"path": "/var/run/docker.sock"}}],
+        "containers": [{"name": "c", "securityContext": {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]}}}],
+    }
+    problems = restricted_violations(pod)
+    assert len(problems) == 8, problems
+
+
+def test_pod_meets_the_restricted_pod_security_standard(
+    helm: ModuleType, variant: tuple[str, dict[str, Any] | None]
+) -> None:
+    """Restricted PSS, a read-only root filesystem with /tmp writable, no service account token."""
+    _, values = variant
+    manifests = render(helm, values)
+    pod = pod_spec(manifests)
+    assert restricted_violations(pod) == []
+    context = container(manifests)["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    mounts = {m["mountPath"]: m["name"] for m in container(manifests)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert one(manifests, "ServiceAccount")["automountServiceAccountToken"] is False
+
+
+def test_image_user_is_the_chart_user(helm: ModuleType) -> None:
+    """The chart runs as the numeric user the Dockerfile's final stage sets."""
+    final_stage = (ROOT / "Dockerfile").read_text("utf-8").rsplit("\nFROM ", 1)[1]
+    match = re.search(r"^USER (\d+):(\d+)$", final_stage, re.MULTILINE)
+    assert match, "the final stage sets no numeric USER uid:gid"
+    pod_context = pod_spec(render(helm))["securityContext"]
+    assert (pod_context["runAsUser"], pod_context["runAsGroup"]) == (int(match[1]), int(match[2]))
+
+
+# --- probes, ports, rollout --------------------------------------------------------------------------
+
+
+def test_probes_use_the_health_endpoints_on_the_metrics_port(helm: ModuleType) -> None:
+    """Liveness on /healthz, readiness on /readyz, both on the port the bridge's config binds."""
+    values = {"config": {"metrics": {"port": 9200}}}
+    manifests = render(helm, values)
+    bridge = container(manifests)
+    (port,) = bridge["ports"]
+    assert port == {"name": "metrics", "containerPort": 9200, "protocol": "TCP"}
+    assert bridge["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert bridge["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    for probe in (bridge["livenessProbe"], bridge["readinessProbe"]):
+        assert probe["timeoutSeconds"] < probe["periodSeconds"]
+    assert yaml.safe_load(config_text(manifests))["metrics"] == {"host": "0.0.0.0", "port": 9200}
+    (service_port,) = one(manifests, "Service", FULLNAME)["spec"]["ports"]
+    assert service_port["targetPort"] == "metrics"
+    assert bridge["args"] == ["--config", "/etc/ime-bridge/config.yaml"]
+    mounts = {m["name"]: m for m in bridge["volumeMounts"]}
+    assert mounts["config"]["mountPath"] == "/etc/ime-bridge"
+
+
+def test_checksum_annotation_follows_the_config_file(helm: ModuleType) -> None:
+    """checksum/config is the SHA-256 of the config file: it changes with it, and only with it."""
+
+    def checksum(values: dict[str, Any] | None) -> tuple[str, str]:
+        manifests = render(helm, values)
+        annotations = workload(manifests)["spec"]["template"]["metadata"]["annotations"]
+        return annotations["checksum/config"], config_text(manifests)
+
+    base, text = checksum(None)
+    assert base == hashlib.sha256(text.rstrip("\n").encode()).hexdigest()
+    changed, _ = checksum({"config": {"log": {"level": "DEBUG"}}})
+    unrelated, _ = checksum({"resources": {"limits": {"memory": "1Gi"}}})
+    assert changed != base
+    assert unrelated == base
+
+
+def test_secret_checksum_rolls_pods_when_credentials_change(helm: ModuleType) -> None:
+    """checksum/secret changes with the chart-created Secret's content."""
+
+    def annotations(password: str) -> dict[str, str]:
+        values = {"credentials": {"imePassword": password}}
+        found: dict[str, str] = workload(render(helm, values))["spec"]["template"]["metadata"]["annotations"]
+        return found
+
+    first, second = annotations("one"), annotations("two")
+    assert first["checksum/secret"] != second["checksum/secret"]
+    assert first["checksum/config"] == second["checksum/config"]
+
+
+def test_grace_period_is_derived_longer_than_the_shutdown_budget(helm: ModuleType) -> None:
+    """Empty: ceil(shutdown_timeout_seconds) + 10; a set value must be longer than the budget."""
+
+    def grace(values: dict[str, Any]) -> int:
+        value: int = pod_spec(render(helm, values))["terminationGracePeriodSeconds"]
+        return value
+
+    assert grace({}) == math.ceil(Settings.model_fields["shutdown_timeout_seconds"].default) + 10
+    assert grace({"config": {"shutdown_timeout_seconds": 45.5}}) == 56
+    assert grace({"terminationGracePeriodSeconds": 21}) == 21
+    for too_short in (20, 5):
+        with pytest.raises(helm.HelmRenderError, match=r"must be longer than config\.shutdown_timeout_seconds"):
+            render(helm, {"terminationGracePeriodSeconds": too_short})
+
+
+# --- secrets -----------------------------------------------------------------------------------------
+
+
+def _env(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container(manifests).get("env", [])}
+
+
+def test_chart_created_secret_feeds_the_environment_never_the_configmap(helm: ModuleType) -> None:
+    """Credentials land in the Secret and reach the bridge as IME_BRIDGE_* variables by reference."""
+    password, sasl, registry = "s3cr3t-ime-password", "s3cr3t-sasl-password", "s3cr3t-registry-password"
+    credentials = {"imePassword": password, "kafkaSaslPassword": sasl, "schemaRegistryPassword": registry}
+    manifests = render(helm, merged(all_enabled_values(), {"credentials": credentials}))
+    secret = one(manifests, "Secret")
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert decoded == {"ime-password": password, "kafka-sasl-password": sasl, "schema-registry-password": registry}
+    env = _env(manifests)
+    assert set(SECRET_ENV) & set(env) == set(SECRET_ENV) - {"IME_BRIDGE_IME__TOKEN"}
+    for name, key in (
+        ("IME_BRIDGE_IME__PASSWORD", "ime-password"),
+        ("IME_BRIDGE_KAFKA__SASL_PASSWORD", "kafka-sasl-password"),
+        ("IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD", "schema-registry-password"),
+    ):
+        assert "value" not in env[name]
+        assert env[name]["valueFrom"]["secretKeyRef"] == {
+            "name": secret["metadata"]["name"],
+            "key": key,
+            "optional": False,
+        }
+    everything_but_the_secret = yaml.safe_dump([m for m in manifests if m["kind"] != "Secret"])
+    for text in (password, sasl, registry, base64.b64encode(password.encode()).decode()):
+        assert text not in everything_but_the_secret
+
+
+def test_existing_secret_is_referenced_and_not_created(helm: ModuleType) -> None:
+    """existingSecret: no Secret object; every variable references it, optionally, under its keys."""
+    values = merged(
+        all_enabled_values(),
+        {"credentials": {"existingSecret": "ime-credentials", "existingSecretKeys": {"imeToken": "jwt"}}},
+    )
+    manifests = render(helm, values)
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    env = _env(manifests)
+    refs = {name: env[name]["valueFrom"]["secretKeyRef"] for name in SECRET_ENV}
+    assert refs == {
+        "IME_BRIDGE_IME__PASSWORD": {"name": "ime-credentials", "key": "ime-password", "optional": True},
+        "IME_BRIDGE_IME__TOKEN": {"name": "ime-credentials", "key": "jwt", "optional": True},
+        "IME_BRIDGE_KAFKA__SASL_PASSWORD": {"name": "ime-credentials", "key": "kafka-sasl-password", "optional": True},
+        "IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD": {
+            "name": "ime-credentials",
+            "key": "schema-registry-password",
+            "optional": True,
+        },
+    }
+    assert "checksum/secret" not in workload(manifests)["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_no_credentials_no_secret_no_variables(helm: ModuleType) -> None:
+    """Defaults: nothing secret is rendered (NOTES warns instead)."""
+    files = render_files(helm)
+    manifests = render(helm)
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    assert not set(_env(manifests)) & set(SECRET_ENV)
+    assert "no IME credentials are configured" in files["ime-bridge/templates/NOTES.txt"]
+    assert "no contracts are configured" in files["ime-bridge/templates/NOTES.txt"]
+
+
+@pytest.mark.parametrize(
+    "secret_in_config",
+    [{"ime": {"password": "x"}}, {"ime": {"token": "x"}}, {"kafka": {"sasl_password": "x"}}],
+    ids=["ime.password", "ime.token", "kafka.sasl_password"],
+)
+def test_schema_keeps_secrets_out_of_the_config(helm: ModuleType, secret_in_config: dict[str, Any]) -> None:
+    """A secret written under `config` is refused: it would land in the ConfigMap."""
+    with pytest.raises(helm.HelmValuesError, match="additional properties"):
+        render(helm, {"config": secret_in_config})
+
+
+# --- the config file the bridge reads ----------------------------------------------------------------
+
+
+def _settings_from(manifests: list[Manifest], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Load the rendered config file as the pod's bridge would: the file plus its environment."""
+    for name in list(os.environ):
+        if name.startswith("IME_BRIDGE_"):
+            monkeypatch.delenv(name)
+    secrets = [m for m in manifests if m["kind"] == "Secret"]
+    data = {k: base64.b64decode(v).decode() for k, v in secrets[0]["data"].items()} if secrets else {}
+    for entry in container(manifests).get("env", []):
+        if "value" in entry:
+            monkeypatch.setenv(entry["name"], entry["value"])
+        elif entry["valueFrom"]["secretKeyRef"]["key"] in data:
+            monkeypatch.setenv(entry["name"], data[entry["valueFrom"]["secretKeyRef"]["key"]])
+    path = tmp_path / "config.yaml"
+    path.write_text(config_text(manifests), "utf-8")
+    return load_settings(path)
+
+
+def test_bridge_accepts_the_rendered_config(helm: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The all-enabled ConfigMap plus the Secret's variables is a configuration the bridge accepts."""
+    settings = _settings_from(render(helm, all_enabled_values()), tmp_path, monkeypatch)
+    assert settings.ime.contract_ids == ["1001", "1002"]
+    assert settings.ime.password is not None
+    assert settings.ime.password.get_secret_value() == "example-password"
+    assert settings.kafka.sasl_password is not None
+    assert settings.buffer.overflow == "spool"
+    assert str(settings.buffer.spool_dir) == "/var/lib/ime-bridge/spool"
+    assert settings.ime.naive_timezone == "Asia/Tehran"
+    assert settings.shutdown_timeout_seconds == 30
+
+
+def test_default_config_is_refused_only_for_what_the_operator_must_supply(
+    helm: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the defaults the bridge asks exactly for credentials (and contracts), nothing else."""
+    with pytest.raises(ConfigError) as refused:
+        _settings_from(render(helm), tmp_path, monkeypatch)
+    assert refused.value.problems == ["ime: set ime.token, or both ime.username and ime.password"]
+
+
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text("utf-8"))
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("section", "model", "not_values"),
+    [
+        ("ime", ImeSettings, {"password", "token"}),
+        ("kafka", KafkaSettings, {"sasl_password"}),
+        ("buffer", BufferSettings, {"spool_dir"}),
+        ("metrics", MetricsSettings, set()),
+        ("log", LogSettings, set()),
+    ],
+)
+def test_config_schema_offers_exactly_the_bridge_keys(section: str, model: type, not_values: set[str]) -> None:
+    """values.schema.json's `config` mirrors bridge/config.py: every key, less secrets and chart-derived ones."""
+    properties = _schema()["properties"]["config"]["properties"]
+    fields: set[str] = set(model.model_fields)  # type: ignore[attr-defined]
+    assert set(properties[section]["properties"]) == fields - not_values
+    assert properties[section]["additionalProperties"] is False
+    top = set(Settings.model_fields)
+    assert set(properties) == top
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"service": {"port": "metrics"}},
+        {"unknownKey": True},
+        {"image": {"pullPolicy": "Sometimes"}},
+        {"persistence": {"enabled": "yes"}},
+        {"config": {"buffer": {"spool_dir": "/data"}}},
+        {"config": {"log": {"level": "TRACE"}}},
+        {"config": {"ime": {"contract_ids": [1001]}}},
+        {"networkPolicy": {"kafka": {"ports": [0]}}},
+        {"terminationGracePeriodSeconds": "30s"},
+    ],
+    ids=lambda bad: json.dumps(bad),
+)
+def test_schema_rejects_bad_values(helm: ModuleType, bad: dict[str, Any]) -> None:
+    """Wrong types, unknown keys and values outside the bridge's sets are refused before rendering."""
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(chart.merge_values(bad))
+    with pytest.raises(helm.HelmValuesError):
+        render(helm, bad)
+
+
+def test_schema_accepts_the_shipped_values(helm: ModuleType) -> None:
+    """values.yaml and the ci values pass their own schema."""
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(chart.values)
+        chart.validate_schema(chart.merge_values(all_enabled_values()))
+
+
+# --- network policy, disruption budget ---------------------------------------------------------------
+
+
+def test_network_policy_allows_only_dns_kafka_ime_registry_and_metrics_scrapes(helm: ModuleType) -> None:
+    """Egress to DNS, Kafka, the IME endpoint and the schema registry only; metrics ingress from one namespace."""
+    manifests = render(helm, all_enabled_values())
+    policy = one(manifests, "NetworkPolicy")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["podSelector"]["matchLabels"] == workload(manifests)["spec"]["selector"]["matchLabels"]
+    (ingress,) = policy["ingress"]
+    assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    (source,) = ingress["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    dns, kafka, ime, registry = policy["egress"]
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert kafka["ports"] == [{"port": 9093, "protocol": "TCP"}]
+    assert kafka["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kafka"}
+    assert ime == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    assert registry["to"] == kafka["to"]
+    assert registry["ports"] == [{"port": 8081, "protocol": "TCP"}]  # the port of config.schema_registry.url
+
+
+@pytest.mark.parametrize(
+    ("url", "ports", "expected"),
+    [
+        ("https://registry.example.com", [], [443]),
+        ("http://registry.example.com", [], [80]),
+        ("http://registry:8081", [], [8081]),
+        ("http://registry:8081", [18081, 18082], [18081, 18082]),
+    ],
+)
+def test_the_schema_registry_egress_port_follows_its_url_unless_given(
+    helm: ModuleType, url: str, ports: list[int], expected: list[int]
+) -> None:
+    values = {
+        "config": {"schema_registry": {"url": url}},
+        "networkPolicy": {"enabled": True, "schemaRegistry": {"ports": ports}},
+    }
+    *_, registry = one(render(helm, values), "NetworkPolicy")["spec"]["egress"]
+    assert "to" not in registry  # no peers given: any destination on those ports
+    assert registry["ports"] == [{"port": port, "protocol": "TCP"} for port in expected]
+
+
+def test_without_a_schema_registry_the_network_policy_has_no_rule_for_it(helm: ModuleType) -> None:
+    egress = one(render(helm, {"networkPolicy": {"enabled": True}}), "NetworkPolicy")["spec"]["egress"]
+    assert len(egress) == 3  # DNS, Kafka, IME
+
+
+def test_pod_disruption_budget_selects_the_pod(helm: ModuleType) -> None:
+    """minAvailable wins when set; otherwise maxUnavailable."""
+    manifests = render(helm, all_enabled_values())
+    budget = one(manifests, "PodDisruptionBudget")["spec"]
+    assert budget == {"minAvailable": 1, "selector": workload(manifests)["spec"]["selector"]}
+    default_budget = one(render(helm, {"podDisruptionBudget": {"enabled": True}}), "PodDisruptionBudget")["spec"]
+    assert default_budget["maxUnavailable"] == 1
+    assert "minAvailable" not in default_budget
+
+
+# --- documentation -----------------------------------------------------------------------------------
+
+
+def documented_keys() -> Iterator[tuple[str, bool]]:
+    """(dotted key, documented) for every key of values.yaml; documented: a `# --` comment above it or an ancestor."""
+    stack: list[tuple[int, str, bool]] = []
+    comment = False
+    for line in (CHART / "values.yaml").read_text("utf-8").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            comment = True
+            continue
+        if not stripped or stripped.startswith("#"):
+            continue
+        match = re.match(r"^( *)([A-Za-z_][A-Za-z0-9_.-]*):", line)
+        if match is None:  # a list item or a continuation
+            comment = False
+            continue
+        indent = len(match[1])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        inherited = any(documented for _, _, documented in stack)
+        key = ".".join([*(k for _, k, _ in stack), match[2]])
+        yield key, comment or inherited
+        stack.append((indent, match[2], comment))
+        comment = False
+
+
+def test_every_values_key_is_documented() -> None:
+    """helm-docs style: each key of values.yaml has a `# --` comment, on itself or on an enclosing block."""
+    keys = list(documented_keys())
+    assert len(keys) > 50
+    undocumented = [key for key, documented in keys if not documented]
+    parents = {key.rsplit(".", 1)[0] for key, _ in keys if "." in key}
+    assert [key for key in undocumented if key not in parents] == []
+
+
+def test_readme_values_table_lists_every_documented_key() -> None:
+    """The chart README's table has a row for each `# --` documented key, and no others."""
+    readme = (CHART / "README.md").read_text("utf-8")
+    rows = set(re.findall(r"^\| `([^`]+)` \|", readme, re.MULTILINE))
+    lines = (CHART / "values.yaml").read_text("utf-8").splitlines()
+    keys = []
+    stack: list[tuple[int, str]] = []
+    pending = False
+    for line in lines:
+        if line.strip().startswith("# --"):
+            pending = True
+            continue
+        match = re.match(r"^( *)([A-Za-z_][A-Za-z0-9_.-]*):", line)
+        if match is None:
+            continue
+        while stack and stack[-1][0] >= len(match[1]):
+            stack.pop()
+        if pending:
+            keys.append(".".join([*(k for _, k in stack), match[2]]))
+            pending = False
+        stack.append((len(match[1]), match[2]))
+    assert rows == set(keys)
+
+
+def test_chart_app_version_is_the_bridge_version() -> None:
+    """Chart.yaml's appVersion (the default image tag) is pyproject's version."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text("utf-8"))
+    assert chart["appVersion"] == project["version"]
+    assert chart["apiVersion"] == "v2"
+
+
+def test_schema_registry_is_rendered_and_its_password_comes_from_the_secret(helm: ModuleType) -> None:
+    values = {
+        "config": {"schema_registry": {"url": "https://registry:8081", "username": "bridge"}},
+        "credentials": {"schemaRegistryPassword": "s3cret"},
+    }
+    manifests = render(helm, values)
+    (configmap,) = [m for m in manifests if m["kind"] == "ConfigMap"]
+    config = yaml.safe_load(next(iter(configmap["data"].values())))
+    assert config["schema_registry"] == {"url": "https://registry:8081", "username": "bridge"}
+    assert "s3cret" not in json.dumps(configmap)
+    env = {var["name"]: var for var in workload(manifests)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "schema-registry-password"
