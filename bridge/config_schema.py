@@ -2,8 +2,8 @@
 
 `config_schema()` describes the config file `ime-bridge run --config` reads; `chart_config_schema()` the chart's
 `config` value, which helm/ime-bridge/values.schema.json holds under `properties.config` (`make chart-schema`,
-i.e. `ime-bridge config schema --write helm/ime-bridge/values.schema.json`, rewrites it; tests/unit/test_config_schema.py
-fails when it is stale).
+i.e. `ime-bridge config schema --write helm/ime-bridge/values.schema.json`, rewrites it;
+tests/unit/test_config_schema.py fails when it is stale).
 
 Both are JSON Schema draft-07, the draft the chart's values.schema.json declares (Helm 4 validates with
 santhosh-tekuri/jsonschema, which honours `$schema`). Pydantic's `$defs`/`$ref` are inlined: a `$ref` inside
