@@ -29,7 +29,7 @@ from bridge.health import HealthServer
 from bridge.intake import Intake
 from bridge.logs import log_event
 from bridge.metrics import Metrics
-from bridge.normalize import Normalizer, RejectReason
+from bridge.normalize import ContractDirectory, Normalizer, RejectReason
 from bridge.protocol import Endpoint
 from bridge.publisher import Publisher, start_sink
 from bridge.records import Sink, SinkFatal
@@ -183,16 +183,14 @@ class Bridge:
         self.sink = sink
         await self._start_sink(sink)
 
-        names_by_id: dict[str, str] = {}  # filled by the subscription manager, read by the normalizer
-        ids_by_name: dict[str, str] = {}
+        contracts = ContractDirectory()  # written by the subscription manager, read by the normalizer
         buffer = self._open_buffer()
         self._buffer = buffer
         intake = Intake(
             normalizer=Normalizer(
                 session_id=self.session_id,
                 naive_timezone=ime.timezone,
-                names_by_id=names_by_id,
-                ids_by_name=ids_by_name,
+                contracts=contracts,
             ),
             buffer=buffer,
             metrics=self.metrics,
@@ -237,9 +235,7 @@ class Bridge:
             metrics=self.metrics,
             calendar=ime.calendar,
         )
-        self._manager = SubscriptionManager(
-            ime, catalog, self._source, self.metrics, names_by_id=names_by_id, ids_by_name=ids_by_name
-        )
+        self._manager = SubscriptionManager(ime, catalog, self._source, self.metrics, contracts=contracts)
         await self._manager.start()
         reload = supervised("reload", self._reload_on_request, metrics=self.metrics)
         self._background.append(asyncio.create_task(reload, name="reload"))

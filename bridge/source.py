@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import ssl
@@ -78,6 +79,58 @@ class SourceFatal(Exception):
     """A failure that retrying cannot fix (TLS verification): the bridge must stop, loudly."""
 
 
+class CloseReason(enum.StrEnum):
+    """Why a connection attempt ended: the bounded `reason` label of reconnects and logs."""
+
+    AUTH_REJECTED = "auth_rejected"  # the token endpoint refused the credentials
+    AUTH_UNAVAILABLE = "auth_unavailable"  # no token could be had (network, server error)
+    POLICY_VIOLATION = "policy_violation"  # 1008: a bad token or an invalid contract in the list
+    FRAME_TOO_LARGE = "frame_too_large"  # the bridge closed with 1009
+    STALE = "stale"  # the watchdog closed a silent connection
+    CLOSED_BY_SERVER = "closed_by_server"  # 1000
+    SERVER_GOING_AWAY = "server_going_away"  # 1001
+    SERVER_ERROR = "server_error"  # 1011
+    CLOSED_OTHER = "closed_other"  # any other close code
+    CONNECTION_LOST = "connection_lost"  # no close frame
+    NETWORK_ERROR = "network_error"  # never opened: refused, unreachable, handshake failed
+    TLS_ERROR = "tls_error"  # certificate verification failed: fatal
+    HTTP_401 = "http_401"
+    HTTP_403 = "http_403"
+    HTTP_404 = "http_404"
+    HTTP_429 = "http_429"
+    HTTP_500 = "http_500"
+    HTTP_502 = "http_502"
+    HTTP_503 = "http_503"
+    HTTP_504 = "http_504"
+    HTTP_1XX = "http_1xx"
+    HTTP_2XX = "http_2xx"
+    HTTP_3XX = "http_3xx"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+
+    @classmethod
+    def of_close_code(cls, code: int | None) -> CloseReason:
+        """How the server ended the connection (None: no close frame)."""
+        if code is None:
+            return cls.CONNECTION_LOST
+        return _CLOSE_REASONS.get(code, cls.CLOSED_OTHER)
+
+    @classmethod
+    def of_http_status(cls, status: int) -> CloseReason:
+        """A refused handshake: the status itself where it tells something, else its class."""
+        try:
+            return cls(f"http_{status}")
+        except ValueError:
+            return cls(f"http_{status // 100}xx")
+
+
+_CLOSE_REASONS = {
+    1000: CloseReason.CLOSED_BY_SERVER,
+    1001: CloseReason.SERVER_GOING_AWAY,
+    1011: CloseReason.SERVER_ERROR,
+}
+
+
 @dataclass
 class _Connection:
     subscription: Subscription
@@ -94,7 +147,7 @@ class _Ended:
     """How one connection attempt ended: why, when it opened and closed (monotonic; None: never opened), with
     which token, whether a frame came, and a server's Retry-After."""
 
-    reason: str
+    reason: CloseReason
     opened_at: float | None = None
     closed_at: float = 0.0
     token: str = ""
@@ -208,7 +261,7 @@ class WebSocketSource:
             if ended.seconds_open >= self.settings.healthy_after:
                 backoff.reset()
             delay = backoff.next_delay()
-            if reason == "policy_violation":
+            if reason is CloseReason.POLICY_VIOLATION:
                 # Fresh token first; if that is refused at once too, the list holds an invalid contract.
                 cause = refusals.on_policy_close(ended.token, ended.seconds_open, ended.received)
                 self.metrics.policy_rejections.labels(endpoint, cause.value).inc()
@@ -222,11 +275,11 @@ class WebSocketSource:
                 delay = min(delay, self.settings.reconnect_min)
             elif ended.opened_at is not None:
                 refusals.on_other_end(ended.seconds_open, ended.received)
-            if reason == "auth_rejected":
+            if reason is CloseReason.AUTH_REJECTED:
                 delay = self.settings.auth_rejected_backoff
-            elif reason == "http_429":
+            elif reason is CloseReason.HTTP_429:
                 delay = ended.retry_after if ended.retry_after is not None else self.settings.rate_limited_backoff
-            elif reason == "tls_error":
+            elif reason is CloseReason.TLS_ERROR:
                 self.fatal_error = SourceFatal(f"TLS verification failed for {self.settings.ws_url}")
                 self.failed.set()
                 return
@@ -248,10 +301,10 @@ class WebSocketSource:
             token = await self.tokens.token()
         except AuthRejected as exc:
             log_event(logger, logging.ERROR, "token_rejected", connection=subscription.name, error=str(exc))
-            return _Ended("auth_rejected")
+            return _Ended(CloseReason.AUTH_REJECTED)
         except AuthError as exc:
             log_event(logger, logging.WARNING, "token_unavailable", connection=subscription.name, error=str(exc))
-            return _Ended("auth_unavailable")
+            return _Ended(CloseReason.AUTH_UNAVAILABLE)
         connection = self._connections[subscription.name]
         connection.received = False
         reason, opened_at, retry_after = await self._run_connection(info, connection, token)
@@ -259,7 +312,7 @@ class WebSocketSource:
 
     async def _run_connection(
         self, info: ConnectionInfo, connection: _Connection, token: str
-    ) -> tuple[str, float | None, float | None]:
+    ) -> tuple[CloseReason, float | None, float | None]:
         """(why it ended, when it opened or None, the server's Retry-After if it sent one)."""
         subscription = info.subscription
         settings = self.settings
@@ -286,29 +339,31 @@ class WebSocketSource:
                 finally:
                     watchdog.cancel()
                     await asyncio.gather(watchdog, return_exceptions=True)
-            return ("stale" if connection.stale else _close_reason(ws.close_code)), opened_at, None
+            reason = CloseReason.STALE if connection.stale else CloseReason.of_close_code(ws.close_code)
+            return reason, opened_at, None
         except ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
-                return "policy_violation", opened_at, None
+                return CloseReason.POLICY_VIOLATION, opened_at, None
             if exc.sent is not None and exc.sent.code == protocol.CLOSE_MESSAGE_TOO_BIG:
                 if self.on_frame_too_large is not None:
                     self.on_frame_too_large(info, exc.sent.reason)
-                return "frame_too_large", opened_at, None
+                return CloseReason.FRAME_TOO_LARGE, opened_at, None
             if connection.stale:
-                return "stale", opened_at, None
-            return _close_reason(exc.rcvd.code if exc.rcvd is not None else None), opened_at, None
+                return CloseReason.STALE, opened_at, None
+            return CloseReason.of_close_code(exc.rcvd.code if exc.rcvd is not None else None), opened_at, None
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
                 self.tokens.invalidate(token)
-            reason = f"http_{status}" if status in _HTTP_REASONS else f"http_{status // 100}xx"
-            return reason, None, protocol.retry_after_seconds(exc.response.headers.get("Retry-After"))
+            retry_after = protocol.retry_after_seconds(exc.response.headers.get("Retry-After"))
+            return CloseReason.of_http_status(status), None, retry_after
         except ssl.SSLCertVerificationError as exc:
             log_event(logger, logging.CRITICAL, "tls_verification_failed", connection=subscription.name, error=str(exc))
-            return "tls_error", None, None
+            return CloseReason.TLS_ERROR, None, None
         except (InvalidHandshake, OSError, TimeoutError) as exc:
             log_event(logger, logging.WARNING, "connect_failed", connection=subscription.name, error=repr(exc))
-            return "network_error" if opened_at is None else "connection_lost", opened_at, None
+            lost = CloseReason.NETWORK_ERROR if opened_at is None else CloseReason.CONNECTION_LOST
+            return lost, opened_at, None
         finally:
             self._mark_down(info, connection)
 
@@ -338,7 +393,7 @@ class WebSocketSource:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
                 return False
             raise SourceUnavailable(
-                f"probe connection closed: {_close_reason(exc.rcvd.code if exc.rcvd else None)}"
+                f"probe connection closed: {CloseReason.of_close_code(exc.rcvd.code if exc.rcvd else None)}"
             ) from exc
         except (AuthError, InvalidHandshake, OSError, TimeoutError) as exc:
             raise SourceUnavailable(f"probe failed: {type(exc).__name__}") from exc
@@ -413,14 +468,3 @@ class WebSocketSource:
         up = [connection for connection in self._connections.values() if connection.up]
         self.metrics.connections.set(len(up))
         self.metrics.subscribed_contracts.set(sum(len(connection.subscription.contracts) for connection in up))
-
-
-_HTTP_REASONS = {401, 403, 404, 429, 500, 502, 503, 504}
-_CLOSE_REASONS = {1000: "closed_by_server", 1001: "server_going_away", 1011: "server_error"}
-
-
-def _close_reason(code: int | None) -> str:
-    """A bounded label for how the server ended the connection (None: no close frame)."""
-    if code is None:
-        return "connection_lost"
-    return _CLOSE_REASONS.get(code, "closed_other")

@@ -27,6 +27,7 @@ from bridge.catalog import CatalogUnavailable, ContractCatalog
 from bridge.config import ImeSettings
 from bridge.logs import log_event
 from bridge.metrics import Metrics
+from bridge.normalize import ContractDirectory
 from bridge.planner import Subscription, find_invalid, replan
 from bridge.protocol import Endpoint
 from bridge.source import SourceUnavailable, WebSocketSource
@@ -58,14 +59,13 @@ class Quarantined:
 
 @dataclass
 class SubscriptionManager:
-    """See the module docstring. `names_by_id`/`ids_by_name` are shared with the normalizer and kept current."""
+    """See the module docstring. The manager is the only writer of `contracts`, which the normalizer reads."""
 
     settings: ImeSettings
     catalog: ContractCatalog
     source: WebSocketSource
     metrics: Metrics
-    names_by_id: dict[str, str] = field(default_factory=dict)
-    ids_by_name: dict[str, str] = field(default_factory=dict)
+    contracts: ContractDirectory = field(default_factory=ContractDirectory)
     quarantine: dict[tuple[Endpoint, str], Quarantined] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
     _bisecting: set[str] = field(default_factory=set)
@@ -149,8 +149,7 @@ class SubscriptionManager:
                     log_event(logger, logging.ERROR, "contract_name_unresolved", contract_name=name)
                     self.quarantine[key] = Quarantined(Endpoint.NAME, name, QuarantineReason.UNRESOLVED, now)
                 continue
-            self.ids_by_name[name] = ref.contract_id
-            self.names_by_id[ref.contract_id] = name
+            self.contracts.learn(ref.contract_id, name)
             if key in self.quarantine and self.quarantine[key].reason is QuarantineReason.UNRESOLVED:
                 del self.quarantine[key]
                 log_event(
@@ -162,7 +161,8 @@ class SubscriptionManager:
             except CatalogUnavailable as exc:
                 log_event(logger, logging.WARNING, "id_lookup_failed", error=str(exc))
                 return
-            self.names_by_id.update({contract_id: ref.contract_name for contract_id, ref in described.items()})
+            for contract_id, ref in described.items():
+                self.contracts.learn(contract_id, ref.contract_name)
 
     async def _refresh_names(self) -> None:
         before = set(self.quarantine)

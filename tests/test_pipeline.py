@@ -14,7 +14,7 @@ from bridge.buffer import DeliveryBuffer, Overflow
 from bridge.encode import load_released_schemas, load_schema
 from bridge.intake import Intake
 from bridge.metrics import Metrics
-from bridge.normalize import Normalizer
+from bridge.normalize import ContractDirectory, Normalizer
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
 from bridge.publisher import Publisher
@@ -43,7 +43,7 @@ def make_pipeline(
 ) -> tuple[Intake, Metrics]:
     metrics = Metrics()
     pipeline = Intake(
-        normalizer=Normalizer(session_id="s", names_by_id={"1001": "GC1405"}, ids_by_name={"GC1405": "1001"}),
+        normalizer=Normalizer(session_id="s", contracts=ContractDirectory({"1001": "GC1405"})),
         buffer=DeliveryBuffer(capacity=capacity, overflow=Overflow.CONFLATE, metrics=metrics),
         metrics=metrics,
         schema=SCHEMA,
