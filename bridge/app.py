@@ -21,7 +21,7 @@ import aiohttp
 
 from bridge import __version__
 from bridge.auth import IssuedToken, StaticToken, TokenProvider
-from bridge.buffer import DeliveryBuffer, Overflow
+from bridge.buffer import DeliveryBuffer
 from bridge.catalog import ContractCatalog, HttpContractCatalog
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.encode import load_schema
@@ -34,7 +34,7 @@ from bridge.protocol import Endpoint
 from bridge.publisher import Publisher, start_sink
 from bridge.records import Sink, SinkFatal
 from bridge.sink import KafkaSink
-from bridge.source import SourceSettings, WebSocketSource
+from bridge.source import WebSocketSource
 from bridge.spool import Spool, SpoolError
 from bridge.subscriptions import SubscriptionManager
 from bridge.supervise import every, supervised
@@ -214,26 +214,11 @@ class Bridge:
                 name="spool-maintenance",
             )
         self._source = WebSocketSource(
-            settings=SourceSettings(
-                ws_url=str(ime.ws_url),
-                bearer=ime.bearer,
-                compression=ime.compression,
-                open_timeout=ime.open_timeout_seconds,
-                ping_interval=ime.ping_interval_seconds,
-                ping_timeout=ime.ping_timeout_seconds,
-                reconnect_min=ime.reconnect_min_seconds,
-                reconnect_max=ime.reconnect_max_seconds,
-                auth_rejected_backoff=ime.auth_rejected_backoff_seconds,
-                rate_limited_backoff=ime.rate_limited_backoff_seconds,
-                healthy_after=ime.healthy_after_seconds,
-                stale_after=ime.stale_after_seconds,
-                max_message_bytes=4 * ime.max_frame_bytes,
-            ),
+            settings=ime,
             tokens=tokens,
             handler=intake.on_frame,
             on_frame_too_large=intake.on_frame_too_large,
             metrics=self.metrics,
-            calendar=ime.calendar,
         )
         self._manager = SubscriptionManager(ime, catalog, self._source, self.metrics, contracts=contracts)
         await self._manager.start()
@@ -278,16 +263,7 @@ class Bridge:
                 corrupt_segments=recovery.corrupt_segments,
                 possible_duplicates=recovery.possible_duplicates,
             )
-        return DeliveryBuffer(
-            capacity=config.capacity_records,
-            overflow=Overflow(config.overflow),
-            metrics=self.metrics,
-            spool=spool,
-            spool_after=config.spool_after_records,
-            spool_after_seconds=config.spool_after_seconds,
-            fsync_interval=config.spool_fsync_interval_seconds,
-            dead_letter_memory_bytes=config.dead_letter_memory_bytes,
-        )
+        return DeliveryBuffer(config, metrics=self.metrics, spool=spool)
 
     async def _start_sink(self, sink: Sink) -> None:
         """Kafka may be down at start: keep trying, not ready meanwhile (a stop cancels this).

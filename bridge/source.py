@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidH
 
 from bridge import protocol
 from bridge.auth import AuthError, AuthRejected, TokenProvider
-from bridge.calendar import ALWAYS_OPEN, TradingCalendar
+from bridge.config import ImeSettings
 from bridge.logs import log_event, log_exception
 from bridge.metrics import Metrics
 from bridge.planner import ConnectionInfo, Subscription
@@ -40,27 +40,10 @@ logger = logging.getLogger(__name__)
 FrameHandler = Callable[[bytes, int, ConnectionInfo], None]
 
 
-@dataclass(frozen=True)
-class SourceSettings:
-    """Connection behaviour; see ImeSettings for the meaning of each."""
-
-    ws_url: str
-    bearer: bool = False
-    compression: bool = False
-    open_timeout: float = 10.0
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    # After a ping timeout websockets still waits this long for a close reply a dead path never sends.
-    close_timeout: float = 1.0
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    auth_rejected_backoff: float = 300.0
-    rate_limited_backoff: float = 30.0
-    healthy_after: float = 30.0
-    stale_after: float = 300.0
-    max_message_bytes: int = 16 * 1024 * 1024
-    # Frames websockets buffers before pausing the socket; 16 (its default) pauses on every burst.
-    max_queued_frames: int = 128
+# After a ping timeout websockets still waits this long for a close reply a dead path never sends.
+CLOSE_TIMEOUT = 1.0
+# Frames websockets buffers before pausing the socket; 16 (its default) pauses on every burst.
+MAX_QUEUED_FRAMES = 128
 
 
 # How long a probe connection must stay open (or deliver a frame) to count as accepted. The service
@@ -168,11 +151,10 @@ class WebSocketSource:
     longer retried here: its list holds an invalid contract, which the caller finds and quarantines.
     """
 
-    settings: SourceSettings
+    settings: ImeSettings
     tokens: TokenProvider
     handler: FrameHandler
     metrics: Metrics
-    calendar: TradingCalendar = ALWAYS_OPEN
     on_invalid_contract: Callable[[Subscription], None] | None = None
     # A frame past max_message_bytes: the connection was closed with 1009 before the frame was read.
     on_frame_too_large: Callable[[ConnectionInfo, str], None] | None = None
@@ -181,6 +163,10 @@ class WebSocketSource:
     _connections: dict[str, _Connection] = field(default_factory=dict)
     _last_message_at: dict[str, float] = field(default_factory=dict)
     _stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self._ws_url = str(self.settings.ws_url)
+        self._calendar = self.settings.calendar  # the data watchdog follows the trading sessions
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -247,7 +233,7 @@ class WebSocketSource:
         await asyncio.gather(*(self._close(name) for name in list(self._connections)))
 
     async def _keep_connected(self, subscription: Subscription) -> None:
-        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
+        backoff = Backoff(self.settings.reconnect_min_seconds, self.settings.reconnect_max_seconds)
         endpoint = subscription.endpoint.value
         attempt = 0
         refusals = PolicyRefusals(PROBE_WINDOW)
@@ -258,7 +244,7 @@ class WebSocketSource:
             if self._stopping:
                 return
             self._connections[subscription.name].last_close = reason
-            if ended.seconds_open >= self.settings.healthy_after:
+            if ended.seconds_open >= self.settings.healthy_after_seconds:
                 backoff.reset()
             delay = backoff.next_delay()
             if reason is CloseReason.POLICY_VIOLATION:
@@ -272,15 +258,17 @@ class WebSocketSource:
                     log_event(logger, logging.WARNING, "invalid_contract_suspected", connection=subscription.name)
                     self.on_invalid_contract(subscription)
                     return
-                delay = min(delay, self.settings.reconnect_min)
+                delay = min(delay, self.settings.reconnect_min_seconds)
             elif ended.opened_at is not None:
                 refusals.on_other_end(ended.seconds_open, ended.received)
             if reason is CloseReason.AUTH_REJECTED:
-                delay = self.settings.auth_rejected_backoff
+                delay = self.settings.auth_rejected_backoff_seconds
             elif reason is CloseReason.HTTP_429:
-                delay = ended.retry_after if ended.retry_after is not None else self.settings.rate_limited_backoff
+                delay = (
+                    ended.retry_after if ended.retry_after is not None else self.settings.rate_limited_backoff_seconds
+                )
             elif reason is CloseReason.TLS_ERROR:
-                self.fatal_error = SourceFatal(f"TLS verification failed for {self.settings.ws_url}")
+                self.fatal_error = SourceFatal(f"TLS verification failed for {self._ws_url}")
                 self.failed.set()
                 return
             self.metrics.reconnects.labels(endpoint, reason).inc()
@@ -319,15 +307,15 @@ class WebSocketSource:
         opened_at: float | None = None
         try:
             async with connect(
-                subscription.url(settings.ws_url),
+                subscription.url(self._ws_url),
                 additional_headers={"Authorization": protocol.authorization_header(token, bearer=settings.bearer)},
                 compression="deflate" if settings.compression else None,
-                open_timeout=settings.open_timeout,
-                ping_interval=settings.ping_interval,
-                ping_timeout=settings.ping_timeout,
-                close_timeout=settings.close_timeout,
+                open_timeout=settings.open_timeout_seconds,
+                ping_interval=settings.ping_interval_seconds,
+                ping_timeout=settings.ping_timeout_seconds,
+                close_timeout=CLOSE_TIMEOUT,
                 max_size=settings.max_message_bytes,
-                max_queue=settings.max_queued_frames,
+                max_queue=MAX_QUEUED_FRAMES,
                 proxy=None,
             ) as ws:
                 opened_at = time.monotonic()
@@ -376,12 +364,12 @@ class WebSocketSource:
         self.metrics.contract_probes.labels(purpose).inc()
         try:
             token = await self.tokens.token()
-            url = Subscription("probe", endpoint, tuple(contracts)).url(self.settings.ws_url)
+            url = Subscription("probe", endpoint, tuple(contracts)).url(self._ws_url)
             headers = {"Authorization": protocol.authorization_header(token, bearer=self.settings.bearer)}
             async with connect(
                 url,
                 additional_headers=headers,
-                open_timeout=self.settings.open_timeout,
+                open_timeout=self.settings.open_timeout_seconds,
                 close_timeout=PROBE_CLOSE_TIMEOUT,
                 proxy=None,
                 compression=None,
@@ -404,7 +392,7 @@ class WebSocketSource:
         IME sends only on change and is quiet outside its sessions, so silence there is normal. A connection
         that never received anything counts as silent since it opened.
         """
-        stale_after = self.settings.stale_after
+        stale_after = self.settings.stale_after_seconds
         if stale_after <= 0:
             return
         name = connection.subscription.name
@@ -413,7 +401,7 @@ class WebSocketSource:
             await asyncio.sleep(min(stale_after / 4, 5.0))
             now = time.time()
             last = max(self._last_message_at.get(name, 0.0), opened_wall)
-            if now - last >= stale_after and self.calendar.is_open(datetime.fromtimestamp(now, UTC)):
+            if now - last >= stale_after and self._calendar.is_open(datetime.fromtimestamp(now, UTC)):
                 log_event(
                     logger, logging.WARNING, "stale_connection", connection=name, silent_seconds=round(now - last)
                 )

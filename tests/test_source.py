@@ -11,11 +11,12 @@ import pytest
 
 from bridge.auth import AuthRejected, IssuedToken, StaticToken, TokenProvider, jwt_expiry
 from bridge.catalog import HttpContractCatalog
+from bridge.config import ImeSettings
 from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.metrics import Metrics
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
-from bridge.source import SourceSettings, WebSocketSource
+from bridge.source import WebSocketSource
 from tests.conftest import assert_holds, wait_for
 
 
@@ -43,7 +44,15 @@ def source_for(
 ) -> tuple[WebSocketSource, Captured, Metrics]:
     captured, metrics = Captured(), Metrics()
     source = WebSocketSource(
-        settings=SourceSettings(ws_url=simulator.ws_url, bearer=bearer, reconnect_min=0.01, reconnect_max=0.2),
+        settings=ImeSettings(
+            ws_url=simulator.ws_url,
+            allow_insecure=True,
+            token="from-the-provider",
+            contract_ids=["1001"],
+            bearer=bearer,
+            reconnect_min_seconds=0.01,
+            reconnect_max_seconds=0.2,
+        ),
         tokens=tokens,
         handler=captured,
         metrics=metrics,
