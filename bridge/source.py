@@ -147,26 +147,30 @@ class WebSocketSource:
     """Keeps every subscription connected and feeds their frames to `handler`.
 
     `apply(plan)` changes the subscriptions live: connections whose contract set is unchanged stay open.
-    A subscription refused with 1008 even on a fresh token is handed to `on_invalid_contract` and no
-    longer retried here: its list holds an invalid contract, which the caller finds and quarantines.
+    A subscription refused with 1008 even on a fresh token is put on `refused` and no longer retried here:
+    its list holds an invalid contract, which the subscription manager (the queue's reader) finds and
+    quarantines.
     """
 
     settings: ImeSettings
     tokens: TokenProvider
     handler: FrameHandler
     metrics: Metrics
-    on_invalid_contract: Callable[[Subscription], None] | None = None
+    refused: asyncio.Queue[Subscription] = field(default_factory=asyncio.Queue)
     # A frame past max_message_bytes: the connection was closed with 1009 before the frame was read.
     on_frame_too_large: Callable[[ConnectionInfo, str], None] | None = None
-    failed: asyncio.Event = field(default_factory=asyncio.Event)
-    fatal_error: SourceFatal | None = None
     _connections: dict[str, _Connection] = field(default_factory=dict)
     _last_message_at: dict[str, float] = field(default_factory=dict)
     _stopping: bool = False
 
     def __post_init__(self) -> None:
+        self._fatal: asyncio.Future[SourceFatal] = asyncio.get_running_loop().create_future()
         self._ws_url = str(self.settings.ws_url)
         self._calendar = self.settings.calendar  # the data watchdog follows the trading sessions
+
+    async def fatal(self) -> SourceFatal:
+        """Wait for a failure retrying cannot fix (TLS verification); the bridge must then stop."""
+        return await asyncio.shield(self._fatal)
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -253,10 +257,10 @@ class WebSocketSource:
                 self.metrics.policy_rejections.labels(endpoint, cause.value).inc()
                 if cause is PolicyCause.AUTH:
                     self.tokens.invalidate(ended.token)  # a fresh token next time; kept when a contract is blamed
-                elif self.on_invalid_contract is not None:
+                else:
                     self.metrics.reconnects.labels(endpoint, reason).inc()
                     log_event(logger, logging.WARNING, "invalid_contract_suspected", connection=subscription.name)
-                    self.on_invalid_contract(subscription)
+                    self.refused.put_nowait(subscription)
                     return
                 delay = min(delay, self.settings.reconnect_min_seconds)
             elif ended.opened_at is not None:
@@ -268,8 +272,8 @@ class WebSocketSource:
                     ended.retry_after if ended.retry_after is not None else self.settings.rate_limited_backoff_seconds
                 )
             elif reason is CloseReason.TLS_ERROR:
-                self.fatal_error = SourceFatal(f"TLS verification failed for {self._ws_url}")
-                self.failed.set()
+                if not self._fatal.done():
+                    self._fatal.set_result(SourceFatal(f"TLS verification failed for {self._ws_url}"))
                 return
             self.metrics.reconnects.labels(endpoint, reason).inc()
             log_event(

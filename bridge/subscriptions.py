@@ -77,14 +77,15 @@ class SubscriptionManager:
 
     async def start(self) -> None:
         """Resolve names, subscribe, and start the re-probe and name-refresh schedules."""
-        self.source.on_invalid_contract = self._on_invalid_contract
+        refusals = supervised("refusals", self._search_refused, metrics=self.metrics)
+        self._tasks.append(asyncio.create_task(refusals, name="refusals"))
         await self.resolve_names(retry_until_answered=True)
         await self.reconcile()
         reprobe = every(self.settings.quarantine_reprobe_seconds, self.reprobe, task="reprobe", metrics=self.metrics)
         names = every(
             self.settings.name_refresh_seconds, self._refresh_names, task="name-refresh", metrics=self.metrics
         )
-        self._tasks = [asyncio.create_task(reprobe, name="reprobe"), asyncio.create_task(names, name="names")]
+        self._tasks += [asyncio.create_task(reprobe, name="reprobe"), asyncio.create_task(names, name="names")]
 
     async def stop(self) -> None:
         """Stop the schedules (the source is stopped by its owner)."""
@@ -170,8 +171,13 @@ class SubscriptionManager:
         if set(self.quarantine) != before:
             await self.reconcile()
 
+    async def _search_refused(self) -> None:
+        """Search every subscription the source hands over as refused even on a fresh token."""
+        while True:
+            self._on_invalid_contract(await self.source.refused.get())
+
     def _on_invalid_contract(self, subscription: Subscription) -> None:
-        """Called by the source: this subscription is refused even on a fresh token."""
+        """This subscription is refused even on a fresh token: find its invalid contracts."""
         if subscription.name in self._bisecting:
             return
         self._bisecting.add(subscription.name)

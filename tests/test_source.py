@@ -147,6 +147,8 @@ async def test_a_quick_1008_on_a_fresh_token_counts_auth_then_contract(simulator
             await wait_for(lambda: policy(metrics, "contract") >= 1, what="a second 1008, on a fresh token")
             assert policy(metrics, "auth") == 1
             assert simulator.counters.tokens_issued >= 2, "blamed only on a token issued after the refusal"
+            handed_over = await asyncio.wait_for(source.refused.get(), timeout=5)
+            assert handed_over == subscription, "the refused subscription goes to whoever searches it"
         finally:
             await source.stop()
 
