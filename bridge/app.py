@@ -21,7 +21,7 @@ import aiohttp
 
 from bridge import __version__
 from bridge.auth import IssuedToken, StaticToken, TokenProvider
-from bridge.buffer import DeliveryBuffer, Overflow
+from bridge.buffer import DeliveryBuffer
 from bridge.catalog import ContractCatalog, HttpContractCatalog
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.encode import load_schema
@@ -29,12 +29,12 @@ from bridge.health import HealthServer
 from bridge.intake import Intake
 from bridge.logs import log_event
 from bridge.metrics import Metrics
-from bridge.normalize import Normalizer, RejectReason
+from bridge.normalize import ContractDirectory, Normalizer, RejectReason
 from bridge.protocol import Endpoint
 from bridge.publisher import Publisher, start_sink
 from bridge.records import Sink, SinkFatal
 from bridge.sink import KafkaSink
-from bridge.source import SourceSettings, WebSocketSource
+from bridge.source import WebSocketSource
 from bridge.spool import Spool, SpoolError
 from bridge.subscriptions import SubscriptionManager
 from bridge.supervise import every, supervised
@@ -44,6 +44,18 @@ logger = logging.getLogger(__name__)
 
 class PublisherFailed(Exception):
     """The publisher task ended with an error: records would no longer reach Kafka."""
+
+
+@dataclass
+class _Running:
+    """The parts a start assembled once Kafka answered; all of them exist together (built without waiting)."""
+
+    buffer: DeliveryBuffer
+    publisher: Publisher
+    publisher_task: asyncio.Task[None]
+    source: WebSocketSource
+    manager: SubscriptionManager
+    spool_task: asyncio.Task[None] | None  # spool mode only
 
 
 @dataclass
@@ -58,31 +70,29 @@ class Bridge:
     health_port: int | None = None
     config_path: Path | None = None
     kafka_ready: asyncio.Event = field(default_factory=asyncio.Event)
-    _source: WebSocketSource | None = None
-    _publisher: Publisher | None = None
-    _publisher_task: asyncio.Task[None] | None = None
-    _buffer: DeliveryBuffer | None = None
-    _spool_task: asyncio.Task[None] | None = None
-    _manager: SubscriptionManager | None = None
+    _running: _Running | None = None  # set once the start assembled the parts
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     _sink_started: bool = False
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when Kafka takes records and at least one subscription is connected."""
-        source = self._source
-        connections = source.status() if source is not None else {}
-        up = source.connections_up if source is not None else 0
-        kafka = self._sink_started and (self._publisher is None or self._publisher.healthy)
+        running = self._running
+        if running is None:
+            self.metrics.ready.set(0)
+            return False, {"kafka": self._sink_started, "connections_up": 0, "connections": {}}
+        up = running.source.connections_up
+        kafka = self._sink_started and running.publisher.healthy
         ready = kafka and up > 0
         self.metrics.ready.set(1 if ready else 0)
-        detail: dict[str, Any] = {"kafka": kafka, "connections_up": up, "connections": connections}
-        if self._buffer is not None:
-            detail["buffer_records"] = len(self._buffer)
-            detail["spool_full"] = self._buffer.spool_full
-        if self._manager is not None:
-            detail["quarantined"] = self._manager.status()
-        return ready, detail
+        return ready, {
+            "kafka": kafka,
+            "connections_up": up,
+            "connections": running.source.status(),
+            "buffer_records": len(running.buffer),
+            "spool_full": running.buffer.spool_full,
+            "quarantined": running.manager.status(),
+        }
 
     def request_reload(self) -> None:
         """SIGHUP: re-read the configuration file and reconcile the subscriptions."""
@@ -92,7 +102,7 @@ class Bridge:
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
-            if self._manager is None:
+            if self._running is None:
                 continue
             try:
                 settings = load_settings(self.config_path)
@@ -103,7 +113,7 @@ class Bridge:
                 log_event(
                     logger, logging.WARNING, "reload_partial", note="only ime.* applies live; restart for the rest"
                 )
-            opened = await self._manager.reload(settings.ime)
+            opened = await self._running.manager.reload(settings.ime)
             log_event(logger, logging.INFO, "reloaded", reopened=sorted(opened))
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -130,18 +140,19 @@ class Bridge:
 
     async def _run_until(self, stop: asyncio.Event) -> None:
         """Wait for `stop`; a publisher that dies instead takes the process down rather than leaving it mute."""
-        assert self._publisher_task is not None
-        assert self._source is not None
+        assert self._running is not None  # a completed start assembled it
+        publisher_task = self._running.publisher_task
         stopped = asyncio.create_task(stop.wait())
-        source_failed = asyncio.create_task(self._source.failed.wait())
-        await asyncio.wait({stopped, source_failed, self._publisher_task}, return_when=asyncio.FIRST_COMPLETED)
+        source_failed = asyncio.create_task(self._running.source.fatal())
+        await asyncio.wait({stopped, source_failed, publisher_task}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         source_failed.cancel()
-        if self._source.fatal_error is not None:
-            log_event(logger, logging.CRITICAL, "source_failed", error=str(self._source.fatal_error))
-            raise self._source.fatal_error
-        if self._publisher_task.done() and not self._publisher_task.cancelled():
-            error = self._publisher_task.exception()
+        if source_failed.done() and not source_failed.cancelled():
+            fatal = source_failed.result()
+            log_event(logger, logging.CRITICAL, "source_failed", error=str(fatal))
+            raise fatal
+        if publisher_task.done() and not publisher_task.cancelled():
+            error = publisher_task.exception()
             log_event(logger, logging.CRITICAL, "publisher_failed", error=repr(error))
             raise PublisherFailed("the publisher stopped unexpectedly") from error
 
@@ -183,16 +194,14 @@ class Bridge:
         self.sink = sink
         await self._start_sink(sink)
 
-        names_by_id: dict[str, str] = {}  # filled by the subscription manager, read by the normalizer
-        ids_by_name: dict[str, str] = {}
+        # Assembled without waiting, so that a stop finds either none of these parts or all of them.
+        contracts = ContractDirectory()  # written by the subscription manager, read by the normalizer
         buffer = self._open_buffer()
-        self._buffer = buffer
         intake = Intake(
             normalizer=Normalizer(
                 session_id=self.session_id,
                 naive_timezone=ime.timezone,
-                names_by_id=names_by_id,
-                ids_by_name=ids_by_name,
+                contracts=contracts,
             ),
             buffer=buffer,
             metrics=self.metrics,
@@ -201,53 +210,38 @@ class Bridge:
             suppress_duplicates=settings.buffer.suppress_duplicates,
             dead_letter_raw_bytes=settings.buffer.dead_letter_raw_bytes,
         )
-        self._publisher = Publisher(
-            buffer,
-            sink,
-            self.metrics,
-            max_batch_records=settings.buffer.max_batch_records,
-        )
-        self._publisher_task = asyncio.create_task(self._publisher.run(), name="publisher")
+        publisher = Publisher(buffer, sink, self.metrics, max_batch_records=settings.buffer.max_batch_records)
+        spool_task = None
         if buffer.spool is not None:
             # Often enough to spill records that waited spool_after_seconds while nothing new arrived.
             interval = min(settings.buffer.spool_fsync_interval_seconds, settings.buffer.spool_after_seconds / 4)
-            self._spool_task = asyncio.create_task(
+            spool_task = asyncio.create_task(
                 every(interval, lambda: buffer.maintain(time.time()), task="spool-maintenance", metrics=self.metrics),
                 name="spool-maintenance",
             )
-        self._source = WebSocketSource(
-            settings=SourceSettings(
-                ws_url=str(ime.ws_url),
-                bearer=ime.bearer,
-                compression=ime.compression,
-                open_timeout=ime.open_timeout_seconds,
-                ping_interval=ime.ping_interval_seconds,
-                ping_timeout=ime.ping_timeout_seconds,
-                reconnect_min=ime.reconnect_min_seconds,
-                reconnect_max=ime.reconnect_max_seconds,
-                auth_rejected_backoff=ime.auth_rejected_backoff_seconds,
-                rate_limited_backoff=ime.rate_limited_backoff_seconds,
-                healthy_after=ime.healthy_after_seconds,
-                stale_after=ime.stale_after_seconds,
-                max_message_bytes=4 * ime.max_frame_bytes,
-            ),
+        source = WebSocketSource(
+            settings=ime,
             tokens=tokens,
             handler=intake.on_frame,
             on_frame_too_large=intake.on_frame_too_large,
             metrics=self.metrics,
-            calendar=ime.calendar,
         )
-        self._manager = SubscriptionManager(
-            ime, catalog, self._source, self.metrics, names_by_id=names_by_id, ids_by_name=ids_by_name
+        self._running = running = _Running(
+            buffer=buffer,
+            publisher=publisher,
+            publisher_task=asyncio.create_task(publisher.run(), name="publisher"),
+            source=source,
+            manager=SubscriptionManager(ime, catalog, source, self.metrics, contracts=contracts),
+            spool_task=spool_task,
         )
-        await self._manager.start()
+        await running.manager.start()
         reload = supervised("reload", self._reload_on_request, metrics=self.metrics)
         self._background.append(asyncio.create_task(reload, name="reload"))
         log_event(
             logger,
             logging.INFO,
             "started",
-            connections=len(self._source.subscriptions),
+            connections=len(source.subscriptions),
             contract_ids=len(ime.contract_ids),
             contract_names=len(ime.contract_names),
             topic=settings.kafka.topic,
@@ -282,16 +276,7 @@ class Bridge:
                 corrupt_segments=recovery.corrupt_segments,
                 possible_duplicates=recovery.possible_duplicates,
             )
-        return DeliveryBuffer(
-            capacity=config.capacity_records,
-            overflow=Overflow(config.overflow),
-            metrics=self.metrics,
-            spool=spool,
-            spool_after=config.spool_after_records,
-            spool_after_seconds=config.spool_after_seconds,
-            fsync_interval=config.spool_fsync_interval_seconds,
-            dead_letter_memory_bytes=config.dead_letter_memory_bytes,
-        )
+        return DeliveryBuffer(config, metrics=self.metrics, spool=spool)
 
     async def _start_sink(self, sink: Sink) -> None:
         """Kafka may be down at start: keep trying, not ready meanwhile (a stop cancels this).
@@ -311,28 +296,13 @@ class Bridge:
     async def _shutdown(self) -> None:
         timeout = self.settings.shutdown_timeout_seconds
         log_event(logger, logging.INFO, "stopping", timeout_seconds=timeout)
-        publisher = self._publisher
+        running = self._running
         for background in self._background:
             background.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        try:
-            async with asyncio.timeout(timeout):
-                if self._manager is not None:
-                    await self._manager.stop()
-                if self._source is not None:
-                    await self._source.stop()
-                if publisher is not None and self._publisher_task is not None and not self._publisher_task.done():
-                    await publisher.wait_drained()
-        except TimeoutError:
-            log_event(logger, logging.ERROR, "shutdown_timeout", timeout_seconds=timeout)
-        for task in (self._publisher_task, self._spool_task):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
         undelivered = 0
-        if self._buffer is not None and publisher is not None:
-            undelivered = self._buffer.close(publisher.in_flight) + publisher.undeliverable
+        if running is not None:
+            undelivered = await self._stop_running(running, timeout)
         if self.sink is not None and self._sink_started:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(max(1.0, timeout / 4)):
@@ -348,8 +318,25 @@ class Bridge:
             "stopped",
             received=int(received),
             undelivered=undelivered,
-            kept_in_spool=self._buffer is not None and self._buffer.spool is not None,
+            kept_in_spool=running is not None and running.buffer.spool is not None,
         )
+
+    async def _stop_running(self, running: _Running, drain_seconds: float) -> int:
+        """Stop intake, drain within `drain_seconds`, stop the publisher; the records left undelivered."""
+        try:
+            async with asyncio.timeout(drain_seconds):
+                await running.manager.stop()
+                await running.source.stop()
+                if not running.publisher_task.done():
+                    await running.publisher.wait_drained()
+        except TimeoutError:
+            log_event(logger, logging.ERROR, "shutdown_timeout", timeout_seconds=drain_seconds)
+        for task in (running.publisher_task, running.spool_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return running.buffer.close(running.publisher.in_flight) + running.publisher.undeliverable
 
 
 async def _until_stopped(stop: asyncio.Event, work: Any) -> bool:

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from bridge.config import BufferSettings
 from bridge.encode import encode_update
 from bridge.logs import log_event
 from bridge.metrics import Metrics
@@ -75,29 +76,17 @@ class Round:
 class DeliveryBuffer:
     """See the module docstring."""
 
-    def __init__(
-        self,
-        *,
-        capacity: int,
-        overflow: Overflow,
-        metrics: Metrics,
-        spool: Spool | None = None,
-        spool_after: int = 1000,
-        spool_after_seconds: float = 1.0,
-        fsync_interval: float = 0.2,
-        dead_letter_memory_bytes: int = 64 << 20,
-    ) -> None:
-        if overflow is Overflow.SPOOL and spool is None:
-            raise ValueError("spool overflow needs a spool")
-        self.capacity = capacity
-        self.overflow = overflow
+    def __init__(self, settings: BufferSettings, *, metrics: Metrics, spool: Spool | None = None) -> None:
+        """`spool`, opened, is given exactly when `settings.overflow` is spool: it is what spool mode writes to."""
+        self.capacity = capacity = settings.capacity_records
+        self.overflow = Overflow.SPOOL if spool is not None else Overflow.CONFLATE
         self.metrics = metrics
         self.spool = spool
-        self.spool_after = spool_after
-        self.spool_after_seconds = spool_after_seconds
-        self.fsync_interval = fsync_interval
+        self.spool_after = settings.spool_after_records
+        self.spool_after_seconds = settings.spool_after_seconds
+        self.fsync_interval = settings.spool_fsync_interval_seconds
         # Dead letters are never conflated: past this many bytes waiting in memory, new ones are dropped, counted.
-        self.dead_letter_memory_bytes = dead_letter_memory_bytes
+        self.dead_letter_memory_bytes = settings.dead_letter_memory_bytes
         self._dead_letter_bytes = 0
         self._dropping_dead_letters = False
         self.spool_full = False

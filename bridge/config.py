@@ -207,6 +207,12 @@ class ImeSettings(_Section):
         return ZoneInfo(self.naive_timezone)
 
     @property
+    def max_message_bytes(self) -> int:
+        """The WebSocket's frame size limit: room above max_frame_bytes, so that an oversized frame is read and
+        dead-lettered with its reason rather than ending the connection (1009)."""
+        return 4 * self.max_frame_bytes
+
+    @property
     def calendar(self) -> TradingCalendar:
         """The trading calendar the data watchdog follows."""
         return TradingCalendar.parse(

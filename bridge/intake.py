@@ -44,15 +44,15 @@ class Intake:
         metrics: Metrics,
         schema: Schema,
         max_frame_bytes: int,
-        suppress_duplicates: bool = False,
-        dead_letter_raw_bytes: int = 512 * 1024,
+        suppress_duplicates: bool,
+        dead_letter_raw_bytes: int,
         naive_zone_check: NaiveZoneCheck | None = None,
     ) -> None:
         self.normalizer = normalizer
         self.buffer = buffer
         self.metrics = metrics
         self.max_frame_bytes = max_frame_bytes
-        self.dead_letter_raw_bytes = dead_letter_raw_bytes  # Kafka's default max.message.bytes is 1 MiB
+        self.dead_letter_raw_bytes = dead_letter_raw_bytes
         self._schema_headers: Headers = [
             (HEADER_SCHEMA, schema.name.encode()),
             (HEADER_FINGERPRINT, schema.fingerprint.encode()),

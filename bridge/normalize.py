@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from functools import lru_cache
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Protocol
 
 import msgspec
 
@@ -267,12 +267,48 @@ def _contract_info(wire: _WireContractInfo) -> ContractInfo:
     )
 
 
-class Normalizer:
-    """Turns raw frames into records. Holds only configuration and the contract lookups.
+class ContractNames(Protocol):
+    """What the normalizer may ask of the contract directory: read-only lookups."""
 
-    `names_by_id` and `ids_by_name` come from the static lookup; the key of a record is always the
-    contract id, so a frame that names its contract by a name the lookup did not resolve is rejected
-    rather than published under a guessed key.
+    def name_of(self, contract_id: str) -> str | None:
+        """The name of the contract with `contract_id`, if known."""
+        ...
+
+    def id_of(self, name: str) -> str | None:
+        """The id of the contract named `name`, if known."""
+        ...
+
+
+class ContractDirectory:
+    """Names and ids of the configured contracts, learned from the static lookups. The subscription manager
+    owns it and is its only writer (`learn`); the normalizer reads it through `ContractNames`."""
+
+    def __init__(self, names_by_id: Mapping[str, str] | None = None) -> None:
+        self._names_by_id: dict[str, str] = {}
+        self._ids_by_name: dict[str, str] = {}
+        for contract_id, name in (names_by_id or {}).items():
+            self.learn(contract_id, name)
+
+    def learn(self, contract_id: str, name: str) -> None:
+        """Record that `contract_id` is named `name`."""
+        self._names_by_id[contract_id] = name
+        self._ids_by_name[name] = contract_id
+
+    def name_of(self, contract_id: str) -> str | None:
+        """The name of the contract with `contract_id`, if known."""
+        return self._names_by_id.get(contract_id)
+
+    def id_of(self, name: str) -> str | None:
+        """The id of the contract named `name`, if known."""
+        return self._ids_by_name.get(name)
+
+
+class Normalizer:
+    """Turns raw frames into records. Holds only configuration and the contract directory (read-only).
+
+    The directory's names and ids come from the static lookup; the key of a record is always the contract
+    id, so a frame that names its contract by a name the lookup did not resolve is rejected rather than
+    published under a guessed key.
     """
 
     def __init__(
@@ -280,13 +316,11 @@ class Normalizer:
         *,
         session_id: str,
         naive_timezone: tzinfo = UTC,
-        names_by_id: Mapping[str, str] | None = None,
-        ids_by_name: Mapping[str, str] | None = None,
+        contracts: ContractNames | None = None,
     ) -> None:
         self.session_id = session_id
         self.naive_timezone = naive_timezone
-        self.names_by_id: Mapping[str, str] = names_by_id if names_by_id is not None else {}
-        self.ids_by_name: Mapping[str, str] = ids_by_name if ids_by_name is not None else {}
+        self.contracts: ContractNames = contracts if contracts is not None else ContractDirectory()
         # Whether the last timestamp read had no zone (read in `naive_timezone`): the pipeline's zone check.
         self.timestamp_was_naive = False
 
@@ -350,11 +384,11 @@ class Normalizer:
         raw_id = frame.contractId if frame.contractId is not None else frame.ContractId
         if raw_id is not None and raw_id != "":
             contract_id = str(raw_id)
-            return contract_id, frame.contractName or self.names_by_id.get(contract_id)
+            return contract_id, frame.contractName or self.contracts.name_of(contract_id)
         name = frame.contractName
         if not name:
             return None, None
-        return self.ids_by_name.get(name), name
+        return self.contracts.id_of(name), name
 
     def _epoch_micros(self, timestamp: str) -> int:
         parsed = datetime.fromisoformat(timestamp)

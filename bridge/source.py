@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import functools
 import logging
 import ssl
@@ -25,7 +26,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK, InvalidH
 
 from bridge import protocol
 from bridge.auth import AuthError, AuthRejected, TokenProvider
-from bridge.calendar import ALWAYS_OPEN, TradingCalendar
+from bridge.config import ImeSettings
 from bridge.logs import log_event, log_exception
 from bridge.metrics import Metrics
 from bridge.planner import ConnectionInfo, Subscription
@@ -39,27 +40,10 @@ logger = logging.getLogger(__name__)
 FrameHandler = Callable[[bytes, int, ConnectionInfo], None]
 
 
-@dataclass(frozen=True)
-class SourceSettings:
-    """Connection behaviour; see ImeSettings for the meaning of each."""
-
-    ws_url: str
-    bearer: bool = False
-    compression: bool = False
-    open_timeout: float = 10.0
-    ping_interval: float = 20.0
-    ping_timeout: float = 20.0
-    # After a ping timeout websockets still waits this long for a close reply a dead path never sends.
-    close_timeout: float = 1.0
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    auth_rejected_backoff: float = 300.0
-    rate_limited_backoff: float = 30.0
-    healthy_after: float = 30.0
-    stale_after: float = 300.0
-    max_message_bytes: int = 16 * 1024 * 1024
-    # Frames websockets buffers before pausing the socket; 16 (its default) pauses on every burst.
-    max_queued_frames: int = 128
+# After a ping timeout websockets still waits this long for a close reply a dead path never sends.
+CLOSE_TIMEOUT = 1.0
+# Frames websockets buffers before pausing the socket; 16 (its default) pauses on every burst.
+MAX_QUEUED_FRAMES = 128
 
 
 # How long a probe connection must stay open (or deliver a frame) to count as accepted. The service
@@ -78,6 +62,58 @@ class SourceFatal(Exception):
     """A failure that retrying cannot fix (TLS verification): the bridge must stop, loudly."""
 
 
+class CloseReason(enum.StrEnum):
+    """Why a connection attempt ended: the bounded `reason` label of reconnects and logs."""
+
+    AUTH_REJECTED = "auth_rejected"  # the token endpoint refused the credentials
+    AUTH_UNAVAILABLE = "auth_unavailable"  # no token could be had (network, server error)
+    POLICY_VIOLATION = "policy_violation"  # 1008: a bad token or an invalid contract in the list
+    FRAME_TOO_LARGE = "frame_too_large"  # the bridge closed with 1009
+    STALE = "stale"  # the watchdog closed a silent connection
+    CLOSED_BY_SERVER = "closed_by_server"  # 1000
+    SERVER_GOING_AWAY = "server_going_away"  # 1001
+    SERVER_ERROR = "server_error"  # 1011
+    CLOSED_OTHER = "closed_other"  # any other close code
+    CONNECTION_LOST = "connection_lost"  # no close frame
+    NETWORK_ERROR = "network_error"  # never opened: refused, unreachable, handshake failed
+    TLS_ERROR = "tls_error"  # certificate verification failed: fatal
+    HTTP_401 = "http_401"
+    HTTP_403 = "http_403"
+    HTTP_404 = "http_404"
+    HTTP_429 = "http_429"
+    HTTP_500 = "http_500"
+    HTTP_502 = "http_502"
+    HTTP_503 = "http_503"
+    HTTP_504 = "http_504"
+    HTTP_1XX = "http_1xx"
+    HTTP_2XX = "http_2xx"
+    HTTP_3XX = "http_3xx"
+    HTTP_4XX = "http_4xx"
+    HTTP_5XX = "http_5xx"
+
+    @classmethod
+    def of_close_code(cls, code: int | None) -> CloseReason:
+        """How the server ended the connection (None: no close frame)."""
+        if code is None:
+            return cls.CONNECTION_LOST
+        return _CLOSE_REASONS.get(code, cls.CLOSED_OTHER)
+
+    @classmethod
+    def of_http_status(cls, status: int) -> CloseReason:
+        """A refused handshake: the status itself where it tells something, else its class."""
+        try:
+            return cls(f"http_{status}")
+        except ValueError:
+            return cls(f"http_{status // 100}xx")
+
+
+_CLOSE_REASONS = {
+    1000: CloseReason.CLOSED_BY_SERVER,
+    1001: CloseReason.SERVER_GOING_AWAY,
+    1011: CloseReason.SERVER_ERROR,
+}
+
+
 @dataclass
 class _Connection:
     subscription: Subscription
@@ -94,7 +130,7 @@ class _Ended:
     """How one connection attempt ended: why, when it opened and closed (monotonic; None: never opened), with
     which token, whether a frame came, and a server's Retry-After."""
 
-    reason: str
+    reason: CloseReason
     opened_at: float | None = None
     closed_at: float = 0.0
     token: str = ""
@@ -111,23 +147,30 @@ class WebSocketSource:
     """Keeps every subscription connected and feeds their frames to `handler`.
 
     `apply(plan)` changes the subscriptions live: connections whose contract set is unchanged stay open.
-    A subscription refused with 1008 even on a fresh token is handed to `on_invalid_contract` and no
-    longer retried here: its list holds an invalid contract, which the caller finds and quarantines.
+    A subscription refused with 1008 even on a fresh token is put on `refused` and no longer retried here:
+    its list holds an invalid contract, which the subscription manager (the queue's reader) finds and
+    quarantines.
     """
 
-    settings: SourceSettings
+    settings: ImeSettings
     tokens: TokenProvider
     handler: FrameHandler
     metrics: Metrics
-    calendar: TradingCalendar = ALWAYS_OPEN
-    on_invalid_contract: Callable[[Subscription], None] | None = None
+    refused: asyncio.Queue[Subscription] = field(default_factory=asyncio.Queue)
     # A frame past max_message_bytes: the connection was closed with 1009 before the frame was read.
     on_frame_too_large: Callable[[ConnectionInfo, str], None] | None = None
-    failed: asyncio.Event = field(default_factory=asyncio.Event)
-    fatal_error: SourceFatal | None = None
     _connections: dict[str, _Connection] = field(default_factory=dict)
     _last_message_at: dict[str, float] = field(default_factory=dict)
     _stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self._fatal: asyncio.Future[SourceFatal] = asyncio.get_running_loop().create_future()
+        self._ws_url = str(self.settings.ws_url)
+        self._calendar = self.settings.calendar  # the data watchdog follows the trading sessions
+
+    async def fatal(self) -> SourceFatal:
+        """Wait for a failure retrying cannot fix (TLS verification); the bridge must then stop."""
+        return await asyncio.shield(self._fatal)
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -194,7 +237,7 @@ class WebSocketSource:
         await asyncio.gather(*(self._close(name) for name in list(self._connections)))
 
     async def _keep_connected(self, subscription: Subscription) -> None:
-        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
+        backoff = Backoff(self.settings.reconnect_min_seconds, self.settings.reconnect_max_seconds)
         endpoint = subscription.endpoint.value
         attempt = 0
         refusals = PolicyRefusals(PROBE_WINDOW)
@@ -205,30 +248,32 @@ class WebSocketSource:
             if self._stopping:
                 return
             self._connections[subscription.name].last_close = reason
-            if ended.seconds_open >= self.settings.healthy_after:
+            if ended.seconds_open >= self.settings.healthy_after_seconds:
                 backoff.reset()
             delay = backoff.next_delay()
-            if reason == "policy_violation":
+            if reason is CloseReason.POLICY_VIOLATION:
                 # Fresh token first; if that is refused at once too, the list holds an invalid contract.
                 cause = refusals.on_policy_close(ended.token, ended.seconds_open, ended.received)
                 self.metrics.policy_rejections.labels(endpoint, cause.value).inc()
                 if cause is PolicyCause.AUTH:
                     self.tokens.invalidate(ended.token)  # a fresh token next time; kept when a contract is blamed
-                elif self.on_invalid_contract is not None:
+                else:
                     self.metrics.reconnects.labels(endpoint, reason).inc()
                     log_event(logger, logging.WARNING, "invalid_contract_suspected", connection=subscription.name)
-                    self.on_invalid_contract(subscription)
+                    self.refused.put_nowait(subscription)
                     return
-                delay = min(delay, self.settings.reconnect_min)
+                delay = min(delay, self.settings.reconnect_min_seconds)
             elif ended.opened_at is not None:
                 refusals.on_other_end(ended.seconds_open, ended.received)
-            if reason == "auth_rejected":
-                delay = self.settings.auth_rejected_backoff
-            elif reason == "http_429":
-                delay = ended.retry_after if ended.retry_after is not None else self.settings.rate_limited_backoff
-            elif reason == "tls_error":
-                self.fatal_error = SourceFatal(f"TLS verification failed for {self.settings.ws_url}")
-                self.failed.set()
+            if reason is CloseReason.AUTH_REJECTED:
+                delay = self.settings.auth_rejected_backoff_seconds
+            elif reason is CloseReason.HTTP_429:
+                delay = (
+                    ended.retry_after if ended.retry_after is not None else self.settings.rate_limited_backoff_seconds
+                )
+            elif reason is CloseReason.TLS_ERROR:
+                if not self._fatal.done():
+                    self._fatal.set_result(SourceFatal(f"TLS verification failed for {self._ws_url}"))
                 return
             self.metrics.reconnects.labels(endpoint, reason).inc()
             log_event(
@@ -248,10 +293,10 @@ class WebSocketSource:
             token = await self.tokens.token()
         except AuthRejected as exc:
             log_event(logger, logging.ERROR, "token_rejected", connection=subscription.name, error=str(exc))
-            return _Ended("auth_rejected")
+            return _Ended(CloseReason.AUTH_REJECTED)
         except AuthError as exc:
             log_event(logger, logging.WARNING, "token_unavailable", connection=subscription.name, error=str(exc))
-            return _Ended("auth_unavailable")
+            return _Ended(CloseReason.AUTH_UNAVAILABLE)
         connection = self._connections[subscription.name]
         connection.received = False
         reason, opened_at, retry_after = await self._run_connection(info, connection, token)
@@ -259,22 +304,22 @@ class WebSocketSource:
 
     async def _run_connection(
         self, info: ConnectionInfo, connection: _Connection, token: str
-    ) -> tuple[str, float | None, float | None]:
+    ) -> tuple[CloseReason, float | None, float | None]:
         """(why it ended, when it opened or None, the server's Retry-After if it sent one)."""
         subscription = info.subscription
         settings = self.settings
         opened_at: float | None = None
         try:
             async with connect(
-                subscription.url(settings.ws_url),
+                subscription.url(self._ws_url),
                 additional_headers={"Authorization": protocol.authorization_header(token, bearer=settings.bearer)},
                 compression="deflate" if settings.compression else None,
-                open_timeout=settings.open_timeout,
-                ping_interval=settings.ping_interval,
-                ping_timeout=settings.ping_timeout,
-                close_timeout=settings.close_timeout,
+                open_timeout=settings.open_timeout_seconds,
+                ping_interval=settings.ping_interval_seconds,
+                ping_timeout=settings.ping_timeout_seconds,
+                close_timeout=CLOSE_TIMEOUT,
                 max_size=settings.max_message_bytes,
-                max_queue=settings.max_queued_frames,
+                max_queue=MAX_QUEUED_FRAMES,
                 proxy=None,
             ) as ws:
                 opened_at = time.monotonic()
@@ -286,29 +331,31 @@ class WebSocketSource:
                 finally:
                     watchdog.cancel()
                     await asyncio.gather(watchdog, return_exceptions=True)
-            return ("stale" if connection.stale else _close_reason(ws.close_code)), opened_at, None
+            reason = CloseReason.STALE if connection.stale else CloseReason.of_close_code(ws.close_code)
+            return reason, opened_at, None
         except ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
-                return "policy_violation", opened_at, None
+                return CloseReason.POLICY_VIOLATION, opened_at, None
             if exc.sent is not None and exc.sent.code == protocol.CLOSE_MESSAGE_TOO_BIG:
                 if self.on_frame_too_large is not None:
                     self.on_frame_too_large(info, exc.sent.reason)
-                return "frame_too_large", opened_at, None
+                return CloseReason.FRAME_TOO_LARGE, opened_at, None
             if connection.stale:
-                return "stale", opened_at, None
-            return _close_reason(exc.rcvd.code if exc.rcvd is not None else None), opened_at, None
+                return CloseReason.STALE, opened_at, None
+            return CloseReason.of_close_code(exc.rcvd.code if exc.rcvd is not None else None), opened_at, None
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status in (401, 403):
                 self.tokens.invalidate(token)
-            reason = f"http_{status}" if status in _HTTP_REASONS else f"http_{status // 100}xx"
-            return reason, None, protocol.retry_after_seconds(exc.response.headers.get("Retry-After"))
+            retry_after = protocol.retry_after_seconds(exc.response.headers.get("Retry-After"))
+            return CloseReason.of_http_status(status), None, retry_after
         except ssl.SSLCertVerificationError as exc:
             log_event(logger, logging.CRITICAL, "tls_verification_failed", connection=subscription.name, error=str(exc))
-            return "tls_error", None, None
+            return CloseReason.TLS_ERROR, None, None
         except (InvalidHandshake, OSError, TimeoutError) as exc:
             log_event(logger, logging.WARNING, "connect_failed", connection=subscription.name, error=repr(exc))
-            return "network_error" if opened_at is None else "connection_lost", opened_at, None
+            lost = CloseReason.NETWORK_ERROR if opened_at is None else CloseReason.CONNECTION_LOST
+            return lost, opened_at, None
         finally:
             self._mark_down(info, connection)
 
@@ -321,12 +368,12 @@ class WebSocketSource:
         self.metrics.contract_probes.labels(purpose).inc()
         try:
             token = await self.tokens.token()
-            url = Subscription("probe", endpoint, tuple(contracts)).url(self.settings.ws_url)
+            url = Subscription("probe", endpoint, tuple(contracts)).url(self._ws_url)
             headers = {"Authorization": protocol.authorization_header(token, bearer=self.settings.bearer)}
             async with connect(
                 url,
                 additional_headers=headers,
-                open_timeout=self.settings.open_timeout,
+                open_timeout=self.settings.open_timeout_seconds,
                 close_timeout=PROBE_CLOSE_TIMEOUT,
                 proxy=None,
                 compression=None,
@@ -338,7 +385,7 @@ class WebSocketSource:
             if exc.rcvd is not None and exc.rcvd.code == protocol.CLOSE_POLICY_VIOLATION:
                 return False
             raise SourceUnavailable(
-                f"probe connection closed: {_close_reason(exc.rcvd.code if exc.rcvd else None)}"
+                f"probe connection closed: {CloseReason.of_close_code(exc.rcvd.code if exc.rcvd else None)}"
             ) from exc
         except (AuthError, InvalidHandshake, OSError, TimeoutError) as exc:
             raise SourceUnavailable(f"probe failed: {type(exc).__name__}") from exc
@@ -349,7 +396,7 @@ class WebSocketSource:
         IME sends only on change and is quiet outside its sessions, so silence there is normal. A connection
         that never received anything counts as silent since it opened.
         """
-        stale_after = self.settings.stale_after
+        stale_after = self.settings.stale_after_seconds
         if stale_after <= 0:
             return
         name = connection.subscription.name
@@ -358,7 +405,7 @@ class WebSocketSource:
             await asyncio.sleep(min(stale_after / 4, 5.0))
             now = time.time()
             last = max(self._last_message_at.get(name, 0.0), opened_wall)
-            if now - last >= stale_after and self.calendar.is_open(datetime.fromtimestamp(now, UTC)):
+            if now - last >= stale_after and self._calendar.is_open(datetime.fromtimestamp(now, UTC)):
                 log_event(
                     logger, logging.WARNING, "stale_connection", connection=name, silent_seconds=round(now - last)
                 )
@@ -413,14 +460,3 @@ class WebSocketSource:
         up = [connection for connection in self._connections.values() if connection.up]
         self.metrics.connections.set(len(up))
         self.metrics.subscribed_contracts.set(sum(len(connection.subscription.contracts) for connection in up))
-
-
-_HTTP_REASONS = {401, 403, 404, 429, 500, 502, 503, 504}
-_CLOSE_REASONS = {1000: "closed_by_server", 1001: "server_going_away", 1011: "server_error"}
-
-
-def _close_reason(code: int | None) -> str:
-    """A bounded label for how the server ended the connection (None: no close frame)."""
-    if code is None:
-        return "connection_lost"
-    return _CLOSE_REASONS.get(code, "closed_other")

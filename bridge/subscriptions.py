@@ -27,6 +27,7 @@ from bridge.catalog import CatalogUnavailable, ContractCatalog
 from bridge.config import ImeSettings
 from bridge.logs import log_event
 from bridge.metrics import Metrics
+from bridge.normalize import ContractDirectory
 from bridge.planner import Subscription, find_invalid, replan
 from bridge.protocol import Endpoint
 from bridge.source import SourceUnavailable, WebSocketSource
@@ -58,14 +59,13 @@ class Quarantined:
 
 @dataclass
 class SubscriptionManager:
-    """See the module docstring. `names_by_id`/`ids_by_name` are shared with the normalizer and kept current."""
+    """See the module docstring. The manager is the only writer of `contracts`, which the normalizer reads."""
 
     settings: ImeSettings
     catalog: ContractCatalog
     source: WebSocketSource
     metrics: Metrics
-    names_by_id: dict[str, str] = field(default_factory=dict)
-    ids_by_name: dict[str, str] = field(default_factory=dict)
+    contracts: ContractDirectory = field(default_factory=ContractDirectory)
     quarantine: dict[tuple[Endpoint, str], Quarantined] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
     _bisecting: set[str] = field(default_factory=set)
@@ -77,14 +77,15 @@ class SubscriptionManager:
 
     async def start(self) -> None:
         """Resolve names, subscribe, and start the re-probe and name-refresh schedules."""
-        self.source.on_invalid_contract = self._on_invalid_contract
+        refusals = supervised("refusals", self._search_refused, metrics=self.metrics)
+        self._tasks.append(asyncio.create_task(refusals, name="refusals"))
         await self.resolve_names(retry_until_answered=True)
         await self.reconcile()
         reprobe = every(self.settings.quarantine_reprobe_seconds, self.reprobe, task="reprobe", metrics=self.metrics)
         names = every(
             self.settings.name_refresh_seconds, self._refresh_names, task="name-refresh", metrics=self.metrics
         )
-        self._tasks = [asyncio.create_task(reprobe, name="reprobe"), asyncio.create_task(names, name="names")]
+        self._tasks += [asyncio.create_task(reprobe, name="reprobe"), asyncio.create_task(names, name="names")]
 
     async def stop(self) -> None:
         """Stop the schedules (the source is stopped by its owner)."""
@@ -149,8 +150,7 @@ class SubscriptionManager:
                     log_event(logger, logging.ERROR, "contract_name_unresolved", contract_name=name)
                     self.quarantine[key] = Quarantined(Endpoint.NAME, name, QuarantineReason.UNRESOLVED, now)
                 continue
-            self.ids_by_name[name] = ref.contract_id
-            self.names_by_id[ref.contract_id] = name
+            self.contracts.learn(ref.contract_id, name)
             if key in self.quarantine and self.quarantine[key].reason is QuarantineReason.UNRESOLVED:
                 del self.quarantine[key]
                 log_event(
@@ -162,7 +162,8 @@ class SubscriptionManager:
             except CatalogUnavailable as exc:
                 log_event(logger, logging.WARNING, "id_lookup_failed", error=str(exc))
                 return
-            self.names_by_id.update({contract_id: ref.contract_name for contract_id, ref in described.items()})
+            for contract_id, ref in described.items():
+                self.contracts.learn(contract_id, ref.contract_name)
 
     async def _refresh_names(self) -> None:
         before = set(self.quarantine)
@@ -170,8 +171,13 @@ class SubscriptionManager:
         if set(self.quarantine) != before:
             await self.reconcile()
 
+    async def _search_refused(self) -> None:
+        """Search every subscription the source hands over as refused even on a fresh token."""
+        while True:
+            self._on_invalid_contract(await self.source.refused.get())
+
     def _on_invalid_contract(self, subscription: Subscription) -> None:
-        """Called by the source: this subscription is refused even on a fresh token."""
+        """This subscription is refused even on a fresh token: find its invalid contracts."""
         if subscription.name in self._bisecting:
             return
         self._bisecting.add(subscription.name)

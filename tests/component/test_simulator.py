@@ -28,7 +28,7 @@ from bridge.devtools.simulator import (
     add_arguments,
     run_from_args,
 )
-from bridge.normalize import ContractUpdate, Normalizer, Rejected
+from bridge.normalize import ContractDirectory, ContractUpdate, Normalizer, Rejected
 from bridge.protocol import (
     MARKETS,
     STATIC_BY_ID_PATH,
@@ -760,8 +760,7 @@ async def test_prerendered_bad_frames_are_every_tenth_and_recorded_as_fault_fram
     assert bad == list(range(9, 400, 10))
     normalize = Normalizer(
         session_id="s",
-        names_by_id={contract.id: contract.name for contract in contracts},
-        ids_by_name={contract.name: contract.id for contract in contracts},
+        contracts=ContractDirectory({contract.id: contract.name for contract in contracts}),
     )
     outcomes = []
     for frame in sent:

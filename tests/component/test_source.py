@@ -11,11 +11,12 @@ import pytest
 
 from bridge.auth import AuthRejected, IssuedToken, StaticToken, TokenProvider, jwt_expiry
 from bridge.catalog import HttpContractCatalog
+from bridge.config import ImeSettings
 from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.metrics import Metrics
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
-from bridge.source import SourceSettings, WebSocketSource
+from bridge.source import WebSocketSource
 from tests.support.waiting import assert_holds, wait_for
 
 
@@ -43,7 +44,15 @@ def source_for(
 ) -> tuple[WebSocketSource, Captured, Metrics]:
     captured, metrics = Captured(), Metrics()
     source = WebSocketSource(
-        settings=SourceSettings(ws_url=simulator.ws_url, bearer=bearer, reconnect_min=0.01, reconnect_max=0.2),
+        settings=ImeSettings(
+            ws_url=simulator.ws_url,
+            allow_insecure=True,
+            token="from-the-provider",
+            contract_ids=["1001"],
+            bearer=bearer,
+            reconnect_min_seconds=0.01,
+            reconnect_max_seconds=0.2,
+        ),
         tokens=tokens,
         handler=captured,
         metrics=metrics,
@@ -138,6 +147,8 @@ async def test_a_quick_1008_on_a_fresh_token_counts_auth_then_contract(simulator
             await wait_for(lambda: policy(metrics, "contract") >= 1, what="a second 1008, on a fresh token")
             assert policy(metrics, "auth") == 1
             assert simulator.counters.tokens_issued >= 2, "blamed only on a token issued after the refusal"
+            handed_over = await asyncio.wait_for(source.refused.get(), timeout=5)
+            assert handed_over == subscription, "the refused subscription goes to whoever searches it"
         finally:
             await source.stop()
 

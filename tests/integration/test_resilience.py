@@ -309,8 +309,8 @@ async def test_500_contracts_sharded_under_a_url_limit_and_sighup_reopens_only_a
         async with running_bridge(Settings(**config)) as running:
             running.bridge.config_path = config_path
             await wait_for(lambda: running.bridge.readiness()[0], what="the bridge to subscribe")
-            source = running.bridge._source
-            assert source is not None
+            assert running.bridge._running is not None
+            source = running.bridge._running.source
             before = {s.name: s for s in source.subscriptions}
             assert len(before) >= 5
             assert all(len(s.url(config["ime"]["ws_url"])) <= 1200 for s in before.values())

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from fastavro import schemaless_reader
 
-from bridge.buffer import DeliveryBuffer, Overflow, Round
+from bridge.buffer import DeliveryBuffer, Round
+from bridge.config import BufferSettings
 from bridge.encode import load_schema
 from bridge.metrics import Metrics
 from bridge.normalize import ContractInfo, ContractUpdate
@@ -40,12 +41,17 @@ async def take(buffer: DeliveryBuffer, limit: int = 1000) -> Round:
     return await asyncio.wait_for(buffer.take(limit), timeout=5)
 
 
+def spooling(spool: Spool, **settings: float) -> BufferSettings:
+    """Spool mode over `spool`, with `settings` beside the defaults."""
+    return BufferSettings(overflow="spool", spool_dir=spool.directory, **settings)  # type: ignore[arg-type]
+
+
 def gauge(metrics: Metrics, name: str) -> float:
     return metrics.registry.get_sample_value(name) or 0.0
 
 
 async def test_below_capacity_everything_is_kept_in_order() -> None:
-    buffer = DeliveryBuffer(capacity=10, overflow=Overflow.CONFLATE, metrics=Metrics())
+    buffer = DeliveryBuffer(BufferSettings(capacity_records=10), metrics=Metrics())
     for sequence in range(1, 6):
         add(buffer, "A", sequence)
     assert [decoded(r) for r in (await take(buffer)).records] == [("A", n, 0) for n in range(1, 6)]
@@ -53,7 +59,7 @@ async def test_below_capacity_everything_is_kept_in_order() -> None:
 
 async def test_conflation_keeps_the_latest_per_contract_and_counts_what_it_replaced() -> None:
     metrics = Metrics()
-    buffer = DeliveryBuffer(capacity=3, overflow=Overflow.CONFLATE, metrics=metrics)
+    buffer = DeliveryBuffer(BufferSettings(capacity_records=3), metrics=metrics)
     for sequence in range(1, 4):
         add(buffer, "A", sequence)  # fills the buffer
     for sequence in range(4, 9):
@@ -70,14 +76,14 @@ async def test_conflation_keeps_the_latest_per_contract_and_counts_what_it_repla
 
 async def test_memory_stays_within_capacity_plus_one_per_contract() -> None:
     metrics = Metrics()
-    buffer = DeliveryBuffer(capacity=50, overflow=Overflow.CONFLATE, metrics=metrics)
+    buffer = DeliveryBuffer(BufferSettings(capacity_records=50), metrics=metrics)
     for sequence in range(1, 2001):
         add(buffer, f"C{sequence % 20}", sequence)
         assert gauge(metrics, "ime_bridge_buffer_records") <= 50 + 20
 
 
 async def test_a_failed_round_goes_back_to_the_head_in_order() -> None:
-    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.CONFLATE, metrics=Metrics())
+    buffer = DeliveryBuffer(BufferSettings(capacity_records=100), metrics=Metrics())
     for sequence in range(1, 5):
         add(buffer, "A", sequence)
     first = await take(buffer, 3)
@@ -90,7 +96,7 @@ async def test_spool_takes_over_past_the_threshold_and_order_holds_across_memory
     metrics = Metrics()
     spool = Spool(tmp_path, max_bytes=1 << 20)
     spool.open()
-    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.SPOOL, metrics=metrics, spool=spool, spool_after=3)
+    buffer = DeliveryBuffer(spooling(spool, spool_after_records=3), metrics=metrics, spool=spool)
     for sequence in range(1, 11):
         add(buffer, "A", sequence)
     # At the threshold, what waited in memory moved to the spool first: memory holds nothing a crash could take.
@@ -116,7 +122,7 @@ async def test_spool_takes_over_past_the_threshold_and_order_holds_across_memory
 async def test_a_failed_spool_round_is_read_again(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1 << 20)
     spool.open()
-    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.SPOOL, metrics=Metrics(), spool=spool, spool_after=2)
+    buffer = DeliveryBuffer(spooling(spool, spool_after_records=2), metrics=Metrics(), spool=spool)
     for sequence in range(1, 5):
         add(buffer, "A", sequence)
     from_spool = await take(buffer)
@@ -132,7 +138,7 @@ async def test_a_full_spool_holds_the_latest_per_contract_and_releases_it_first(
     metrics = Metrics()
     spool = Spool(tmp_path, max_bytes=1 << 20)
     spool.open()
-    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.SPOOL, metrics=metrics, spool=spool, spool_after=1)
+    buffer = DeliveryBuffer(spooling(spool, spool_after_records=1), metrics=metrics, spool=spool)
     add(buffer, "A", 1)
     add(buffer, "A", 2)  # spooled
     spool.max_bytes = spool.bytes  # the disk is full from here on
@@ -153,7 +159,7 @@ async def test_a_full_spool_holds_the_latest_per_contract_and_releases_it_first(
 async def test_close_in_spool_mode_keeps_memory_and_in_flight_records_for_the_next_start(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1 << 20)
     spool.open()
-    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.SPOOL, metrics=Metrics(), spool=spool, spool_after=3)
+    buffer = DeliveryBuffer(spooling(spool, spool_after_records=3), metrics=Metrics(), spool=spool)
     add(buffer, "A", 1)
     add(buffer, "A", 2)
     in_flight = await take(buffer, 2)  # a round from memory, then Kafka stops answering
@@ -169,14 +175,8 @@ async def test_close_in_spool_mode_keeps_memory_and_in_flight_records_for_the_ne
 def spool_buffer(tmp_path: Path, metrics: Metrics | None = None, **kwargs: float) -> DeliveryBuffer:
     spool = Spool(tmp_path, max_bytes=1 << 20)
     spool.open()
-    return DeliveryBuffer(
-        capacity=100,
-        overflow=Overflow.SPOOL,
-        metrics=metrics or Metrics(),
-        spool=spool,
-        spool_after=int(kwargs.pop("spool_after", 3)),
-        **kwargs,
-    )
+    settings = {"spool_after_records": 3, **kwargs}
+    return DeliveryBuffer(spooling(spool, **settings), metrics=metrics or Metrics(), spool=spool)
 
 
 def add_at(buffer: DeliveryBuffer, contract: str, sequence: int, received: float) -> None:
@@ -221,7 +221,7 @@ async def test_a_failed_last_backlog_round_puts_what_came_meanwhile_behind_it(tm
 async def test_a_record_unacknowledged_past_spool_after_seconds_spills_with_the_round_in_flight(
     tmp_path: Path,
 ) -> None:
-    buffer = spool_buffer(tmp_path, spool_after=1000, spool_after_seconds=1.0)
+    buffer = spool_buffer(tmp_path, spool_after_records=1000, spool_after_seconds=1.0)
     add_at(buffer, "A", 1, 100.0)
     add_at(buffer, "A", 2, 100.1)
     in_flight = await take(buffer)  # Kafka stops answering
@@ -246,7 +246,7 @@ async def test_a_record_unacknowledged_past_spool_after_seconds_spills_with_the_
 
 
 async def test_a_persisted_round_that_fails_is_read_again_from_the_spool_once(tmp_path: Path) -> None:
-    buffer = spool_buffer(tmp_path, spool_after=1000, spool_after_seconds=1.0)
+    buffer = spool_buffer(tmp_path, spool_after_records=1000, spool_after_seconds=1.0)
     add_at(buffer, "A", 1, 100.0)
     add_at(buffer, "A", 2, 100.0)
     in_flight = await take(buffer)
@@ -261,7 +261,7 @@ async def test_a_persisted_round_that_fails_is_read_again_from_the_spool_once(tm
 
 
 async def test_maintain_spills_records_that_waited_too_long_though_nothing_new_arrives(tmp_path: Path) -> None:
-    buffer = spool_buffer(tmp_path, spool_after=1000, spool_after_seconds=1.0)
+    buffer = spool_buffer(tmp_path, spool_after_records=1000, spool_after_seconds=1.0)
     add_at(buffer, "A", 1, 100.0)
     in_flight = await take(buffer)
     add_at(buffer, "A", 2, 100.2)
@@ -311,7 +311,7 @@ async def test_a_failing_read_commit_or_fsync_is_the_spool_full_state_until_the_
     spool = FailingSpool(tmp_path, max_bytes=1 << 20)
     spool.open()
     buffer = DeliveryBuffer(
-        capacity=100, overflow=Overflow.SPOOL, metrics=metrics, spool=spool, spool_after=1, spool_after_seconds=0.05
+        spooling(spool, spool_after_records=1, spool_after_seconds=0.05), metrics=metrics, spool=spool
     )
     for sequence in range(1, 4):
         add(buffer, "A", sequence)
@@ -350,14 +350,14 @@ def dead_letter(size: int) -> OutgoingRecord:
 
 async def test_dead_letters_in_memory_are_bounded_in_bytes_and_the_drops_counted() -> None:
     metrics = Metrics()
-    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.CONFLATE, metrics=metrics, dead_letter_memory_bytes=10_000)
+    buffer = DeliveryBuffer(BufferSettings(dead_letter_memory_bytes=1 << 20), metrics=metrics)
     for _ in range(25):
-        buffer.add_record(dead_letter(1000))  # Kafka is away: they wait
+        buffer.add_record(dead_letter(100_000))  # Kafka is away: they wait
     assert len(buffer) == 10
     dropped = {"reason": "invalid_json"}
     assert metrics.registry.get_sample_value("ime_bridge_dead_letters_dropped_total", dropped) == 15
     taken = await take(buffer, 10)
-    buffer.add_record(dead_letter(1000))  # taken ones no longer count
+    buffer.add_record(dead_letter(100_000))  # taken ones no longer count
     buffer.settle(taken, [False] * 10)  # a failed round comes back whole, over the budget rather than lost
     assert len(buffer) == 11
     add(buffer, "A", 1)  # updates are bounded by conflation, not by this budget

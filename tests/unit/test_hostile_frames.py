@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.encode import encode_update, load_schema
-from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
+from bridge.normalize import ContractDirectory, ContractUpdate, Normalizer, Rejected, RejectReason
 from bridge.protocol import Endpoint
 from tests.unit.test_pipeline import BY_ID, BY_NAME, make_pipeline
 
@@ -34,7 +34,7 @@ def _without_logical_types(node: Any) -> Any:
 
 # The writer's schema read without logical types: timestamps and dates come back as the numbers written.
 PLAIN_SCHEMA = parse_schema(_without_logical_types(SCHEMA.definition))
-NORMALIZE = Normalizer(session_id="s", names_by_id={"1001": "GC1405"}, ids_by_name={"GC1405": "1001"})
+NORMALIZE = Normalizer(session_id="s", contracts=ContractDirectory({"1001": "GC1405"}))
 
 
 def snapshot(contract: str = "1001", **data: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
+from bridge.normalize import ContractDirectory, ContractUpdate, Normalizer, Rejected, RejectReason
 from bridge.protocol import Endpoint
 
 SESSION = "00000000-0000-4000-8000-000000000000"
@@ -73,7 +73,9 @@ def rejected(result: ContractUpdate | Rejected, reason: RejectReason) -> Rejecte
 
 
 def test_ht_document_example_is_normalized_field_by_field() -> None:
-    update = accepted(normalizer(names_by_id={"1001": "GOLD-APR"})(HT_DOCUMENT_EXAMPLE, Endpoint.ID, RECEIVED))
+    update = accepted(
+        normalizer(contracts=ContractDirectory({"1001": "GOLD-APR"}))(HT_DOCUMENT_EXAMPLE, Endpoint.ID, RECEIVED)
+    )
 
     assert update.contract_id == "1001"
     assert update.contract_name == "GOLD-APR"
@@ -139,7 +141,9 @@ def test_timestamp_forms(timestamp: str, expected: str) -> None:
 
 def test_name_endpoint_frame_is_keyed_by_the_resolved_id() -> None:
     frame = {"channel": "IME Stream", "contractName": "GOLD-APR", "timestamp": "2026-05-29T12:00:00Z", "data": {}}
-    update = accepted(normalizer(ids_by_name={"GOLD-APR": "1001"})(json.dumps(frame), Endpoint.NAME, RECEIVED))
+    update = accepted(
+        normalizer(contracts=ContractDirectory({"1001": "GOLD-APR"}))(json.dumps(frame), Endpoint.NAME, RECEIVED)
+    )
     assert (update.contract_id, update.contract_name, update.endpoint) == ("1001", "GOLD-APR", "NAME")
 
 

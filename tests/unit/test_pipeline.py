@@ -10,11 +10,12 @@ from pathlib import Path
 
 from fastavro import schemaless_reader, schemaless_writer
 
-from bridge.buffer import DeliveryBuffer, Overflow
+from bridge.buffer import DeliveryBuffer
+from bridge.config import BufferSettings
 from bridge.encode import load_released_schemas, load_schema
 from bridge.intake import Intake
 from bridge.metrics import Metrics
-from bridge.normalize import Normalizer
+from bridge.normalize import ContractDirectory, Normalizer
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
 from bridge.publisher import Publisher
@@ -42,13 +43,15 @@ def make_pipeline(
     capacity: int = 100, max_frame_bytes: int = 10_000, suppress_duplicates: bool = False
 ) -> tuple[Intake, Metrics]:
     metrics = Metrics()
+    settings = BufferSettings(capacity_records=capacity, suppress_duplicates=suppress_duplicates)
     pipeline = Intake(
-        normalizer=Normalizer(session_id="s", names_by_id={"1001": "GC1405"}, ids_by_name={"GC1405": "1001"}),
-        buffer=DeliveryBuffer(capacity=capacity, overflow=Overflow.CONFLATE, metrics=metrics),
+        normalizer=Normalizer(session_id="s", contracts=ContractDirectory({"1001": "GC1405"})),
+        buffer=DeliveryBuffer(settings, metrics=metrics),
         metrics=metrics,
         schema=SCHEMA,
         max_frame_bytes=max_frame_bytes,
-        suppress_duplicates=suppress_duplicates,
+        suppress_duplicates=settings.suppress_duplicates,
+        dead_letter_raw_bytes=settings.dead_letter_raw_bytes,
     )
     return pipeline, metrics
 
@@ -275,7 +278,8 @@ async def test_spooled_updates_an_older_version_wrote_go_out_in_the_current_sche
     metrics = Metrics()
     restarted = Spool(tmp_path, max_bytes=1 << 20)
     restarted.open()
-    buffer = DeliveryBuffer(capacity=100, overflow=Overflow.SPOOL, metrics=metrics, spool=restarted)
+    spooling = BufferSettings(overflow="spool", spool_dir=tmp_path)
+    buffer = DeliveryBuffer(spooling, metrics=metrics, spool=restarted)
     sink = MemorySink()
     publisher = Publisher(buffer, sink, metrics, max_batch_records=10_000)
     task = asyncio.create_task(publisher.run())
