@@ -27,9 +27,10 @@ async def consume(
     until: Callable[[list[ConsumerRecord[Any, Any]]], bool],
     within: float = 60.0,
     describe: Callable[[list[ConsumerRecord[Any, Any]]], str] = lambda records: f"{len(records)} records",
+    quiet_for: float = 0.0,
 ) -> list[ConsumerRecord[Any, Any]]:
-    """Read `topic` from the earliest offset until `until(records)` holds (tansu's "latest" is unreliable);
-    on timeout, fail with `describe(records)`."""
+    """Read `topic` from the earliest offset until `until(records)` holds (tansu's "latest" is unreliable),
+    then on until nothing new came for `quiet_for` seconds; on timeout, fail with `describe(records)`."""
     consumer = AIOKafkaConsumer(
         topic, bootstrap_servers=bootstrap_servers, auto_offset_reset="earliest", enable_auto_commit=False
     )
@@ -42,6 +43,11 @@ async def consume(
                 raise AssertionError(f"timed out after {within}s reading {topic}: {describe(records)}")
             for batch in (await consumer.getmany(timeout_ms=200)).values():
                 records.extend(batch)
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < quiet_for:
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+                quiet_since = time.monotonic()
     finally:
         await consumer.stop()
     return records

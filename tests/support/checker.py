@@ -84,8 +84,18 @@ class DeliveryReport:
             f"duplicated={sum(self.duplicated.values())} out_of_order={sum(self.out_of_order.values())} "
             f"unaccounted_gaps={sum(self.unaccounted_gaps.values())} skipped={self.skipped} "
             f"latest_missing={self.latest_missing} "
-            f"unknown={self.unknown}"
+            f"unknown={self.unknown}{self._where()}"
         )
+
+    def _where(self) -> str:
+        """Per contract with a problem: positions lost (the first few), duplicates, reorderings."""
+        problems = [
+            f"{contract}: sent={self.sent[contract]} lost={self.lost.get(contract, [])[:5]} "
+            f"duplicated={self.duplicated.get(contract, 0)} out_of_order={self.out_of_order.get(contract, 0)}"
+            for contract in sorted(self.sent)
+            if self.lost.get(contract) or self.duplicated.get(contract) or self.out_of_order.get(contract)
+        ]
+        return f" where: {'; '.join(problems)}" if problems else ""
 
 
 def check_delivery(sent: list[SentFrame], records: list[ConsumerRecord[Any, Any]]) -> DeliveryReport:
