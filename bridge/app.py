@@ -127,9 +127,7 @@ class Bridge:
         try:
             async with aiohttp.ClientSession() as http:
                 tokens = self._token_provider(http)
-                catalog = self.catalog or HttpContractCatalog(
-                    http, str(settings.ime.base_url), tokens, timeout=settings.ime.http_timeout_seconds
-                )
+                catalog = self.catalog or HttpContractCatalog(http, settings.ime, tokens)
                 try:  # a start that fails half-way still stops what it started (the Kafka producer, say)
                     if await _until_stopped(stop, self._start(tokens, catalog)):
                         await self._run_until(stop)
@@ -160,18 +158,9 @@ class Bridge:
         ime = self.settings.ime
         if ime.token is not None:
             return StaticToken(ime.token.get_secret_value())
-        assert ime.username is not None  # ImeSettings requires a token or both credentials
-        assert ime.password is not None
         tokens = IssuedToken(
             http,
-            str(ime.base_url),
-            ime.username,
-            ime.password.get_secret_value(),
-            sdk_field_names=ime.token_form == "sdk",
-            timeout=ime.http_timeout_seconds,
-            refresh_margin=ime.token_refresh_margin_seconds,
-            rejected_backoff=ime.auth_rejected_backoff_seconds,
-            min_interval=ime.token_request_interval_seconds,
+            ime,
             on_issue=self._token_issued,
             on_held_back=self.metrics.token_requests_held_back.inc,
         )

@@ -24,6 +24,7 @@ from typing import Protocol
 import aiohttp
 
 from bridge import protocol
+from bridge.config import ImeSettings
 
 DETAIL_LIMIT = 200
 REDACTED = "***"
@@ -97,38 +98,35 @@ class IssuedToken:
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        base_url: str,
-        username: str,
-        password: str,
+        settings: ImeSettings,
         *,
-        sdk_field_names: bool = False,
-        refresh_margin: float = 60.0,
-        timeout: float = 10.0,
-        rejected_backoff: float = 300.0,
-        min_interval: float = 2.0,
         on_issue: Callable[[str, float | None], None] | None = None,
         on_held_back: Callable[[], None] | None = None,
     ) -> None:
+        """`settings` has ime.username and ime.password (the config requires them when there is no ime.token)."""
+        assert settings.username is not None
+        assert settings.password is not None
+        password = settings.password.get_secret_value()
         self._session = session
-        self._url = base_url.rstrip("/") + protocol.TOKEN_PATH
+        self._url = str(settings.base_url).rstrip("/") + protocol.TOKEN_PATH
         user_field, password_field = (
             (protocol.USERNAME_FIELDS[1], protocol.PASSWORD_FIELDS[1])
-            if sdk_field_names
+            if settings.token_form == "sdk"
             else (protocol.USERNAME_FIELDS[0], protocol.PASSWORD_FIELDS[0])
         )
-        self._form = {user_field: username, password_field: password}
+        self._form = {user_field: settings.username, password_field: password}
         self._secrets = (password,)
-        self._refresh_margin = refresh_margin
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._refresh_margin = settings.token_refresh_margin_seconds
+        self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_seconds)
         self._token: str | None = None
         self._expires_at: float | None = None
         self._issued_at = 0.0
         # Requests are spaced by min_interval (shared by every connection and probe), or by a 429's Retry-After.
-        self._min_interval = min_interval
+        self._min_interval = settings.token_request_interval_seconds
         self._next_request_at = 0.0  # monotonic
         self._on_held_back = on_held_back
         self._lock = asyncio.Lock()
-        self._rejected_backoff = rejected_backoff
+        self._rejected_backoff = settings.auth_rejected_backoff_seconds
         self._rejected: tuple[float, AuthRejected] | None = None
         self._on_issue = on_issue
 

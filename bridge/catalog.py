@@ -15,6 +15,7 @@ import aiohttp
 
 from bridge import protocol
 from bridge.auth import AuthError, TokenProvider
+from bridge.config import ImeSettings
 
 # Identifiers per request, so that URLs stay short.
 _CHUNK = 50
@@ -47,13 +48,11 @@ class ContractCatalog(Protocol):
 class HttpContractCatalog:
     """ContractCatalog over the service's static HTTP endpoints."""
 
-    def __init__(
-        self, session: aiohttp.ClientSession, base_url: str, tokens: TokenProvider, *, timeout: float = 10.0
-    ) -> None:
+    def __init__(self, session: aiohttp.ClientSession, settings: ImeSettings, tokens: TokenProvider) -> None:
         self._session = session
-        self._base_url = base_url.rstrip("/")
+        self._base_url = str(settings.base_url).rstrip("/")
         self._tokens = tokens
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = aiohttp.ClientTimeout(total=settings.http_timeout_seconds)
 
     async def by_names(self, names: Sequence[str]) -> dict[str, ContractRef]:
         """Resolve names; a name the service does not know is left out."""

@@ -17,6 +17,7 @@ from bridge.auth import (
     IssuedToken,
 )
 from bridge.devtools.simulator import Simulator, SimulatorConfig
+from tests.support.harness import ime_settings
 
 PASSWORD = "s3cr3t p@ss&wörd"  # URL-encoding changes it
 
@@ -46,7 +47,7 @@ async def echoing_token_endpoint(status: int) -> AsyncIterator[str]:
 
 async def test_a_refusal_echoing_the_password_is_reported_without_it() -> None:
     async with echoing_token_endpoint(401) as base_url, aiohttp.ClientSession() as http:
-        tokens = IssuedToken(http, base_url, "demo", PASSWORD)
+        tokens = IssuedToken(http, ime_settings(base_url, password=PASSWORD))
         with pytest.raises(AuthRejected) as refused:
             await tokens.token()
         with pytest.raises(AuthRejected) as remembered:
@@ -63,15 +64,12 @@ async def test_a_refusal_echoing_the_password_is_reported_without_it() -> None:
 async def test_a_short_lived_token_is_not_renewed_on_every_call_and_requests_are_spaced() -> None:
     async with Simulator(SimulatorConfig(contracts=1, token_ttl=4.0)) as simulator, aiohttp.ClientSession() as http:
         held_back = []
-        tokens = IssuedToken(
-            http,
+        settings = ime_settings(
             simulator.base_url,
-            simulator.config.username,
-            simulator.config.password,
-            refresh_margin=120.0,  # longer than the token lives: clamped to a quarter of it
-            min_interval=1.0,
-            on_held_back=lambda: held_back.append(1),
+            token_refresh_margin_seconds=120.0,  # longer than the token lives: clamped to a quarter of it
+            token_request_interval_seconds=1.0,
         )
+        tokens = IssuedToken(http, settings, on_held_back=lambda: held_back.append(1))
         first = await tokens.token()
         assert await tokens.token() == first, "not renewed on every call"
         assert simulator.counters.token_requests == 1
@@ -85,7 +83,7 @@ async def test_a_short_lived_token_is_not_renewed_on_every_call_and_requests_are
 async def test_a_429_with_retry_after_holds_token_requests_back() -> None:
     async with Simulator(SimulatorConfig(contracts=1)) as simulator, aiohttp.ClientSession() as http:
         simulator.reject_token_requests(429, retry_after=30)
-        tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
+        tokens = IssuedToken(http, ime_settings(simulator.base_url))
         with pytest.raises(AuthUnavailable, match="HTTP 429"):
             await tokens.token()
         simulator.reject_token_requests(None)

@@ -11,12 +11,12 @@ import pytest
 
 from bridge.auth import AuthRejected, IssuedToken, StaticToken, TokenProvider, jwt_expiry
 from bridge.catalog import HttpContractCatalog
-from bridge.config import ImeSettings
 from bridge.devtools.simulator import Simulator, SimulatorConfig
 from bridge.metrics import Metrics
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
 from bridge.source import WebSocketSource
+from tests.support.harness import ime_settings
 from tests.support.waiting import assert_holds, wait_for
 
 
@@ -44,15 +44,7 @@ def source_for(
 ) -> tuple[WebSocketSource, Captured, Metrics]:
     captured, metrics = Captured(), Metrics()
     source = WebSocketSource(
-        settings=ImeSettings(
-            ws_url=simulator.ws_url,
-            allow_insecure=True,
-            token="from-the-provider",
-            contract_ids=["1001"],
-            bearer=bearer,
-            reconnect_min_seconds=0.01,
-            reconnect_max_seconds=0.2,
-        ),
+        settings=ime_settings(simulator.base_url, bearer=bearer, reconnect_min_seconds=0.01, reconnect_max_seconds=0.2),
         tokens=tokens,
         handler=captured,
         metrics=metrics,
@@ -140,7 +132,7 @@ async def test_a_quick_1008_on_a_fresh_token_counts_auth_then_contract(simulator
     subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
     await simulator.invalidate_contracts([simulator.contracts[0].id])
     async with aiohttp.ClientSession() as http:
-        tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
+        tokens = IssuedToken(http, ime_settings(simulator.base_url))
         source, _captured, metrics = source_for(simulator, tokens)
         await source.apply([subscription])
         try:
@@ -156,7 +148,7 @@ async def test_a_quick_1008_on_a_fresh_token_counts_auth_then_contract(simulator
 async def test_1008_after_revocation_is_recovered_by_a_fresh_token(simulator: Simulator) -> None:
     subscription = Subscription("id-0", Endpoint.ID, tuple(c.id for c in simulator.contracts[:2]))
     async with aiohttp.ClientSession() as http:
-        tokens = IssuedToken(http, simulator.base_url, simulator.config.username, simulator.config.password)
+        tokens = IssuedToken(http, ime_settings(simulator.base_url))
         source, captured, metrics = source_for(simulator, tokens)
         await source.apply([subscription])
         try:
@@ -189,7 +181,8 @@ async def test_handshake_refused_with_http_status(simulator: Simulator) -> None:
 @pytest.mark.parametrize("sdk_field_names", [False, True])
 async def test_token_issue_with_both_form_spellings(simulator: Simulator, sdk_field_names: bool) -> None:
     async with aiohttp.ClientSession() as http:
-        tokens = IssuedToken(http, simulator.base_url, "demo", "demo-password", sdk_field_names=sdk_field_names)
+        token_form = "sdk" if sdk_field_names else "documented"
+        tokens = IssuedToken(http, ime_settings(simulator.base_url, token_form=token_form))
         token = await tokens.token()
         assert await tokens.token() == token  # cached until close to expiry
         expiry = jwt_expiry(token)
@@ -201,7 +194,7 @@ async def test_token_issue_with_both_form_spellings(simulator: Simulator, sdk_fi
 
 async def test_bad_credentials_are_rejected_without_leaking_the_password(simulator: Simulator) -> None:
     async with aiohttp.ClientSession() as http:
-        tokens = IssuedToken(http, simulator.base_url, "demo", "wrong-password-value")
+        tokens = IssuedToken(http, ime_settings(simulator.base_url, password="wrong-password-value"))
         with pytest.raises(AuthRejected, match="HTTP 401") as caught:
             await tokens.token()
     assert "wrong-password-value" not in str(caught.value)
@@ -210,7 +203,7 @@ async def test_bad_credentials_are_rejected_without_leaking_the_password(simulat
 async def test_static_lookups_resolve_names_and_ids_and_leave_out_unknown_ones(simulator: Simulator) -> None:
     first, second = simulator.contracts[:2]
     async with aiohttp.ClientSession() as http:
-        catalog = HttpContractCatalog(http, simulator.base_url, StaticToken(simulator.issue_token()))
+        catalog = HttpContractCatalog(http, ime_settings(simulator.base_url), StaticToken(simulator.issue_token()))
         by_name = await catalog.by_names([first.name, "NOPE", second.name])
         by_id = await catalog.by_ids(["999999", second.id])
     assert {name: ref.contract_id for name, ref in by_name.items()} == {first.name: first.id, second.name: second.id}

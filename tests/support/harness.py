@@ -21,7 +21,7 @@ from fastavro import schemaless_reader
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import Bridge
-from bridge.config import Settings
+from bridge.config import ImeSettings, Settings
 from bridge.devtools.broker import free_port
 from bridge.devtools.simulator import Simulator
 from bridge.encode import load_schema
@@ -63,6 +63,22 @@ class RunningBridge:
     async def get(self, path: str) -> tuple[int, str]:
         async with aiohttp.ClientSession() as session, session.get(self.metrics_url + path) as response:
             return response.status, await response.text()
+
+
+def ime_settings(base_url: str, **overrides: Any) -> ImeSettings:
+    """The ime section for a service at `base_url` (the simulator's, or a stand-in), with the simulator's default
+    account and one contract; `overrides` replace any key."""
+    return ImeSettings.model_validate(
+        {
+            "base_url": base_url,
+            "ws_url": base_url.replace("http", "ws", 1),
+            "allow_insecure": True,
+            "username": "demo",
+            "password": "demo-password",
+            "contract_ids": ["1001"],
+            **overrides,
+        }
+    )
 
 
 def bridge_settings(simulator: Simulator, broker: BrokerInfo, **sections: dict[str, Any]) -> Settings:
