@@ -41,7 +41,9 @@ def frame_identity(payload: str | bytes) -> tuple[str, Identity]:
         _levels(data["BestLimit"]),
         float(data["Aggregate"]["last_price"]),
         int(data["Aggregate"]["trade_count"]),
+        float(data["Aggregate"]["total_volume"]),
         float(data["ContractInfo"]["open_interest"]),
+        float(data["ContractInfo"]["open_interest_changes"]),
     )
 
 
@@ -56,7 +58,9 @@ def record_identity(value: dict[str, Any]) -> Identity:
         levels,
         value["aggregate"]["last_price"],
         value["aggregate"]["trade_count"],
+        float(value["aggregate"]["total_volume"]),
         float(value["contract_info"]["open_interest"]),
+        float(value["contract_info"]["open_interest_change"]),
     )
 
 
@@ -105,19 +109,26 @@ def check_delivery(sent: list[SentFrame], records: list[ConsumerRecord[Any, Any]
         if frame.contract_id is not None:
             contract, identity = frame_identity(frame.payload)
             sent_by_contract[contract].append(identity)
-    positions = {
-        contract: {identity: index for index, identity in enumerate(identities)}
-        for contract, identities in sent_by_contract.items()
-    }
+    # The same snapshot can be sent twice (resent on a resubscription after a reconnect): an identity has every
+    # position it was sent at, and a record takes the first one no earlier record took.
+    positions: dict[str, dict[Identity, list[int]]] = {}
+    for contract, identities in sent_by_contract.items():
+        by_identity = positions[contract] = defaultdict(list)
+        for index, identity in enumerate(identities):
+            by_identity[identity].append(index)
     report = DeliveryReport(sent={contract: len(identities) for contract, identities in sent_by_contract.items()})
     delivered: dict[str, list[tuple[int, int]]] = defaultdict(list)  # (position, skipped) in topic order
+    taken: set[tuple[str, int]] = set()
     for record in sorted(records, key=lambda r: (r.partition, r.offset)):
         value = decode_value(record)
-        position = positions.get(value["contract_id"], {}).get(record_identity(value))
-        if position is None:
+        contract = value["contract_id"]
+        candidates = positions.get(contract, {}).get(record_identity(value))
+        if not candidates:
             report.unknown += 1
             continue
-        delivered[value["contract_id"]].append((position, value["skipped"]))
+        position = next((index for index in candidates if (contract, index) not in taken), candidates[-1])
+        taken.add((contract, position))
+        delivered[contract].append((position, value["skipped"]))
     for contract, identities in sent_by_contract.items():
         got = delivered.get(contract, [])
         seen: set[int] = set()
