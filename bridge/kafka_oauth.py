@@ -74,7 +74,9 @@ class ClientCredentialsTokenProvider(AbstractTokenProvider):  # type: ignore[mis
                 body = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise TokenEndpointError(f"OAuth token endpoint {self._url}: unreachable: {exc!r}") from None
+            raise TokenEndpointError(
+                f"OAuth token endpoint {self._url}: unreachable: {type(exc).__name__}: {exc}"
+            ) from None
         answer = _json_object(body)
         if status != 200:
             raise TokenEndpointError(f"OAuth token endpoint {self._url}: HTTP {status}: {self._error(answer)}")
