@@ -102,9 +102,9 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
 async def tls_diagnosis(settings: KafkaSettings) -> str | None:
     """Why TLS to the first bootstrap server fails, or None when it does not (or TLS is off).
 
-    aiokafka reports a refused handshake only as "Unable to bootstrap"; this says which TLS error it was
-    (e.g. the broker requires a client certificate). Under TLS 1.3 a server refuses the client's certificate
-    after the handshake, so the first read is awaited too, briefly: a broker sends nothing unasked.
+    It names the TLS error (e.g. the broker requires a client certificate). Under TLS 1.3 a server refuses
+    the client's certificate after the handshake, so the first read is awaited too, briefly: a broker sends
+    nothing unasked.
     """
     context = _ssl_context(settings)
     if context is None:
@@ -125,9 +125,27 @@ async def tls_diagnosis(settings: KafkaSettings) -> str | None:
     return None
 
 
+async def oauth_diagnosis(settings: KafkaSettings) -> str | None:
+    """Why no OAUTHBEARER token can be had, or None when one can (or the mechanism is another)."""
+    if settings.sasl_mechanism != "OAUTHBEARER":
+        return None
+    from bridge.kafka_oauth import ClientCredentialsTokenProvider, TokenEndpointError
+
+    try:
+        await ClientCredentialsTokenProvider(settings).token()
+    except TokenEndpointError as exc:
+        return str(exc)
+    return None
+
+
 async def _why(settings: KafkaSettings, exc: KafkaError) -> str:
-    """The TLS diagnosis to append to a connection failure's message ("" when there is none)."""
-    diagnosis = await tls_diagnosis(settings) if isinstance(exc, KafkaConnectionError) else None
+    """What to append to a connection failure's message: the TLS or token failure behind it ("" if none).
+
+    aiokafka reports both only as "Unable to bootstrap" (and in its own log).
+    """
+    if not isinstance(exc, KafkaConnectionError):
+        return ""
+    diagnosis = await tls_diagnosis(settings) or await oauth_diagnosis(settings)
     return f" ({diagnosis})" if diagnosis else ""
 
 

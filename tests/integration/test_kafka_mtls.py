@@ -22,6 +22,8 @@ from bridge.records import OutgoingRecord, RecordKind, SinkUnavailable
 from bridge.sink import KafkaSink, client_options
 from tests.support.tlsproxy import MutualTlsProxy, Pki, make_pki
 
+pytestmark = pytest.mark.integration
+
 
 @dataclass
 class TlsBroker:
