@@ -244,10 +244,29 @@ class KafkaSettings(_Section):
     max_batch_bytes: int = Field(default=524_288, ge=1024, description="Bytes per partition per publish round.")
     request_timeout_ms: int = Field(default=30_000, ge=1000)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        default=None, description="SASL mechanism (needs a SASL_* security_protocol)."
+    )
+    sasl_username: str | None = Field(default=None, description="PLAIN/SCRAM: the user (with sasl_password).")
+    sasl_password: SecretStr | None = Field(default=None, description="PLAIN/SCRAM: the user's password.")
+    sasl_oauth_token_url: HttpUrl | None = Field(
+        default=None, description="OAUTHBEARER: the OAuth 2.0 token endpoint (client-credentials grant)."
+    )
+    sasl_oauth_client_id: str | None = Field(default=None, description="OAUTHBEARER: the OAuth client id.")
+    sasl_oauth_client_secret: SecretStr | None = Field(default=None, description="OAUTHBEARER: the client's secret.")
+    sasl_oauth_scope: str | None = Field(
+        default=None, description="OAUTHBEARER: the scope to request (space-separated; unset: the server's default)."
+    )
+    ssl_cafile: Path | None = Field(
+        default=None, description="CA bundle that verifies the brokers' certificates (default: the system's)."
+    )
+    ssl_certfile: Path | None = Field(
+        default=None, description="Client certificate (PEM) for mutual TLS (needs an SSL or SASL_SSL protocol)."
+    )
+    ssl_keyfile: Path | None = Field(
+        default=None, description="Private key (PEM) of ssl_certfile, when the certificate file does not hold it."
+    )
+    ssl_key_password: SecretStr | None = Field(default=None, description="Password of an encrypted ssl_keyfile.")
     state_topic: str = Field(
         default="ime.contract.state",
         min_length=1,
@@ -272,8 +291,38 @@ class KafkaSettings(_Section):
     def _consistent(self) -> KafkaSettings:
         if self.topic == self.dlq_topic:
             raise ValueError("kafka.topic and kafka.dlq_topic must differ")
-        if self.sasl_mechanism and (self.sasl_username is None or self.sasl_password is None):
-            raise ValueError("kafka.sasl_mechanism needs kafka.sasl_username and kafka.sasl_password")
+        return self
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> KafkaSettings:
+        sasl = self.security_protocol.startswith("SASL_")
+        if self.sasl_mechanism is not None and not sasl:
+            raise ValueError("kafka.sasl_mechanism needs kafka.security_protocol SASL_PLAINTEXT or SASL_SSL")
+        if sasl and self.sasl_mechanism is None:
+            raise ValueError(f"kafka.security_protocol {self.security_protocol} needs kafka.sasl_mechanism")
+        oauth = {
+            "sasl_oauth_token_url": self.sasl_oauth_token_url,
+            "sasl_oauth_client_id": self.sasl_oauth_client_id,
+            "sasl_oauth_client_secret": self.sasl_oauth_client_secret,
+        }
+        if self.sasl_mechanism == "OAUTHBEARER":
+            if missing := [f"kafka.{key}" for key, value in oauth.items() if value is None]:
+                raise ValueError(f"kafka.sasl_mechanism OAUTHBEARER needs {' and '.join(missing)}")
+        else:
+            if given := [f"kafka.{key}" for key, value in oauth.items() if value is not None] + (
+                ["kafka.sasl_oauth_scope"] if self.sasl_oauth_scope is not None else []
+            ):
+                raise ValueError(f"{', '.join(given)}: only for kafka.sasl_mechanism OAUTHBEARER")
+            if self.sasl_mechanism and (self.sasl_username is None or self.sasl_password is None):
+                raise ValueError(
+                    f"kafka.sasl_mechanism {self.sasl_mechanism} needs kafka.sasl_username and kafka.sasl_password"
+                )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("kafka.ssl_keyfile needs kafka.ssl_certfile")
+        if self.ssl_key_password is not None and self.ssl_certfile is None:
+            raise ValueError("kafka.ssl_key_password needs kafka.ssl_certfile")
+        if self.ssl_certfile is not None and self.security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError("kafka.ssl_certfile needs kafka.security_protocol SSL or SASL_SSL")
         return self
 
     @model_validator(mode="after")

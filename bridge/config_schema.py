@@ -75,7 +75,7 @@ _TYPED_KEYWORDS = frozenset(
 # persistence.mountPath in spool mode. The schema refuses them so that no password lands in the ConfigMap.
 CHART_SUPPLIED: dict[str, tuple[str, ...]] = {
     "ime": ("password", "token"),
-    "kafka": ("sasl_password",),
+    "kafka": ("sasl_password", "sasl_oauth_client_secret", "ssl_key_password"),
     "schema_registry": ("password",),
     "buffer": ("spool_dir",),
 }
@@ -85,8 +85,9 @@ CHART_REQUIRED: tuple[str, ...] = ("ime", "kafka", "buffer", "metrics", "log", "
 CHART_REQUIRED_IN: dict[str, tuple[str, ...]] = {"metrics": ("port",)}
 CHART_DESCRIPTION = (
     "The bridge's config file (rendered into a ConfigMap), less what the chart supplies: the secrets "
-    "(ime.password, ime.token, kafka.sasl_password, schema_registry.password) come from `credentials`, "
-    "buffer.spool_dir is persistence.mountPath. Generated from bridge/config.py by `make chart-schema`."
+    "(ime.password, ime.token, kafka.sasl_password, kafka.sasl_oauth_client_secret, kafka.ssl_key_password, "
+    "schema_registry.password) come from `credentials`, buffer.spool_dir is persistence.mountPath, and with "
+    "kafkaTls.secretName the kafka.ssl_* files are its mount. Generated from bridge/config.py by `make chart-schema`."
 )
 
 

@@ -22,12 +22,22 @@ from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
 
 from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
-from bridge.records import NOT_SENT, Failed, Headers, Outcome, OutgoingRecord, RecordKind, SinkUnavailable, TooLarge
+from bridge.records import (
+    NOT_SENT,
+    Failed,
+    Headers,
+    Outcome,
+    OutgoingRecord,
+    RecordKind,
+    SinkFatal,
+    SinkUnavailable,
+    TooLarge,
+)
 
 if TYPE_CHECKING:
     from bridge.registry import SchemaRegistry
@@ -35,16 +45,37 @@ if TYPE_CHECKING:
 _TOPIC_ALREADY_EXISTS = 36
 # The latest-state topic keeps the newest record per key; older ones are compacted away.
 STATE_TOPIC_CONFIG = {"cleanup.policy": "compact"}
+_TLS_PROBE_SECONDS = 2.0  # the TLS diagnosis's budget: a handshake and a refusal right after it
 
 
 def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext | None:
+    """The TLS context of SSL and SASL_SSL, with the client certificate when one is configured.
+
+    Raises SinkFatal naming the key when a file cannot be loaded: retrying cannot fix that.
+    """
     if settings.security_protocol not in ("SSL", "SASL_SSL"):
         return None
-    return ssl.create_default_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    try:
+        context = ssl.create_default_context(cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise SinkFatal(f"kafka.ssl_cafile {settings.ssl_cafile}: cannot load the CA bundle: {exc}") from None
+    if settings.ssl_certfile is not None:
+        password = settings.ssl_key_password.get_secret_value() if settings.ssl_key_password else None
+        try:
+            context.load_cert_chain(settings.ssl_certfile, settings.ssl_keyfile, password)
+        except (OSError, ssl.SSLError) as exc:
+            files = f"kafka.ssl_certfile {settings.ssl_certfile}" + (
+                f", kafka.ssl_keyfile {settings.ssl_keyfile}" if settings.ssl_keyfile else " (no kafka.ssl_keyfile)"
+            )
+            raise SinkFatal(f"{files}: cannot load the client certificate and key: {exc}") from None
+    return context
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
-    """aiokafka connection options (servers, TLS, SASL) shared by the producer, the admin client and tail."""
+    """aiokafka connection options (servers, TLS, SASL) shared by the producer, the admin client and tail.
+
+    Raises SinkFatal when the TLS files cannot be loaded.
+    """
     options: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers,
         "client_id": settings.client_id,
@@ -52,13 +83,70 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
         "security_protocol": settings.security_protocol,
         "ssl_context": _ssl_context(settings),
     }
-    if settings.sasl_mechanism is not None and settings.sasl_password is not None:
+    if settings.sasl_mechanism == "OAUTHBEARER":
+        from bridge.kafka_oauth import ClientCredentialsTokenProvider
+
+        options |= {
+            "sasl_mechanism": "OAUTHBEARER",
+            "sasl_oauth_token_provider": ClientCredentialsTokenProvider(settings),
+        }
+    elif settings.sasl_mechanism is not None and settings.sasl_password is not None:
         options |= {
             "sasl_mechanism": settings.sasl_mechanism,
             "sasl_plain_username": settings.sasl_username,
             "sasl_plain_password": settings.sasl_password.get_secret_value(),
         }
     return options
+
+
+async def tls_diagnosis(settings: KafkaSettings) -> str | None:
+    """Why TLS to the first bootstrap server fails, or None when it does not (or TLS is off).
+
+    It names the TLS error (e.g. the broker requires a client certificate). Under TLS 1.3 a server refuses
+    the client's certificate after the handshake, so the first read is awaited too, briefly: a broker sends
+    nothing unasked.
+    """
+    context = _ssl_context(settings)
+    if context is None:
+        return None
+    host, _, port = settings.bootstrap_servers[0].rpartition(":")
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(_TLS_PROBE_SECONDS):
+            reader, writer = await asyncio.open_connection(host, int(port), ssl=context)
+            await reader.read(1)
+    except TimeoutError:
+        return None
+    except (OSError, ssl.SSLError) as exc:
+        return f"TLS to {settings.bootstrap_servers[0]}: {exc}"
+    finally:
+        if writer is not None:
+            writer.close()
+    return None
+
+
+async def oauth_diagnosis(settings: KafkaSettings) -> str | None:
+    """Why no OAUTHBEARER token can be had, or None when one can (or the mechanism is another)."""
+    if settings.sasl_mechanism != "OAUTHBEARER":
+        return None
+    from bridge.kafka_oauth import ClientCredentialsTokenProvider, TokenEndpointError
+
+    try:
+        await ClientCredentialsTokenProvider(settings).token()
+    except TokenEndpointError as exc:
+        return str(exc)
+    return None
+
+
+async def _why(settings: KafkaSettings, exc: KafkaError) -> str:
+    """What to append to a connection failure's message: the TLS or token failure behind it ("" if none).
+
+    aiokafka reports both only as "Unable to bootstrap" (and in its own log).
+    """
+    if not isinstance(exc, KafkaConnectionError):
+        return ""
+    diagnosis = await tls_diagnosis(settings) or await oauth_diagnosis(settings)
+    return f" ({diagnosis})" if diagnosis else ""
 
 
 class _Batch:
@@ -142,7 +230,7 @@ class KafkaSink:
             if settings.create_topics:
                 await self._create_missing_topics(topics)
         except KafkaError as exc:
-            raise SinkUnavailable(f"cannot create the topics: {exc!r}") from exc
+            raise SinkUnavailable(f"cannot create the topics: {exc!r}{await _why(settings, exc)}") from exc
         producer = AIOKafkaProducer(
             **client_options(settings),
             acks="all",
@@ -161,7 +249,7 @@ class KafkaSink:
         except BaseException as exc:
             await producer.stop()  # also after a failed start: its connections and tasks are open
             if isinstance(exc, KafkaError):
-                raise SinkUnavailable(f"cannot start the Kafka producer: {exc!r}") from exc
+                raise SinkUnavailable(f"cannot start the Kafka producer: {exc!r}{await _why(settings, exc)}") from exc
             raise
         self._producer = producer
 

@@ -102,9 +102,16 @@ def test_malformed_environment_value_is_a_config_error(tmp_path: Path, monkeypat
 
 
 def test_secrets_are_not_printed(tmp_path: Path) -> None:
-    settings = load_settings(write(tmp_path, MINIMAL))
-    assert "secret" not in repr(settings)
-    assert "secret" not in str(settings.model_dump())
+    text = (
+        "ime:\n  username: demo\n  password: pw-ime\n  contract_ids: ['1001']\n"
+        "kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: OAUTHBEARER\n"
+        "  sasl_oauth_token_url: https://idp.example/token\n  sasl_oauth_client_id: bridge\n"
+        "  sasl_oauth_client_secret: pw-oauth\n  ssl_certfile: /c.pem\n  ssl_key_password: pw-key\n"
+    )
+    settings = load_settings(write(tmp_path, text))
+    for secret in ("pw-ime", "pw-oauth", "pw-key"):
+        assert secret not in repr(settings)
+        assert secret not in str(settings.model_dump())
 
 
 def test_example_config_is_valid_with_the_password_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

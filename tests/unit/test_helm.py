@@ -48,6 +48,8 @@ SECRET_ENV = (
     "IME_BRIDGE_IME__TOKEN",
     "IME_BRIDGE_KAFKA__SASL_PASSWORD",
     "IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD",
+    "IME_BRIDGE_KAFKA__SASL_OAUTH_CLIENT_SECRET",
+    "IME_BRIDGE_KAFKA__SSL_KEY_PASSWORD",
 )
 Manifest = dict[str, Any]
 
@@ -460,17 +462,32 @@ def _env(manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
 def test_chart_created_secret_feeds_the_environment_never_the_configmap(helm: ModuleType) -> None:
     """Credentials land in the Secret and reach the bridge as IME_BRIDGE_* variables by reference."""
     password, sasl, registry = "s3cr3t-ime-password", "s3cr3t-sasl-password", "s3cr3t-registry-password"
-    credentials = {"imePassword": password, "kafkaSaslPassword": sasl, "schemaRegistryPassword": registry}
+    oauth, key_password = "s3cr3t-oauth-client-secret", "s3cr3t-key-password"
+    credentials = {
+        "imePassword": password,
+        "kafkaSaslPassword": sasl,
+        "schemaRegistryPassword": registry,
+        "kafkaOauthClientSecret": oauth,
+        "kafkaSslKeyPassword": key_password,
+    }
     manifests = render(helm, merged(all_enabled_values(), {"credentials": credentials}))
     secret = one(manifests, "Secret")
     decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert decoded == {"ime-password": password, "kafka-sasl-password": sasl, "schema-registry-password": registry}
+    assert decoded == {
+        "ime-password": password,
+        "kafka-sasl-password": sasl,
+        "schema-registry-password": registry,
+        "kafka-oauth-client-secret": oauth,
+        "kafka-ssl-key-password": key_password,
+    }
     env = _env(manifests)
     assert set(SECRET_ENV) & set(env) == set(SECRET_ENV) - {"IME_BRIDGE_IME__TOKEN"}
     for name, key in (
         ("IME_BRIDGE_IME__PASSWORD", "ime-password"),
         ("IME_BRIDGE_KAFKA__SASL_PASSWORD", "kafka-sasl-password"),
         ("IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD", "schema-registry-password"),
+        ("IME_BRIDGE_KAFKA__SASL_OAUTH_CLIENT_SECRET", "kafka-oauth-client-secret"),
+        ("IME_BRIDGE_KAFKA__SSL_KEY_PASSWORD", "kafka-ssl-key-password"),
     ):
         assert "value" not in env[name]
         assert env[name]["valueFrom"]["secretKeyRef"] == {
@@ -479,7 +496,7 @@ def test_chart_created_secret_feeds_the_environment_never_the_configmap(helm: Mo
             "optional": False,
         }
     everything_but_the_secret = yaml.safe_dump([m for m in manifests if m["kind"] != "Secret"])
-    for text in (password, sasl, registry, base64.b64encode(password.encode()).decode()):
+    for text in (password, sasl, registry, oauth, key_password, base64.b64encode(password.encode()).decode()):
         assert text not in everything_but_the_secret
 
 
@@ -502,6 +519,16 @@ def test_existing_secret_is_referenced_and_not_created(helm: ModuleType) -> None
             "key": "schema-registry-password",
             "optional": True,
         },
+        "IME_BRIDGE_KAFKA__SASL_OAUTH_CLIENT_SECRET": {
+            "name": "ime-credentials",
+            "key": "kafka-oauth-client-secret",
+            "optional": True,
+        },
+        "IME_BRIDGE_KAFKA__SSL_KEY_PASSWORD": {
+            "name": "ime-credentials",
+            "key": "kafka-ssl-key-password",
+            "optional": True,
+        },
     }
     assert "checksum/secret" not in workload(manifests)["spec"]["template"]["metadata"]["annotations"]
 
@@ -518,8 +545,14 @@ def test_no_credentials_no_secret_no_variables(helm: ModuleType) -> None:
 
 @pytest.mark.parametrize(
     "secret_in_config",
-    [{"ime": {"password": "x"}}, {"ime": {"token": "x"}}, {"kafka": {"sasl_password": "x"}}],
-    ids=["ime.password", "ime.token", "kafka.sasl_password"],
+    [
+        {"ime": {"password": "x"}},
+        {"ime": {"token": "x"}},
+        {"kafka": {"sasl_password": "x"}},
+        {"kafka": {"sasl_oauth_client_secret": "x"}},
+        {"kafka": {"ssl_key_password": "x"}},
+    ],
+    ids=lambda secret: ".".join([*secret, *next(iter(secret.values()))]),
 )
 def test_schema_keeps_secrets_out_of_the_config(helm: ModuleType, secret_in_config: dict[str, Any]) -> None:
     """A secret written under `config` is refused: it would land in the ConfigMap."""
@@ -554,6 +587,7 @@ def test_bridge_accepts_the_rendered_config(helm: ModuleType, tmp_path: Path, mo
     assert settings.ime.password is not None
     assert settings.ime.password.get_secret_value() == "example-password"
     assert settings.kafka.sasl_password is not None
+    assert settings.kafka.ssl_certfile == Path("/var/run/secrets/ime-bridge/kafka-tls/tls.crt")
     assert settings.buffer.overflow == "spool"
     assert str(settings.buffer.spool_dir) == "/var/lib/ime-bridge/spool"
     assert settings.ime.naive_timezone == "Asia/Tehran"
@@ -578,7 +612,7 @@ def _schema() -> dict[str, Any]:
     ("section", "model", "not_values"),
     [
         ("ime", ImeSettings, {"password", "token"}),
-        ("kafka", KafkaSettings, {"sasl_password"}),
+        ("kafka", KafkaSettings, {"sasl_password", "sasl_oauth_client_secret", "ssl_key_password"}),
         ("buffer", BufferSettings, {"spool_dir"}),
         ("metrics", MetricsSettings, set()),
         ("log", LogSettings, set()),
@@ -766,3 +800,87 @@ def test_schema_registry_is_rendered_and_its_password_comes_from_the_secret(helm
     assert "s3cret" not in json.dumps(configmap)
     env = {var["name"]: var for var in workload(manifests)["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "schema-registry-password"
+
+
+# --- Kafka security: the TLS files from a Secret, the OAuth token endpoint --------------------------
+
+MTLS = {"kafkaTls": {"secretName": "kafka-client-tls"}, "config": {"kafka": {"security_protocol": "SSL"}}}
+
+
+def test_kafka_tls_secret_is_mounted_and_named_in_the_config(
+    helm: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kafkaTls.secretName: the Secret is mounted read-only and the bridge's ssl_* keys point at its files."""
+    values = merged(
+        MTLS, {"kafkaTls": {"caFile": "ca.crt"}, "config": {"ime": {"username": "u", "contract_ids": ["1"]}}}
+    )
+    values = merged(values, {"credentials": {"imePassword": "p"}})
+    manifests = render(helm, values)
+    pod = pod_spec(manifests)
+    mount = "/var/run/secrets/ime-bridge/kafka-tls"
+    assert {"name": "kafka-tls", "secret": {"secretName": "kafka-client-tls", "defaultMode": 0o440}} in pod["volumes"]
+    assert {"name": "kafka-tls", "mountPath": mount, "readOnly": True} in container(manifests)["volumeMounts"]
+    kafka = _settings_from(manifests, tmp_path, monkeypatch).kafka
+    assert (kafka.ssl_certfile, kafka.ssl_keyfile, kafka.ssl_cafile) == (
+        Path(f"{mount}/tls.crt"),
+        Path(f"{mount}/tls.key"),
+        Path(f"{mount}/ca.crt"),
+    )
+    # keyFile empty: the certificate file holds the key too.
+    assert "ssl_keyfile" not in config_text(render(helm, merged(values, {"kafkaTls": {"keyFile": ""}})))
+
+
+def test_without_kafka_tls_nothing_is_mounted(helm: ModuleType) -> None:
+    manifests = render(helm)
+    assert "kafka-tls" not in [volume["name"] for volume in pod_spec(manifests)["volumes"]]
+    assert "ssl_certfile" not in config_text(manifests)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            merged(MTLS, {"config": {"kafka": {"ssl_certfile": "/mine.pem"}}}),
+            r"config\.kafka\.ssl_certfile: leave it unset, kafkaTls points it at the mounted Secret",
+        ),
+        (
+            merged(MTLS, {"kafkaTls": {"caFile": "ca.crt"}, "config": {"kafka": {"ssl_cafile": "/ca.pem"}}}),
+            r"config\.kafka\.ssl_cafile: leave it unset",
+        ),
+        (
+            {"kafkaTls": {"secretName": "kafka-client-tls"}},
+            r"kafkaTls\.secretName needs config\.kafka\.security_protocol SSL or SASL_SSL",
+        ),
+    ],
+    ids=["certfile-twice", "cafile-twice", "no-tls-protocol"],
+)
+def test_kafka_tls_conflicts_fail_the_rendering(helm: ModuleType, values: dict[str, Any], expected: str) -> None:
+    with pytest.raises(helm.HelmRenderError, match=expected):
+        render(helm, values)
+
+
+def test_a_ca_file_in_config_stays_when_kafka_tls_does_not_supply_one(helm: ModuleType) -> None:
+    """caFile empty: config.kafka.ssl_cafile (e.g. from extraVolumes) is the operator's and is kept."""
+    text = config_text(render(helm, merged(MTLS, {"config": {"kafka": {"ssl_cafile": "/etc/kafka-ca/ca.crt"}}})))
+    assert "ssl_cafile: /etc/kafka-ca/ca.crt" in text
+
+
+@pytest.mark.parametrize(
+    ("url", "ports", "expected"),
+    [
+        ("https://login.example.com/oauth2/token", [], [443]),
+        ("https://idp.example:8443/token", [], [8443]),
+        ("https://idp.example:8443/token", [443], [443]),
+    ],
+)
+def test_the_oauth_token_endpoint_egress_follows_its_url_unless_given(
+    helm: ModuleType, url: str, ports: list[int], expected: list[int]
+) -> None:
+    values = {
+        "config": {"kafka": {"sasl_oauth_token_url": url}},
+        "networkPolicy": {"enabled": True, "kafkaOauth": {"ports": ports}},
+    }
+    egress = one(render(helm, values), "NetworkPolicy")["spec"]["egress"]
+    assert len(egress) == 4  # DNS, Kafka, IME, the token endpoint
+    assert "to" not in egress[-1]
+    assert egress[-1]["ports"] == [{"port": port, "protocol": "TCP"} for port in expected]

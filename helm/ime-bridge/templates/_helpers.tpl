@@ -66,7 +66,7 @@ Does the chart create the credentials Secret? Only when it has a credential to p
 */}}
 {{- define "ime-bridge.createSecret" -}}
 {{- $c := .Values.credentials -}}
-{{- if and (not $c.existingSecret) (or $c.imePassword $c.imeToken $c.kafkaSaslPassword $c.schemaRegistryPassword) -}}
+{{- if and (not $c.existingSecret) (or $c.imePassword $c.imeToken $c.kafkaSaslPassword $c.schemaRegistryPassword $c.kafkaOauthClientSecret $c.kafkaSslKeyPassword) -}}
 true
 {{- end -}}
 {{- end }}
@@ -97,12 +97,13 @@ volume's mount path.
 {{- define "ime-bridge.configFile" -}}
 {{- $c := .Values.config -}}
 # ime-bridge configuration, rendered by the ime-bridge Helm chart from its `config` values.
-# Secrets are not here: IME_BRIDGE_IME__PASSWORD, IME_BRIDGE_IME__TOKEN and
-# IME_BRIDGE_KAFKA__SASL_PASSWORD and IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD come from the credentials Secret.
+# Secrets are not here: IME_BRIDGE_IME__PASSWORD, IME_BRIDGE_IME__TOKEN, IME_BRIDGE_KAFKA__SASL_PASSWORD,
+# IME_BRIDGE_KAFKA__SASL_OAUTH_CLIENT_SECRET, IME_BRIDGE_KAFKA__SSL_KEY_PASSWORD and
+# IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD come from the credentials Secret.
 ime:
   {{- include "ime-bridge.compact" (omit $c.ime "password" "token") | nindent 2 }}
 kafka:
-  {{- include "ime-bridge.compact" (omit $c.kafka "sasl_password") | nindent 2 }}
+  {{- include "ime-bridge.compact" (merge (include "ime-bridge.kafkaTlsFiles" . | fromYaml) (omit $c.kafka "sasl_password" "sasl_oauth_client_secret" "ssl_key_password")) | nindent 2 }}
 {{- with $c.schema_registry }}
 {{- if .url }}
 schema_registry:
@@ -122,6 +123,37 @@ metrics:
 log:
   {{- include "ime-bridge.compact" $c.log | nindent 2 }}
 shutdown_timeout_seconds: {{ $c.shutdown_timeout_seconds }}
+{{- end }}
+
+{{/*
+With kafkaTls.secretName: config.kafka.ssl_certfile, ssl_keyfile and ssl_cafile as the files of its mount (a
+YAML mapping, empty without it). Rendering fails when `config` sets one of them too, or when the protocol has
+no TLS.
+*/}}
+{{- define "ime-bridge.kafkaTlsFiles" -}}
+{{- $tls := .Values.kafkaTls -}}
+{{- $kafka := .Values.config.kafka -}}
+{{- if $tls.secretName -}}
+{{- if not (has (toString $kafka.security_protocol) (list "SSL" "SASL_SSL")) -}}
+{{- fail "kafkaTls.secretName needs config.kafka.security_protocol SSL or SASL_SSL" -}}
+{{- end -}}
+{{- $files := dict -}}
+{{- if $tls.certFile -}}
+{{- $_ := set $files "ssl_certfile" (printf "%s/%s" $tls.mountPath $tls.certFile) -}}
+{{- with $tls.keyFile -}}
+{{- $_ := set $files "ssl_keyfile" (printf "%s/%s" $tls.mountPath .) -}}
+{{- end -}}
+{{- end -}}
+{{- with $tls.caFile -}}
+{{- $_ := set $files "ssl_cafile" (printf "%s/%s" $tls.mountPath .) -}}
+{{- end -}}
+{{- range $key, $_ := $files -}}
+{{- if index $kafka $key -}}
+{{- fail (printf "config.kafka.%s: leave it unset, kafkaTls points it at the mounted Secret" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $files -}}
+{{- end -}}
 {{- end }}
 
 {{/*
@@ -218,6 +250,11 @@ spec:
         - name: spool
           mountPath: {{ .Values.persistence.mountPath }}
         {{- end }}
+        {{- if .Values.kafkaTls.secretName }}
+        - name: kafka-tls
+          mountPath: {{ .Values.kafkaTls.mountPath }}
+          readOnly: true
+        {{- end }}
         {{- with .Values.extraVolumeMounts }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -228,6 +265,12 @@ spec:
     - name: tmp
       emptyDir:
         sizeLimit: {{ .Values.tmpSizeLimit }}
+    {{- with .Values.kafkaTls.secretName }}
+    - name: kafka-tls
+      secret:
+        secretName: {{ . }}
+        defaultMode: 0440
+    {{- end }}
     {{- with .Values.extraVolumes }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -257,7 +300,9 @@ may hold only some), or the keys the chart put in its own Secret.
   (list "IME_BRIDGE_IME__PASSWORD" $keys.imePassword $c.imePassword)
   (list "IME_BRIDGE_IME__TOKEN" $keys.imeToken $c.imeToken)
   (list "IME_BRIDGE_KAFKA__SASL_PASSWORD" $keys.kafkaSaslPassword $c.kafkaSaslPassword)
-  (list "IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD" $keys.schemaRegistryPassword $c.schemaRegistryPassword) -}}
+  (list "IME_BRIDGE_SCHEMA_REGISTRY__PASSWORD" $keys.schemaRegistryPassword $c.schemaRegistryPassword)
+  (list "IME_BRIDGE_KAFKA__SASL_OAUTH_CLIENT_SECRET" $keys.kafkaOauthClientSecret $c.kafkaOauthClientSecret)
+  (list "IME_BRIDGE_KAFKA__SSL_KEY_PASSWORD" $keys.kafkaSslKeyPassword $c.kafkaSslKeyPassword) -}}
 {{- range $vars }}
 {{- if or $c.existingSecret (index . 2) }}
 - name: {{ index . 0 }}
@@ -288,5 +333,11 @@ existing Secret would use.
 {{- end }}
 {{- with $c.schemaRegistryPassword }}
 {{ $keys.schemaRegistryPassword }}: {{ . | b64enc }}
+{{- end }}
+{{- with $c.kafkaOauthClientSecret }}
+{{ $keys.kafkaOauthClientSecret }}: {{ . | b64enc }}
+{{- end }}
+{{- with $c.kafkaSslKeyPassword }}
+{{ $keys.kafkaSslKeyPassword }}: {{ . | b64enc }}
 {{- end }}
 {{- end }}
