@@ -107,7 +107,7 @@ def format_dead_letter(record: Decoded) -> str:
     )
 
 
-def _number(value: Any) -> str:
+def format_number(value: Any) -> str:
     """A price with thousands separators and the decimals it has (none for whole numbers)."""
     if isinstance(value, float) and value.is_integer():
         return f"{value:,.0f}"
@@ -129,8 +129,8 @@ def _format_table(latest: dict[str, Decoded]) -> str:
         exchange_time = value["exchange_time"]
         lines.append(
             f"{contract_id:>10} {(value['contract_name'] or ''):<14} {value['sequence']:>7} "
-            f"{_number(level.get('buy_price', 0)):>12} {_number(level.get('sell_price', 0)):>12} "
-            f"{_number(aggregate.get('last_price', 0)):>12}  {exchange_time.astimezone(UTC):%H:%M:%S.%f}"
+            f"{format_number(level.get('buy_price', 0)):>12} {format_number(level.get('sell_price', 0)):>12} "
+            f"{format_number(aggregate.get('last_price', 0)):>12}  {exchange_time.astimezone(UTC):%H:%M:%S.%f}"
         )
     return "\n".join(lines)
 
