@@ -120,7 +120,8 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _format_table(latest: dict[str, Decoded]) -> str:
+def format_table(latest: dict[str, Decoded]) -> str:
+    """The live table: one row per contract (its latest record), prices with the decimals they have."""
     lines = [f"{'contract':>10} {'name':<14} {'seq':>7} {'bid':>12} {'ask':>12} {'last':>12}  exchange time"]
     for contract_id in sorted(latest):
         value = latest[contract_id]["value"]
@@ -209,7 +210,7 @@ async def tail(
                 last_seen = loop.time()
                 if out is not None:
                     if table and not dead_letters:
-                        out.write("\x1b[H\x1b[J" + _format_table(latest) + "\n")
+                        out.write("\x1b[H\x1b[J" + format_table(latest) + "\n")
                     out.flush()
             elif idle_timeout is not None and loop.time() - last_seen > idle_timeout:
                 break
