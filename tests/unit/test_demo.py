@@ -31,10 +31,10 @@ def test_each_summary_covers_only_its_own_interval() -> None:
         metrics.publish_latency.observe(0.003)
     first = summary.line()
     assert re.search(r"last \d+ s: 200 records \([\d,.]+/s, 210 in all\), dead letters 3 \(3 in all\)", first), first
-    assert first.endswith("p99 latency 5.0 ms")  # 2.5 ms + 99 % of the 2.5–5 ms bucket
+    assert first.endswith("p99 latency 5.0 ms")  # 2.5 ms + 99 % of the bucket from 2.5 to 5 ms
     metrics.publish_latency.observe(0.2)
     second = summary.line()
     assert ": 0 records" in second
     assert "dead letters 0 (3 in all)" in second
-    assert second.endswith("p99 latency 248.5 ms")  # the interval's one observation, in the 100–250 ms bucket
+    assert second.endswith("p99 latency 248.5 ms")  # the interval's one observation, in the bucket from 100 to 250 ms
     assert summary.line().endswith("p99 latency -")
