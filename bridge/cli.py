@@ -106,6 +106,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         return 0
     from bridge.connectcheck import check_connections
 
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its connection errors are in the report lines
     results = asyncio.run(check_connections(settings, args.timeout))
     for result in results:
         print(result.line())
