@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import re
+import signal
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -191,3 +193,55 @@ async def test_check_config_connect_reaches_everything(kafka_broker: BrokerInfo,
     assert " OK: token issued" in lines[1]
     assert lines[2].startswith(f"kafka           {kafka_broker.bootstrap_servers}  OK: connected; topics to be created")
     assert len(lines) == 3
+
+
+async def test_demo_summarises_and_stops_in_order_on_ctrl_c() -> None:
+    """Ctrl-C as a terminal sends it, to the whole foreground process group: the demo stops its consumer,
+    bridge, simulator and broker in that order, and no Kafka client error reaches the screen."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "demo",
+        "--contracts",
+        "4",
+        "--rate",
+        "40",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal's foreground job has
+    )
+    assert process.stdout is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not any(line.startswith("── ") for line in seen):  # the first summary, after 5 s
+                line = (await process.stdout.readline()).decode()
+                assert line, "\n".join(seen)
+                seen.append(line.rstrip("\n"))
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = seen + out.decode().splitlines()
+    assert process.returncode == 0, err.decode()
+    assert "waiting for Kafka: the bridge creates the topics and starts its producer ..." in lines
+    summary = next(line for line in lines if line.startswith("── "))
+    assert re.search(
+        r"records \([\d,.]+/s, [\d,]+ in all\), dead letters 0 \(0 in all\), p99 latency [\d.]+ ms", summary
+    )
+    stops = [line for line in lines if line.startswith("stopping: ")]
+    assert stops == [
+        "stopping: consumer ...",
+        "stopping: bridge (draining into Kafka) ...",
+        "stopping: simulator ...",
+        "stopping: broker ...",
+    ]
+    assert lines[-1] == "stopped: bridge, simulator and broker"
+    errors = err.decode()
+    for noise in ("Traceback", "KafkaConnectionError", "Unable connect", "ERROR", "error="):
+        assert noise not in errors, errors
+    broker_pid = int(re.search(r"\(pid (\d+)\)", "\n".join(lines)).group(1))  # type: ignore[union-attr]
+    assert not pid_alive(broker_pid)
