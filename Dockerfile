@@ -16,11 +16,13 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 
-# Dependencies first, from pyproject.toml alone, so that this layer is rebuilt only when they change.
+# Dependencies first, from pyproject.toml alone, so that this layer is rebuilt only when they change:
+# [project] dependencies and the `registry` extra (the Schema Registry client), as `ime-bridge[registry]`.
 # Wheels only: nothing is compiled, so no compiler is needed in either stage.
 # dumb-init (from its PyPI wheel) runs as PID 1: it forwards SIGTERM to the bridge and reaps children.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['registry']))" \
         > /tmp/requirements.txt \
     && /opt/venv/bin/pip install --only-binary=:all: -r /tmp/requirements.txt \
     && /opt/venv/bin/pip install --only-binary=:all: dumb-init==1.2.5.post1

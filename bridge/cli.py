@@ -6,15 +6,18 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
 from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
 
 from bridge import __version__
 from bridge.config import ConfigError, Settings, load_settings
 from bridge.logs import configure_logging
+from bridge.registry import MISSING_CLIENT, client_installed
 from bridge.signals import install_stop_signals
 
 # Exit codes of `ime-bridge run` (README, Commands): 0 stopped by a signal, 1 a fatal runtime error (the
@@ -63,6 +66,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ime-bridge: {exc}", file=sys.stderr)
         return _fatal(f"invalid configuration: {'; '.join(exc.problems)}", EXIT_CONFIG)
+    if settings.schema_registry is not None and not client_installed():
+        print(f"ime-bridge: {MISSING_CLIENT}", file=sys.stderr)
+        return _fatal(f"invalid configuration: {MISSING_CLIENT}", EXIT_CONFIG)
     configure_logging(settings.log.level, settings.log.format)
     try:
         asyncio.run(_run(settings, args.config))
@@ -85,13 +91,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the configuration (exit 2 when refused); with --connect also reach each service it names
+    (exit 1 when one fails)."""
     settings = _load(args.config)
     ime, kafka = settings.ime, settings.kafka
+    if settings.schema_registry is not None and not client_installed():
+        print(f"ime-bridge: {MISSING_CLIENT}", file=sys.stderr)
+        return EXIT_CONFIG
     print(
         f"configuration OK: {len(ime.contract_ids)} contract ids, {len(ime.contract_names)} contract names, "
         f"ws {ime.ws_url}, kafka {','.join(kafka.bootstrap_servers)} → {kafka.topic} (dead letters {kafka.dlq_topic})"
     )
-    return 0
+    if not args.connect:
+        return 0
+    from bridge.connectcheck import check_connections
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # its connection errors are in the report lines
+    results = asyncio.run(check_connections(settings, args.timeout))
+    for result in results:
+        print(result.line())
+    return 0 if all(result.ok for result in results) else 1
 
 
 def _cmd_config_schema(args: argparse.Namespace) -> int:
@@ -147,7 +166,12 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         error = exc.errors()[0]
         print(f"ime-bridge tail: {'.'.join(map(str, error['loc']))}: {error['msg']}", file=sys.stderr)
         return EXIT_CONFIG
-    topic = args.topic or kafka.topic
+    if args.dead_letters:
+        registry = None  # dead letters are raw frames: no schema to look up
+    if registry is not None and not client_installed():
+        print(f"ime-bridge tail: {MISSING_CLIENT}", file=sys.stderr)
+        return EXIT_CONFIG
+    topic = args.topic or (kafka.dlq_topic if args.dead_letters else kafka.topic)
 
     async def consume() -> None:
         stop = asyncio.Event()
@@ -161,6 +185,9 @@ def _cmd_tail(args: argparse.Namespace) -> int:
                 idle_timeout=args.idle_timeout,
                 table=args.table if args.table is not None else sys.stdout.isatty(),
                 schema_registry=registry,
+                keys=args.key or (),
+                since=args.since,
+                dead_letters=args.dead_letters,
             )
         )
         stopper = asyncio.create_task(stop.wait())
@@ -213,6 +240,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(duration=args.duration, contracts=args.contracts, rate=args.rate))
 
 
+def _check_arguments(check: argparse.ArgumentParser) -> None:
+    """The options of `check-config` and `config check`, the same command under two names."""
+    check.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also try the IME token endpoint, Kafka and the schema registry, and report each (exit 1 if one fails)",
+    )
+    check.add_argument(
+        "--timeout", type=float, default=10.0, metavar="SECONDS", help="deadline of each --connect check (10)"
+    )
+    check.set_defaults(handler=_cmd_check_config)
+
+
+def _since(text: str) -> datetime:
+    """--since: an ISO 8601 time (without an offset: UTC), or a duration back from now (90s, 15m, 2h, 1d)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if match:
+        seconds = float(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+        return datetime.now(UTC) - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither an ISO 8601 time (2026-12-06T09:30:00+03:30) nor a duration (15m, 2h)"
+        ) from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def build_parser(*, simulator_options: bool = True) -> argparse.ArgumentParser:
     """The command-line interface. The simulator's options load the simulator (a development tool): without
     `simulator_options`, the `simulate` command is listed but takes none, and nothing of it is imported."""
@@ -227,8 +283,7 @@ def build_parser(*, simulator_options: bool = True) -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config", help="validate a configuration and exit", description="Exit 0 if valid, 2 with the reasons."
     )
-    check.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
-    check.set_defaults(handler=_cmd_check_config)
+    _check_arguments(check)
 
     config = commands.add_parser(
         "config", help="the configuration: its JSON Schema, or check one", description="The bridge's configuration."
@@ -237,8 +292,7 @@ def build_parser(*, simulator_options: bool = True) -> argparse.ArgumentParser:
     config_check = config_commands.add_parser(
         "check", help="the same as check-config", description="Exit 0 if valid, 2 with the reasons."
     )
-    config_check.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
-    config_check.set_defaults(handler=_cmd_check_config)
+    _check_arguments(config_check)
     config_schema = config_commands.add_parser(
         "schema",
         help="print the config file's JSON Schema",
@@ -281,7 +335,26 @@ def build_parser(*, simulator_options: bool = True) -> argparse.ArgumentParser:
     tail_cmd.add_argument(
         "--bootstrap-servers", help="host:port[,host:port] (default: the config's, or localhost:9092)"
     )
-    tail_cmd.add_argument("--topic", help="default: the config's kafka.topic (ime.contract.updates)")
+    tail_cmd.add_argument(
+        "--topic",
+        help="default: the config's kafka.topic (ime.contract.updates), or kafka.dlq_topic with --dead-letters",
+    )
+    tail_cmd.add_argument(
+        "--key", action="append", metavar="CONTRACT_ID", help="only records with this key (repeatable)"
+    )
+    tail_cmd.add_argument(
+        "--since",
+        type=_since,
+        metavar="TIME",
+        help="only records written at or after TIME: ISO 8601 (2026-12-06T09:30:00+03:30; UTC without an offset) "
+        "or a duration back from now (90s, 15m, 2h, 1d)",
+    )
+    tail_cmd.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="read the dead-letter topic: each record's reason, detail and a readable excerpt of the refused frame "
+        "(one line each with --table, JSON lines without)",
+    )
     tail_cmd.add_argument("--from-end", action="store_true", help="only new records (default: from the beginning)")
     tail_cmd.add_argument("--max-records", type=int, help="stop after this many records")
     tail_cmd.add_argument("--idle-timeout", type=float, help="stop after this many seconds without records")
@@ -289,7 +362,7 @@ def build_parser(*, simulator_options: bool = True) -> argparse.ArgumentParser:
         "--table",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="live table of the latest record per contract (default: on a terminal)",
+        help="live table of the latest record per contract, or one line per dead letter (default: on a terminal)",
     )
     tail_cmd.add_argument(
         "--schema-registry",

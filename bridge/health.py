@@ -3,15 +3,20 @@
 /healthz answers 200 while the event loop runs (a liveness probe restarts a wedged process).
 /readyz answers 200 only when the bridge is doing its job (producer started, a subscription
 connected) and 503 otherwise, with a JSON body saying what is and is not ready.
+/metrics answers as prometheus-client's own exposition handlers do: the format negotiated from `Accept`
+(OpenMetrics when the scraper asks for it, else the text format), gzip when `Accept-Encoding` allows it, and
+`?name[]=...` restricting the output to those metrics.
 """
 
 from __future__ import annotations
 
+import gzip
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 ReadinessCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
@@ -49,8 +54,14 @@ class HealthServer:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self._registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        names = request.query.getall("name[]", [])
+        body = encoder(self._registry.restricted_registry(names) if names else self._registry)
+        headers = {"Content-Type": content_type}
+        if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body)
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -5,9 +5,10 @@ the schema id as a 4-byte big-endian integer, then the Avro body. Schemas are re
 topic-name strategy (`<topic>-value`) once per process and topic, or only looked up there with
 `auto_register` off (registries where producers may not register); the records never wait for the registry.
 
-This wraps confluent-kafka's `SchemaRegistryClient`, which is synchronous: each call runs in a worker
-thread under a deadline and is retried with backoff. Its errors are translated here, at the boundary:
-a registry that cannot be reached (refused, timed out, a 5xx after the retries, any other error answer,
+This wraps confluent-kafka's `SchemaRegistryClient` (the optional `registry` extra, imported only when a
+SchemaRegistry is used, so that the framing helpers serve `tail` without it), which is synchronous: each call
+runs in a worker thread under a deadline and is retried with backoff. Its errors are translated here, at the
+boundary: a registry that cannot be reached (refused, timed out, a 5xx after the retries, any other error answer,
 an unreadable one) is `SinkUnavailable`, so the bridge retries its start and stays unready; one that
 refuses the schema (incompatible, invalid) is `SchemaRejected`, and refused credentials, unreadable TLS
 files or a certificate that fails verification are `SinkFatal`: retrying cannot fix those, the process
@@ -17,19 +18,20 @@ must stop.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import ssl
 import struct
 from collections.abc import Callable
-from typing import Any, TypeVar
-
-from confluent_kafka.schema_registry import Schema as RegistrySchema
-from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bridge.config import SchemaRegistrySettings
 from bridge.encode import Schema
 from bridge.records import SinkFatal, SinkUnavailable
 from bridge.retry import Backoff
+
+if TYPE_CHECKING:
+    from confluent_kafka.schema_registry import SchemaRegistryClient
 
 T = TypeVar("T")
 
@@ -39,6 +41,24 @@ _PREFIX = struct.Struct(">bI")
 _RETRIABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _REFUSED_SCHEMA_STATUSES = frozenset({409, 422})  # incompatible; invalid schema
 _REFUSED_CREDENTIALS_STATUSES = frozenset({401, 403})
+
+
+MISSING_CLIENT = (
+    "schema_registry is configured but its client, confluent-kafka, is not installed: "
+    "pip install 'ime-bridge[registry]'"
+)
+
+
+def client_installed() -> bool:
+    """Whether the Schema Registry client (the `registry` extra) is installed, without importing it."""
+    return importlib.util.find_spec("confluent_kafka") is not None
+
+
+class RegistryClientMissing(SinkFatal):
+    """A registry is configured but the `registry` extra is not installed: no retry can fix that."""
+
+    def __init__(self) -> None:
+        super().__init__(MISSING_CLIENT)
 
 
 class SchemaRejected(SinkFatal):
@@ -101,6 +121,8 @@ class SchemaRegistry:
     def __init__(
         self, settings: SchemaRegistrySettings, *, backoff: Callable[[], Backoff] = lambda: Backoff(0.2, 5.0)
     ) -> None:
+        if not client_installed():
+            raise RegistryClientMissing()
         self.settings = settings
         self.url = str(settings.url).rstrip("/")
         self._backoff = backoff
@@ -115,6 +137,8 @@ class SchemaRegistry:
         cached = self._ids.get((subject, text))
         if cached is not None:
             return cached
+        from confluent_kafka.schema_registry import Schema as RegistrySchema
+
         candidate = RegistrySchema(text, "AVRO")
         if self.settings.auto_register:
             schema_id = await self._call(
@@ -146,6 +170,10 @@ class SchemaRegistry:
             cached = self._schemas[schema_id] = Schema(name=full_name, definition=definition)
         return cached
 
+    async def subjects(self) -> list[str]:
+        """The registry's subjects: a read-only call that shows it answers and accepts the credentials."""
+        return await self._call("listing the subjects", lambda client: list(client.get_subjects()))
+
     def close(self) -> None:
         """Close the HTTP session (ids stay cached; a later call opens a new one)."""
         client, self._client = self._client, None
@@ -161,6 +189,8 @@ class SchemaRegistry:
         refused: frozenset[int] = _REFUSED_SCHEMA_STATUSES,
     ) -> T:
         if self._client is None:
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+
             try:
                 self._client = SchemaRegistryClient(client_config(self.settings))
             except (OSError, ValueError) as exc:  # an unreadable CA, certificate or key file
@@ -182,6 +212,8 @@ class SchemaRegistry:
 
     def _translate(self, error: Exception, what: str, subject: str | None, refused: frozenset[int]) -> Exception:
         """Raise what retrying cannot fix; return what it may (the registry down, slow or failing)."""
+        from confluent_kafka.schema_registry import SchemaRegistryError
+
         if isinstance(error, SchemaRegistryError):
             status = error.http_status_code
             if subject is not None and status == 404 and status in refused:

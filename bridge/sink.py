@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -38,9 +38,7 @@ from bridge.records import (
     SinkUnavailable,
     TooLarge,
 )
-
-if TYPE_CHECKING:
-    from bridge.registry import SchemaRegistry
+from bridge.registry import SchemaRegistry, wire_prefix
 
 _TOPIC_ALREADY_EXISTS = 36
 # The latest-state topic keeps the newest record per key; older ones are compacted away.
@@ -188,8 +186,7 @@ class KafkaSink:
         self._schema = schema or load_schema()
         self._registry: SchemaRegistry | None = None
         if registry is not None:
-            from bridge.registry import SchemaRegistry  # confluent-kafka loads only when a registry is configured
-
+            # Raises RegistryClientMissing (SinkFatal) without the `registry` extra; it loads confluent-kafka lazily.
             self._registry = SchemaRegistry(registry)
         self._state_topic = settings.state_topic if settings.state_topic_enabled else None
         self._topics = {
@@ -217,8 +214,6 @@ class KafkaSink:
         """
         settings = self._settings
         if self._registry is not None:
-            from bridge.registry import wire_prefix
-
             try:
                 self._updates_prefix = wire_prefix(await self._registry.register(settings.topic, self._schema))
                 if self._state_topic is not None:

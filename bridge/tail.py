@@ -7,6 +7,11 @@ under that id when `schema_registry` is given, else the same way as plain ones. 
 encoding never starts with byte 0 (its first field is a non-empty string), so the first byte tells the
 framings apart. Dead letters, and values no known schema reads, print their headers and raw bytes. This
 is what a downstream developer runs to see what the bridge publishes.
+
+Filters: only given keys (contract ids), only records written at or after a time (each partition starts at
+the first offset Kafka holds for that time). `dead_letters` reads the dead-letter topic as such: each record's
+reason, detail and a readable excerpt of the refused frame. The confluent-kafka registry client is loaded
+only when a registry is given (bridge/registry.py).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from fastavro import schemaless_reader
 
 from bridge.config import KafkaSettings, SchemaRegistrySettings
@@ -28,6 +33,8 @@ from bridge.registry import SchemaRegistry, split_framed
 from bridge.sink import client_options
 
 Decoded = dict[str, Any]
+# How much of a refused frame a dead letter's excerpt shows, in characters.
+EXCERPT_CHARS = 160
 
 
 def decode_record(
@@ -62,13 +69,59 @@ def decode_record(
     return decoded
 
 
+def excerpt(raw: bytes | None, limit: int = EXCERPT_CHARS) -> str:
+    """A refused frame fit for one terminal line: UTF-8 where it is, escapes for control characters and
+    undecodable bytes, cut at `limit` characters with the frame's full size said."""
+    data = raw or b""
+    text = data.decode("utf-8", "backslashreplace")
+    readable = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    if len(readable) <= limit:
+        return readable
+    return f"{readable[:limit]}… ({len(data)} bytes)"
+
+
+def decode_dead_letter(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> Decoded:
+    """A dead letter as plain data: why it was refused (`reason`, `detail`), where it came from, when it was
+    received, and an excerpt of the raw frame."""
+    header_map = {name: raw.decode("utf-8", "replace") for name, raw in headers}
+    received_us = header_map.get("receive-time-us", "")
+    received = datetime.fromtimestamp(int(received_us) / 1_000_000, UTC).isoformat() if received_us.isdigit() else None
+    return {
+        "key": key.decode("utf-8", "replace") if key is not None else None,
+        "reason": header_map.get("reason"),
+        "detail": header_map.get("detail"),
+        "endpoint": header_map.get("endpoint"),
+        "connection": header_map.get("connection"),
+        "received": received,
+        "size": len(value or b""),
+        "excerpt": excerpt(value),
+    }
+
+
+def format_dead_letter(record: Decoded) -> str:
+    """One line per dead letter, for a terminal: time, reason, key, detail, then the frame's excerpt."""
+    received = (record.get("received") or "")[11:23]
+    return (
+        f"{received:<12} {record['reason'] or '?':<20} key={record['key'] or '-':<8} "
+        f"{record['detail'] or ''} | {record['excerpt']}"
+    )
+
+
+def format_number(value: Any) -> str:
+    """A price with thousands separators and the decimals it has (none for whole numbers)."""
+    if isinstance(value, float) and value.is_integer():
+        return f"{value:,.0f}"
+    return f"{value:,}"
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     return str(value)
 
 
-def _format_table(latest: dict[str, Decoded]) -> str:
+def format_table(latest: dict[str, Decoded]) -> str:
+    """The live table: one row per contract (its latest record), prices with the decimals they have."""
     lines = [f"{'contract':>10} {'name':<14} {'seq':>7} {'bid':>12} {'ask':>12} {'last':>12}  exchange time"]
     for contract_id in sorted(latest):
         value = latest[contract_id]["value"]
@@ -77,8 +130,8 @@ def _format_table(latest: dict[str, Decoded]) -> str:
         exchange_time = value["exchange_time"]
         lines.append(
             f"{contract_id:>10} {(value['contract_name'] or ''):<14} {value['sequence']:>7} "
-            f"{level.get('buy_price', 0):>12,.0f} {level.get('sell_price', 0):>12,.0f} "
-            f"{aggregate.get('last_price', 0):>12,.0f}  {exchange_time.astimezone(UTC):%H:%M:%S.%f}"
+            f"{format_number(level.get('buy_price', 0)):>12} {format_number(level.get('sell_price', 0)):>12} "
+            f"{format_number(aggregate.get('last_price', 0)):>12}  {exchange_time.astimezone(UTC):%H:%M:%S.%f}"
         )
     return "\n".join(lines)
 
@@ -94,23 +147,35 @@ async def tail(
     out: TextIO | None = sys.stdout,
     on_record: Callable[[Decoded], None] | None = None,
     schema_registry: SchemaRegistrySettings | None = None,
+    keys: Sequence[str] = (),
+    since: datetime | None = None,
+    dead_letters: bool = False,
 ) -> int:
     """Print records of `topic` (on the cluster `kafka` connects to) until `max_records` were read or
     nothing arrived for `idle_timeout` s.
 
-    Each decoded record goes to `on_record` when given, and to `out` (JSON lines, or the table) unless None.
-    Framed values are read with the schema `schema_registry` holds under their id, when given.
+    Each decoded record goes to `on_record` when given, and to `out` (JSON lines, the table, or one line
+    per dead letter) unless None. Framed values are read with the schema `schema_registry` holds under
+    their id, when given. Only records keyed by one of `keys` (when given) and written at or after
+    `since` (when given) are read and counted; `dead_letters` decodes them as dead letters.
     """
     history = SchemaHistory.shipped()
     lookup = _RegistryLookup(schema_registry) if schema_registry is not None else None
+    wanted = {key.encode() for key in keys}
     consumer = AIOKafkaConsumer(
-        topic,
+        *([] if since is not None else [topic]),
         **client_options(kafka),
         auto_offset_reset="earliest" if from_beginning else "latest",
         enable_auto_commit=False,
         group_id=None,
     )
     await consumer.start()
+    if since is not None:
+        try:
+            await _seek_to_time(consumer, topic, since)
+        except BaseException:
+            await consumer.stop()
+            raise
     printed = 0
     latest: dict[str, Decoded] = {}
     loop = asyncio.get_running_loop()
@@ -122,21 +187,30 @@ async def tail(
             )
             for messages in batches.values():
                 for message in messages:
-                    registered = await lookup.schemas_for(message) if lookup is not None else None
-                    decoded = decode_record(message.key, message.value, message.headers, history, registered)
+                    if wanted and message.key not in wanted:
+                        continue
+                    if dead_letters:
+                        decoded = decode_dead_letter(message.key, message.value, message.headers)
+                    else:
+                        registered = await lookup.schemas_for(message) if lookup is not None else None
+                        decoded = decode_record(message.key, message.value, message.headers, history, registered)
                     decoded |= {"partition": message.partition, "offset": message.offset}
                     printed += 1
                     if on_record is not None:
                         on_record(decoded)
-                    if table and "value" in decoded:
+                    if out is None:
+                        continue
+                    if dead_letters and table:
+                        out.write(format_dead_letter(decoded) + "\n")
+                    elif table and "value" in decoded:
                         latest[decoded["key"]] = decoded
-                    elif not table and out is not None:
+                    elif not table:
                         out.write(json.dumps(decoded, default=_json_default, ensure_ascii=False) + "\n")
             if batches:
                 last_seen = loop.time()
                 if out is not None:
-                    if table:
-                        out.write("\x1b[H\x1b[J" + _format_table(latest) + "\n")
+                    if table and not dead_letters:
+                        out.write("\x1b[H\x1b[J" + format_table(latest) + "\n")
                     out.flush()
             elif idle_timeout is not None and loop.time() - last_seen > idle_timeout:
                 break
@@ -145,6 +219,24 @@ async def tail(
         if lookup is not None:
             lookup.close()
     return printed
+
+
+async def _seek_to_time(consumer: AIOKafkaConsumer, topic: str, since: datetime) -> None:
+    """Read every partition of `topic` from the first record written at or after `since` (a partition with
+    none yet starts at its end)."""
+    await consumer.topics()  # fetches the cluster's metadata
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise LookupError(f"topic {topic!r} does not exist")
+    assigned = [TopicPartition(topic, partition) for partition in sorted(partitions)]
+    consumer.assign(assigned)
+    millis = int(since.timestamp() * 1000)
+    found = await consumer.offsets_for_times(dict.fromkeys(assigned, millis))
+    for partition, position in found.items():
+        if position is None:
+            await consumer.seek_to_end(partition)
+        else:
+            consumer.seek(partition, position.offset)
 
 
 class _RegistryLookup:

@@ -80,7 +80,10 @@ class EmbeddedBroker:
             "memory://tansu/",
         ]
         env = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")}
-        self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # Its own session: a terminal's Ctrl-C reaches the demo, which stops the broker last, not the broker at once.
+        self._process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

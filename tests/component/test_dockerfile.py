@@ -129,3 +129,5 @@ def test_build_stage_installs_a_working_bridge(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert "contract_update.avsc" in schemas.stdout
+    # The image installs the `registry` extra: a config with schema_registry: runs there.
+    subprocess.run([venv / "bin" / "python", "-c", "import confluent_kafka.schema_registry"], check=True, cwd=tmp_path)

@@ -1,10 +1,14 @@
-"""The commands a person runs: demo and tail, as subprocesses."""
+"""The commands a person runs: demo, tail and check-config --connect, as subprocesses, through a real broker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import signal
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -100,3 +104,144 @@ async def test_run_with_an_unusable_spool_exits_1(kafka_broker: BrokerInfo, tmp_
     assert code == cli.EXIT_FATAL == 1, err
     assert "event=spool_unusable" in err
     assert last_line(err).startswith("ime-bridge: fatal: spool unusable: cannot open the spool in ")
+
+
+async def test_tail_key_keeps_only_that_contract(kafka_broker: BrokerInfo, tmp_path: Path) -> None:
+    async with Simulator(SimulatorConfig(contracts=2, rate=100)) as simulator:
+        first, second = (contract.id for contract in simulator.contracts[:2])
+        config = bridge_config(simulator, kafka_broker, ime={"contract_ids": [first, second]})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        async with running_bridge(load_settings(path)) as running:
+            await wait_for(lambda: running.published() >= 20)
+        code, out, err = await run(
+            "tail", "--config", str(path), "--key", second, "--max-records", "5", "--idle-timeout", "5", "--no-table"
+        )
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 5
+    assert {record["key"] for record in records} == {second}
+    assert [record["value"]["sequence"] for record in records] == [1, 2, 3, 4, 5]
+
+
+async def test_tail_since_starts_at_the_first_record_written_then(kafka_broker: BrokerInfo, tmp_path: Path) -> None:
+    """Two bridge sessions on one topic, a moment apart: --since that moment reads exactly the second one."""
+    async with Simulator(SimulatorConfig(contracts=2, rate=100)) as simulator:
+        config = bridge_config(simulator, kafka_broker, ime={"contract_ids": [simulator.contracts[0].id]})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        async with running_bridge(load_settings(path)) as running:
+            await wait_for(lambda: running.published() >= 3)
+        await asyncio.sleep(1.0)
+        between = datetime.now(UTC)
+        await asyncio.sleep(1.0)
+        async with running_bridge(load_settings(path)) as running:
+            await wait_for(lambda: running.published() >= 3)
+        second_session = running.bridge.session_id
+        published = int(running.published())
+    code, out, err = await run("tail", "--config", str(path), "--idle-timeout", "3", "--no-table")
+    assert code == 0, err
+    everything = [json.loads(line) for line in out.splitlines()]
+    assert len({record["value"]["session_id"] for record in everything}) == 2
+    code, out, err = await run(
+        "tail", "--config", str(path), "--since", between.isoformat(), "--idle-timeout", "3", "--no-table"
+    )
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert {record["value"]["session_id"] for record in records} == {second_session}
+    assert [record["value"]["sequence"] for record in records] == list(range(1, published + 1))
+
+
+async def test_tail_dead_letters_shows_reason_detail_and_the_frame(kafka_broker: BrokerInfo, tmp_path: Path) -> None:
+    async with Simulator(SimulatorConfig(contracts=2, rate=20)) as simulator:
+        config = bridge_config(simulator, kafka_broker, ime={"contract_ids": [simulator.contracts[0].id]})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        async with running_bridge(load_settings(path)) as running:
+            await wait_for(lambda: running.published() >= 1)
+            assert simulator.send_garbage("wrong_types") == 1
+            await wait_for(lambda: running.metric_total("ime_bridge_dead_letters_total") >= 1)
+        code, out, err = await run(
+            "tail", "--config", str(path), "--dead-letters", "--max-records", "1", "--idle-timeout", "5", "--no-table"
+        )
+        assert code == 0, err
+        (record,) = [json.loads(line) for line in out.splitlines()]
+        assert record["reason"] == "invalid_frame"
+        assert record["detail"]
+        assert record["endpoint"] == "id"
+        assert record["received"].startswith(str(datetime.now(UTC).year))
+        assert record["excerpt"].startswith("{")
+        assert record["size"] > 0
+        code, out, err = await run(
+            "tail", "--config", str(path), "--dead-letters", "--max-records", "1", "--idle-timeout", "5", "--table"
+        )
+    assert code == 0, err
+    (line,) = out.splitlines()
+    assert " invalid_frame " in line
+    assert f"{record['detail']} | {record['excerpt'][:40]}" in line
+
+
+async def test_check_config_connect_reaches_everything(kafka_broker: BrokerInfo, tmp_path: Path) -> None:
+    async with Simulator(SimulatorConfig(contracts=2, rate=1)) as simulator:
+        config = bridge_config(simulator, kafka_broker, ime={"contract_ids": [simulator.contracts[0].id]})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        code, out, err = await run("check-config", "--config", str(path), "--connect", within=60)
+    assert code == 0, out + err
+    lines = out.splitlines()
+    assert lines[1].startswith("token endpoint ")
+    assert " OK: token issued" in lines[1]
+    assert lines[2].startswith(f"kafka           {kafka_broker.bootstrap_servers}  OK: connected; topics to be created")
+    assert len(lines) == 3
+
+
+async def test_demo_summarises_and_stops_in_order_on_ctrl_c() -> None:
+    """Ctrl-C as a terminal sends it, to the whole foreground process group: the demo stops its consumer,
+    bridge, simulator and broker in that order, and no Kafka client error reaches the screen."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "demo",
+        "--contracts",
+        "4",
+        "--rate",
+        "40",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal's foreground job has
+    )
+    assert process.stdout is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(90):
+            while not any(line.startswith("── ") for line in seen):  # the first summary, after 5 s
+                line = (await process.stdout.readline()).decode()
+                assert line, "\n".join(seen)
+                seen.append(line.rstrip("\n"))
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    lines = seen + out.decode().splitlines()
+    assert process.returncode == 0, err.decode()
+    assert "waiting for Kafka: the bridge creates the topics and starts its producer ..." in lines
+    summary = next(line for line in lines if line.startswith("── "))
+    assert re.search(
+        r"records \([\d,.]+/s, [\d,]+ in all\), dead letters 0 \(0 in all\), p99 latency [\d.]+ ms", summary
+    )
+    stops = [line for line in lines if line.startswith("stopping: ")]
+    assert stops == [
+        "stopping: consumer ...",
+        "stopping: bridge (draining into Kafka) ...",
+        "stopping: simulator ...",
+        "stopping: broker ...",
+    ]
+    assert lines[-1] == "stopped: bridge, simulator and broker"
+    errors = err.decode()
+    for noise in ("Traceback", "KafkaConnectionError", "Unable connect", "ERROR", "error="):
+        assert noise not in errors, errors
+    broker_pid = int(re.search(r"\(pid (\d+)\)", "\n".join(lines)).group(1))  # type: ignore[union-attr]
+    assert not pid_alive(broker_pid)

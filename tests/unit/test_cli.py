@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,87 @@ def test_config_check_is_check_config(tmp_path: Path, capsys: pytest.CaptureFixt
     first, second = capsys.readouterr().out.splitlines()
     assert first == second
     assert first.startswith("configuration OK: 1 contract ids")
+
+
+# --- the registry extra; tail's and check-config's options --------------------------------------------
+
+
+@pytest.fixture
+def registry_config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        yaml.safe_dump({"ime": {"token": "t", "contract_ids": ["1001"]}, "schema_registry": {"url": "http://sr:8081"}})
+    )
+    return path
+
+
+def test_run_refuses_a_registry_without_the_registry_extra(
+    registry_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Named at start, with the command that fixes it, before anything connects."""
+    monkeypatch.setattr(cli, "client_installed", lambda: False)
+    monkeypatch.setattr(cli, "_run", None)  # never reached
+    assert cli.main(["run", "--config", str(registry_config)]) == cli.EXIT_CONFIG
+    line = last_line(capsys.readouterr().err)
+    assert line.startswith("ime-bridge: fatal: invalid configuration: schema_registry is configured but")
+    assert "pip install 'ime-bridge[registry]'" in line
+
+
+def test_check_config_and_tail_refuse_a_registry_without_the_extra(
+    registry_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "client_installed", lambda: False)
+    assert cli.main(["check-config", "--config", str(registry_config)]) == cli.EXIT_CONFIG
+    assert "pip install 'ime-bridge[registry]'" in capsys.readouterr().err
+    assert cli.main(["tail", "--schema-registry", "http://sr:8081", "--max-records", "1"]) == cli.EXIT_CONFIG
+    assert "ime-bridge tail: schema_registry is configured but" in capsys.readouterr().err
+
+
+def test_the_registry_client_is_made_only_with_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any other path to the registry (the sink, tail) fails the same way, as a SinkFatal: no retry helps."""
+    from bridge import registry
+    from bridge.config import SchemaRegistrySettings
+    from bridge.records import SinkFatal
+
+    monkeypatch.setattr(registry, "client_installed", lambda: False)
+    with pytest.raises(SinkFatal, match=r"pip install 'ime-bridge\[registry\]'"):
+        registry.SchemaRegistry(SchemaRegistrySettings.model_validate({"url": "http://sr:8081"}))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-12-06T09:30:00+03:30", datetime(2026, 12, 6, 6, 0, tzinfo=UTC)),
+        ("2026-12-06T06:00:00", datetime(2026, 12, 6, 6, 0, tzinfo=UTC)),  # no offset: UTC
+        ("2026-12-06 06:00:00Z", datetime(2026, 12, 6, 6, 0, tzinfo=UTC)),
+    ],
+)
+def test_tail_since_takes_an_iso_time(text: str, expected: datetime) -> None:
+    args = cli.build_parser().parse_args(["tail", "--since", text])
+    assert args.since == expected
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("15m", 900), ("2h", 7200), ("1d", 86400), ("1.5h", 5400)])
+def test_tail_since_takes_a_duration_back_from_now(text: str, seconds: float) -> None:
+    before = datetime.now(UTC)
+    args = cli.build_parser().parse_args(["tail", "--since", text])
+    assert before - timedelta(seconds=seconds + 1) <= args.since <= datetime.now(UTC) - timedelta(seconds=seconds)
+
+
+def test_tail_since_refuses_what_is_not_a_time(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args(["tail", "--since", "yesterday"])
+    assert exit_info.value.code == 2
+    assert "neither an ISO 8601 time" in capsys.readouterr().err
+
+
+def test_tail_options() -> None:
+    args = cli.build_parser().parse_args(["tail", "--key", "1001", "--key", "1002", "--dead-letters", "--table"])
+    assert (args.key, args.dead_letters, args.table, args.since) == (["1001", "1002"], True, True, None)
+
+
+@pytest.mark.parametrize("command", [["check-config"], ["config", "check"]])
+def test_check_config_connect_options(command: list[str]) -> None:
+    args = cli.build_parser().parse_args([*command, "--connect", "--timeout", "3"])
+    assert (args.connect, args.timeout) == (True, 3.0)
+    assert cli.build_parser().parse_args(command).connect is False

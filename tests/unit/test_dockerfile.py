@@ -22,6 +22,9 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 CHART_VALUES = ROOT / "helm" / "ime-bridge" / "values.yaml"
 VENV = "/opt/venv"
+# How the dependency layer's RUN reads pyproject.toml: [project] dependencies, plus the `registry` extra.
+DEPENDENCIES_MARK = "['dependencies']"
+REGISTRY_EXTRA_MARK = "['optional-dependencies']['registry']"
 
 
 # --- a small Dockerfile reader -----------------------------------------------------------------------
@@ -106,7 +109,7 @@ def test_dependencies_are_installed_in_a_layer_before_the_application() -> None:
     copies = [args for keyword, args in steps if keyword == "COPY"]
     assert copies[0].split()[0] == "pyproject.toml"
     index_pyproject = steps.index(("COPY", copies[0]))
-    deps = [n for n, (k, a) in enumerate(steps) if k == "RUN" and "['project']['dependencies']" in a]
+    deps = [n for n, (k, a) in enumerate(steps) if k == "RUN" and DEPENDENCIES_MARK in a]
     app = [n for n, (k, a) in enumerate(steps) if k == "COPY" and a.split()[0] == "bridge"]
     project = [n for n, (k, a) in enumerate(steps) if k == "RUN" and re.search(r"pip install --no-deps \.( |$)", a)]
     assert len(deps) == 1
@@ -183,10 +186,20 @@ def test_install_steps_are_the_makefiles() -> None:
     (project,) = [args for args in installs if args[-1] == "."]
     assert project[:2] == [f"{VENV}/bin/pip", "install"]
     assert "-e" not in project
-    # The dependency layer installs exactly pyproject's [project] dependencies (no requirements file of its own).
-    (deps,) = [run for run in runs if "['project']['dependencies']" in run]
+    # The dependency layer installs exactly pyproject's [project] dependencies and its `registry` extra (the
+    # Schema Registry client, optional for pip but part of the image), no requirements file of its own.
+    (deps,) = [run for run in runs if DEPENDENCIES_MARK in run]
+    assert REGISTRY_EXTRA_MARK in deps
     assert f"{VENV}/bin/pip install --only-binary=:all: -r /tmp/requirements.txt" in deps
     assert not list(ROOT.glob("requirements*.txt"))
+
+
+def test_the_registry_extra_is_optional_and_the_dev_extra_brings_it() -> None:
+    """confluent-kafka is in the `registry` extra only: `pip install .` goes without it, dev and the image with it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("confluent-kafka")]
+    assert [d for d in project["optional-dependencies"]["registry"] if d.startswith("confluent-kafka[schemaregistry]")]
+    assert any("registry" in d and d.startswith("ime-bridge[") for d in project["optional-dependencies"]["dev"])
 
 
 def test_readme_install_steps_agree() -> None:

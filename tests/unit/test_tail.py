@@ -1,4 +1,5 @@
-"""tail's decoding, fed bytes: both framings, every released writer schema, and what no schema reads."""
+"""tail's decoding, fed bytes: both framings, every released writer schema, what no schema reads, the table's
+numbers and dead letters."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from fastavro import schemaless_reader, schemaless_writer
 
 from bridge.encode import Schema, SchemaHistory, load_released_schemas
 from bridge.registry import wire_prefix
-from bridge.tail import decode_record
+from bridge.tail import (
+    decode_dead_letter,
+    decode_record,
+    excerpt,
+    format_dead_letter,
+    format_number,
+    format_table,
+)
 from tests.support.schema_evolution import samples
 
 HISTORY = SchemaHistory.shipped()
@@ -87,3 +95,68 @@ def test_a_body_its_schema_does_not_describe_is_an_error_not_a_crash() -> None:
 def test_dead_letters_print_their_raw_frame() -> None:
     decoded = decode_record(b"1001", b'{"not": "json"', [("reason", b"invalid_json")], HISTORY)
     assert decoded == {"key": "1001", "headers": {"reason": "invalid_json"}, "raw": '{"not": "json"'}
+
+
+# --- tail --table keeps decimals; tail --dead-letters --------------------------------------------------
+
+
+def test_the_table_keeps_the_decimals_a_price_has(value: dict[str, Any]) -> None:
+    level = {"level": 1, "buy_quantity": 5, "buy_price": 1234.5, "sell_quantity": 7, "sell_price": 1250.0}
+    record = value | {"best_limit": [level], "aggregate": None}
+    table = format_table({"1001": {"value": read(CURRENT, written(CURRENT, record))}})
+    row = table.splitlines()[1]
+    assert " 1,234.5 " in row
+    assert " 1,250 " in row  # whole prices stay without a fraction
+    assert format_number(0.125) == "0.125"
+    assert format_number(2_500_000.0) == "2,500,000"
+
+
+def test_an_excerpt_is_one_readable_line_cut_at_the_limit() -> None:
+    assert excerpt(b'{"a": 1}') == '{"a": 1}'
+    assert excerpt("قیمت\n\t".encode()) == "قیمت\\n\\t"  # UTF-8 stays readable, control characters escaped
+    assert excerpt(b"\xff\x00ok") == "\\xff\\x00ok"  # bytes that are not UTF-8, escaped
+    long = excerpt(b"x" * 500, limit=20)
+    assert long == "x" * 20 + "… (500 bytes)"
+    assert excerpt(None) == ""
+
+
+def test_a_dead_letter_shows_its_reason_detail_origin_and_an_excerpt() -> None:
+    frame = b'{"ContractInfo": {"open_interest": "n/a"}}\n' + b"y" * 400
+    decoded = decode_dead_letter(
+        b"1001",
+        frame,
+        [
+            ("reason", b"invalid_frame"),
+            ("detail", b"open_interest: expected an integer"),
+            ("endpoint", b"id"),
+            ("connection", b"id-0/1"),
+            ("receive-time-us", b"1765000000123456"),
+        ],
+    )
+    assert decoded["key"] == "1001"
+    assert decoded["reason"] == "invalid_frame"
+    assert decoded["detail"] == "open_interest: expected an integer"
+    assert (decoded["endpoint"], decoded["connection"]) == ("id", "id-0/1")
+    assert decoded["received"] == "2025-12-06T05:46:40.123456+00:00"
+    assert decoded["size"] == len(frame)
+    assert decoded["excerpt"].startswith('{"ContractInfo": {"open_interest": "n/a"}}\\nyyy')
+    assert decoded["excerpt"].endswith(f"… ({len(frame)} bytes)")
+    line = format_dead_letter(decoded)
+    assert line.startswith("05:46:40.123 invalid_frame")
+    assert "key=1001" in line
+    assert "open_interest: expected an integer | {" in line
+
+
+def test_a_dead_letter_without_key_or_headers_still_prints() -> None:
+    decoded = decode_dead_letter(None, b"\x00\x01", [])
+    assert decoded == {
+        "key": None,
+        "reason": None,
+        "detail": None,
+        "endpoint": None,
+        "connection": None,
+        "received": None,
+        "size": 2,
+        "excerpt": "\\x00\\x01",
+    }
+    assert "key=-" in format_dead_letter(decoded)
