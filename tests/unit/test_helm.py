@@ -271,23 +271,26 @@ def test_grafana_dashboard_configmap_holds_the_plain_dashboard(helm: ModuleType)
     assert json.loads(configmap["data"]["ime-bridge.json"]) == json.loads(DASHBOARD.read_text("utf-8"))
 
 
-def test_chart_files_are_the_plain_files_and_survive_packaging(helm: ModuleType, tmp_path: Path) -> None:
-    """files/ links to deploy/; the loader and a packaged chart carry their content, not the link."""
-    expected = {
-        "files/ime-bridge-rules.yaml": RULES.read_text("utf-8"),
-        "files/ime-bridge-dashboard.json": DASHBOARD.read_text("utf-8"),
-    }
-    for name, text in expected.items():
-        assert (CHART / name).resolve().read_text("utf-8") == text, name
-    archive = helm.package(CHART, destination=tmp_path)
-    with helm.Chart.load(archive) as packaged:
-        files = {f["name"]: f["data"] for f in packaged.files}
-        if files and not isinstance(next(iter(files.values())), str):
-            files = {k: base64.b64decode(v).decode() for k, v in files.items()}
-        for name, text in expected.items():
-            assert files.get(name) == text, f"{name} differs in the packaged chart"
-        rendered = packaged.render({"prometheusRule": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE)
-    assert "ImeBridgeDown" in rendered["ime-bridge/templates/prometheusrule.yaml"]
+CHART_FILES = sorted(path.name for path in (CHART / "files").iterdir())
+
+
+def test_the_chart_ships_the_monitoring_files() -> None:
+    """files/ holds the rules and the dashboard the templates read (so the test below has something to compare)."""
+    assert {"ime-bridge-rules.yaml", "ime-bridge-dashboard.json"} <= set(CHART_FILES)
+
+
+@pytest.mark.parametrize("name", CHART_FILES)
+def test_chart_file_is_a_regular_copy_of_its_deploy_counterpart(name: str) -> None:
+    """Each file in files/ is a regular file (GitOps sources may skip symlinks) equal to deploy/'s file of that name."""
+    path = CHART / "files" / name
+    assert not path.is_symlink() and path.is_file(), f"{path} must be a regular file, not a link or a directory"
+    sources = sorted((ROOT / "deploy").rglob(name))
+    assert len(sources) == 1, f"expected one deploy/**/{name}, found {sources}"
+    source = sources[0]
+    assert path.read_bytes() == source.read_bytes(), (
+        f"{path.relative_to(ROOT)} differs from {source.relative_to(ROOT)}: deploy/ is the original, "
+        f"copy it: cp {source.relative_to(ROOT)} {path.relative_to(ROOT)}"
+    )
 
 
 # --- security ----------------------------------------------------------------------------------------
