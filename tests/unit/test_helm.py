@@ -1,8 +1,10 @@
 """The Helm chart helm/ime-bridge, rendered and linted by the Helm engine of the `helm-python-sdk` wheel.
 
-Every rendered manifest is validated offline by `kubernetes-validate --strict` against Kubernetes 1.30,
-except the Prometheus Operator's custom resources (ServiceMonitor, PrometheusRule), for which it has no
-schema: those are checked structurally here, and the PrometheusRule's groups with `promtool check rules`.
+Every rendered manifest, the `helm test` pod included, is validated offline by `kubernetes-validate --strict`
+against Kubernetes 1.30 (tests/component/test_helm.py), except the Prometheus Operator's custom resources
+(ServiceMonitor, PrometheusRule), for which it has no schema: those are checked structurally here, and the
+PrometheusRule's groups with `promtool check rules`. The chart is also packaged by the same engine (`helm
+package`) and rendered from the archive; the README's install example is rendered as written.
 A missing tool fails the test under CI=true and skips it elsewhere, saying which.
 """
 
@@ -694,8 +696,12 @@ def test_no_selector_of_the_bridge_picks_the_test_pod(helm: ModuleType) -> None:
 
 
 def test_tests_disabled_render_no_test_pod_and_no_policy_opening(helm: ModuleType) -> None:
-    """tests.enabled: false leaves out the pod and the NetworkPolicy's way in for it."""
-    manifests = render(helm, merged(all_enabled_values(), {"tests": {"enabled": False}}))
+    """tests.enabled: false leaves out the pod, the NetworkPolicy's way in for it and the NOTES' hint."""
+    helm_test = f"helm test {RELEASE} --namespace {NAMESPACE} --logs"
+    assert helm_test in render_files(helm)["ime-bridge/templates/NOTES.txt"]
+    disabled = merged(all_enabled_values(), {"tests": {"enabled": False}})
+    assert helm_test not in render_files(helm, disabled)["ime-bridge/templates/NOTES.txt"]
+    manifests = render(helm, disabled)
     assert not [m for m in manifests if m["kind"] == "Pod"]
     (ingress,) = one(manifests, "NetworkPolicy")["spec"]["ingress"]
     assert [set(source) for source in ingress["from"]] == [{"namespaceSelector", "podSelector"}]
