@@ -1,8 +1,10 @@
 """The Helm chart helm/ime-bridge, rendered and linted by the Helm engine of the `helm-python-sdk` wheel.
 
-Every rendered manifest is validated offline by `kubernetes-validate --strict` against Kubernetes 1.30,
-except the Prometheus Operator's custom resources (ServiceMonitor, PrometheusRule), for which it has no
-schema: those are checked structurally here, and the PrometheusRule's groups with `promtool check rules`.
+Every rendered manifest, the `helm test` pod included, is validated offline by `kubernetes-validate --strict`
+against Kubernetes 1.30 (tests/component/test_helm.py), except the Prometheus Operator's custom resources
+(ServiceMonitor, PrometheusRule), for which it has no schema: those are checked structurally here, and the
+PrometheusRule's groups with `promtool check rules`. The chart is also packaged by the same engine (`helm
+package`) and rendered from the archive; the README's install example is rendered as written.
 A missing tool fails the test under CI=true and skips it elsewhere, saying which.
 """
 
@@ -10,12 +12,17 @@ from __future__ import annotations
 
 import base64
 import copy
+import fnmatch
 import hashlib
 import importlib
 import json
 import math
 import os
 import re
+import shlex
+import shutil
+import tarfile
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -101,15 +108,15 @@ def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def render_files(helm: ModuleType, values: dict[str, Any] | None = None) -> dict[str, str]:
-    """Template path → rendered text, as `helm template md --namespace market-data` gives."""
-    with helm.Chart.load(CHART) as chart:
-        files: dict[str, str] = chart.render(values, name=RELEASE, namespace=NAMESPACE)
+def render_files(helm: ModuleType, values: dict[str, Any] | None = None, *, chart: Path = CHART) -> dict[str, str]:
+    """Template path → rendered text, as `helm template md <chart> --namespace market-data` gives."""
+    with helm.Chart.load(chart) as loaded:
+        files: dict[str, str] = loaded.render(values, name=RELEASE, namespace=NAMESPACE)
     return files
 
 
 def render(helm: ModuleType, values: dict[str, Any] | None = None) -> list[Manifest]:
-    """Every rendered Kubernetes object."""
+    """Every rendered Kubernetes object, the `helm test` pod included (as `helm template` gives it)."""
     manifests: list[Manifest] = []
     for path, text in sorted(render_files(helm, values).items()):
         if path.endswith("NOTES.txt"):
@@ -192,9 +199,9 @@ def test_lint_reports_a_broken_values_file(helm: ModuleType) -> None:
 
 
 def test_default_render_is_a_deployment_with_its_companions(helm: ModuleType) -> None:
-    """Defaults: ConfigMap, Service, ServiceAccount and Deployment, and none of the optional parts."""
+    """Defaults: ConfigMap, Service, ServiceAccount, Deployment and the `helm test` Pod, no optional part."""
     kinds = sorted(m["kind"] for m in render(helm))
-    assert kinds == ["ConfigMap", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "Deployment", "Pod", "Service", "ServiceAccount"]
 
 
 def test_all_enabled_render_has_every_part(helm: ModuleType) -> None:
@@ -206,6 +213,7 @@ def test_all_enabled_render_has_every_part(helm: ModuleType) -> None:
             "ConfigMap",
             "ConfigMap",
             "NetworkPolicy",
+            "Pod",
             "PodDisruptionBudget",
             "PrometheusRule",
             "Secret",
@@ -273,23 +281,122 @@ def test_grafana_dashboard_configmap_holds_the_plain_dashboard(helm: ModuleType)
     assert json.loads(configmap["data"]["ime-bridge.json"]) == json.loads(DASHBOARD.read_text("utf-8"))
 
 
-def test_chart_files_are_the_plain_files_and_survive_packaging(helm: ModuleType, tmp_path: Path) -> None:
-    """files/ links to deploy/; the loader and a packaged chart carry their content, not the link."""
-    expected = {
-        "files/ime-bridge-rules.yaml": RULES.read_text("utf-8"),
-        "files/ime-bridge-dashboard.json": DASHBOARD.read_text("utf-8"),
+CHART_FILES = sorted(path.name for path in (CHART / "files").iterdir())
+
+
+def test_the_chart_ships_the_monitoring_files() -> None:
+    """files/ holds the rules and the dashboard the templates read (so the test below has something to compare)."""
+    assert {"ime-bridge-rules.yaml", "ime-bridge-dashboard.json"} <= set(CHART_FILES)
+
+
+@pytest.mark.parametrize("name", CHART_FILES)
+def test_chart_file_is_a_regular_copy_of_its_deploy_counterpart(name: str) -> None:
+    """Each file in files/ is a regular file (GitOps sources may skip symlinks) equal to deploy/'s file of that name."""
+    path = CHART / "files" / name
+    assert not path.is_symlink(), f"{path} must be a regular file, not a link"
+    assert path.is_file(), f"{path} must be a regular file"
+    sources = sorted((ROOT / "deploy").rglob(name))
+    assert len(sources) == 1, f"expected one deploy/**/{name}, found {sources}"
+    source = sources[0]
+    assert path.read_bytes() == source.read_bytes(), (
+        f"{path.relative_to(ROOT)} differs from {source.relative_to(ROOT)}: deploy/ is the original, "
+        f"copy it: cp {source.relative_to(ROOT)} {path.relative_to(ROOT)}"
+    )
+
+
+# --- packaging: `helm package`, then install from the archive -------------------------------------
+
+
+def helmignore_patterns() -> list[str]:
+    """The patterns of the chart's .helmignore."""
+    lines = (CHART / ".helmignore").read_text("utf-8").splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert not [p for p in patterns if p.startswith("!") or "/" in p.rstrip("/")], "only simple patterns expected"
+    return patterns
+
+
+def helmignored(relative: Path, patterns: list[str]) -> bool:
+    """Whether Helm's loader skips this chart file: a `dir/` pattern matches a directory on its path, any other
+    pattern the file's name (the only forms .helmignore uses, as helmignore_patterns checks)."""
+    for pattern in patterns:
+        if pattern.endswith("/"):
+            if any(fnmatch.fnmatchcase(part, pattern[:-1]) for part in relative.parts[:-1]):
+                return True
+        elif fnmatch.fnmatchcase(relative.name, pattern):
+            return True
+    return False
+
+
+def chart_tree(directory: Path) -> dict[str, bytes]:
+    """The chart's files as an archive of it names them (`ime-bridge/...`), less what .helmignore ignores."""
+    patterns = helmignore_patterns()
+    return {
+        f"ime-bridge/{path.relative_to(directory).as_posix()}": path.read_bytes()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and not helmignored(path.relative_to(directory), patterns)
     }
-    for name, text in expected.items():
-        assert (CHART / name).resolve().read_text("utf-8") == text, name
-    archive = helm.package(CHART, destination=tmp_path)
-    with helm.Chart.load(archive) as packaged:
-        files = {f["name"]: f["data"] for f in packaged.files}
-        if files and not isinstance(next(iter(files.values())), str):
-            files = {k: base64.b64decode(v).decode() for k, v in files.items()}
-        for name, text in expected.items():
-            assert files.get(name) == text, f"{name} differs in the packaged chart"
-        rendered = packaged.render({"prometheusRule": {"enabled": True}}, name=RELEASE, namespace=NAMESPACE)
-    assert "ImeBridgeDown" in rendered["ime-bridge/templates/prometheusrule.yaml"]
+
+
+def archive_tree(archive: Path) -> dict[str, bytes]:
+    """The regular files of a chart archive; anything else in it (a link, a device) fails the test."""
+    out = {}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            assert member.isfile(), f"{member.name} is not a regular file in {archive.name}"
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            out[member.name] = extracted.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def packaged(helm: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chart packaged by the Helm engine (`helm package helm/ime-bridge`)."""
+    archive = Path(helm.package(CHART, destination=tmp_path_factory.mktemp("package")))
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text("utf-8"))
+    assert archive.name == f"ime-bridge-{chart['version']}.tgz"
+    return archive
+
+
+def test_package_holds_the_chart_directory_less_what_helmignore_ignores(packaged: Path) -> None:
+    """One top folder `ime-bridge/`, regular files only, each with the directory's bytes (Chart.yaml re-serialized)."""
+    packed, tree = archive_tree(packaged), chart_tree(CHART)
+    assert set(packed) == set(tree)
+    assert {"ime-bridge/templates/tests/test-endpoints.yaml", "ime-bridge/files/ime-bridge-rules.yaml"} <= set(packed)
+    chart_yaml = "ime-bridge/Chart.yaml"
+    assert yaml.safe_load(packed.pop(chart_yaml)) == yaml.safe_load(tree.pop(chart_yaml))
+    assert [name for name in tree if packed[name] != tree[name]] == []
+
+
+def test_package_leaves_out_what_helmignore_names(helm: ModuleType, tmp_path: Path) -> None:
+    """Editor and VCS leftovers beside the chart stay out of the archive (a stray template would even render)."""
+    copy_dir = tmp_path / "ime-bridge"
+    shutil.copytree(CHART, copy_dir)
+    leftovers = ["values.yaml.bak", "templates/workload.yaml.swp", "templates/stray.yaml~", ".idea/workspace.xml"]
+    for name in leftovers:
+        (copy_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (copy_dir / name).write_text("kind: ConfigMap\n", "utf-8")
+        assert helmignored(Path(name), helmignore_patterns()), name
+    packed = archive_tree(Path(helm.package(copy_dir, destination=tmp_path)))
+    assert set(packed) == set(chart_tree(CHART))
+
+
+def test_packaged_chart_renders_as_the_directory_does(
+    helm: ModuleType, packaged: Path, variant: tuple[str, dict[str, Any] | None]
+) -> None:
+    """Installing from the .tgz renders what installing from the directory renders, test pod included."""
+    _, values = variant
+    from_archive = render_files(helm, values, chart=packaged)
+    assert from_archive == render_files(helm, values)
+    assert "ime-bridge/templates/tests/test-endpoints.yaml" in from_archive
+
+
+def test_packaged_chart_passes_strict_lint(helm: ModuleType, packaged: Path) -> None:
+    """`helm lint --strict` of the archive, with every part on, finds nothing the directory's lint would not."""
+    report = helm.lint(packaged, all_enabled_values(), strict=True, kube_version=f"v{KUBE_VERSION}")
+    assert report["total_charts_linted"] == 1
+    assert not report["errors"], report["errors"]
+    assert {m["error"] for m in report["messages"]} <= {"icon is recommended"}, report["messages"]
 
 
 # --- security ----------------------------------------------------------------------------------------
@@ -390,22 +497,69 @@ def test_image_user_is_the_chart_user(helm: ModuleType) -> None:
 
 
 def test_probes_use_the_health_endpoints_on_the_metrics_port(helm: ModuleType) -> None:
-    """Liveness on /healthz, readiness on /readyz, both on the port the bridge's config binds."""
+    """Startup and liveness on /healthz, readiness on /readyz, all on the port the bridge's config binds."""
     values = {"config": {"metrics": {"port": 9200}}}
     manifests = render(helm, values)
     bridge = container(manifests)
     (port,) = bridge["ports"]
     assert port == {"name": "metrics", "containerPort": 9200, "protocol": "TCP"}
+    assert bridge["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert bridge["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert bridge["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     for probe in (bridge["livenessProbe"], bridge["readinessProbe"]):
         assert probe["timeoutSeconds"] < probe["periodSeconds"]
+    startup = bridge["startupProbe"]
+    assert startup["timeoutSeconds"] <= startup["periodSeconds"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] == 60  # the budget values.yaml documents
     assert yaml.safe_load(config_text(manifests))["metrics"] == {"host": "0.0.0.0", "port": 9200}
     (service_port,) = one(manifests, "Service", FULLNAME)["spec"]["ports"]
     assert service_port["targetPort"] == "metrics"
     assert bridge["args"] == ["--config", "/etc/ime-bridge/config.yaml"]
     mounts = {m["name"]: m for m in bridge["volumeMounts"]}
     assert mounts["config"]["mountPath"] == "/etc/ime-bridge"
+
+
+def test_startup_probe_takes_its_values(helm: ModuleType) -> None:
+    """startupProbe's timing comes from values; a zero failure threshold is refused by the schema."""
+    timing = {"initialDelaySeconds": 3, "periodSeconds": 5, "timeoutSeconds": 4, "failureThreshold": 24}
+    startup = container(render(helm, {"startupProbe": timing}))["startupProbe"]
+    assert startup == {"httpGet": {"path": "/healthz", "port": "metrics"}, **timing}
+    with pytest.raises(helm.HelmValuesError):
+        render(helm, {"startupProbe": {"failureThreshold": 0}})
+
+
+def test_extra_env_from_is_passed_through_after_the_variables(helm: ModuleType) -> None:
+    """extraEnvFrom becomes the container's envFrom as given; the credentials stay in `env` (which wins)."""
+    assert "envFrom" not in container(render(helm))
+    sources = [{"secretRef": {"name": "ime-bridge-env"}}, {"configMapRef": {"name": "overrides"}, "prefix": "X_"}]
+    bridge = container(render(helm, {"extraEnvFrom": sources, "credentials": {"imeToken": "a.b.c"}}))
+    assert bridge["envFrom"] == sources
+    assert [e["name"] for e in bridge["env"]] == ["IME_BRIDGE_IME__TOKEN"]
+
+
+def test_topology_spread_constraints_select_every_ime_bridge_pod_unless_told(helm: ModuleType) -> None:
+    """A constraint without labelSelector selects the pods of every ime-bridge release; a given one is kept."""
+    assert "topologySpreadConstraints" not in pod_spec(render(helm))
+    zone = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}
+    own = {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "DoNotSchedule",
+        "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}},
+    }
+    manifests = render(helm, {"topologySpreadConstraints": [zone, own]})
+    filled, kept = pod_spec(manifests)["topologySpreadConstraints"]
+    assert filled == {**zone, "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "ime-bridge"}}}
+    assert kept == own
+    pod_labels = workload(manifests)["spec"]["template"]["metadata"]["labels"]
+    assert filled["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    with helm.Chart.load(CHART) as chart:
+        other = chart.render({"topologySpreadConstraints": [zone]}, name="md-east", namespace=NAMESPACE)
+    other_workload = yaml.safe_load(other["ime-bridge/templates/workload.yaml"])
+    (constraint,) = other_workload["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert constraint == filled  # the same selector in another release: the releases spread across one another
+    with pytest.raises(helm.HelmValuesError):
+        render(helm, {"topologySpreadConstraints": [{"maxSkew": 1}]})
 
 
 def test_checksum_annotation_follows_the_config_file(helm: ModuleType) -> None:
@@ -450,6 +604,109 @@ def test_grace_period_is_derived_longer_than_the_shutdown_budget(helm: ModuleTyp
     for too_short in (20, 5):
         with pytest.raises(helm.HelmRenderError, match=r"must be longer than config\.shutdown_timeout_seconds"):
             render(helm, {"terminationGracePeriodSeconds": too_short})
+
+
+# --- the `helm test` pod (templates/tests/) --------------------------------------------------------
+
+
+def helm_test_pod(manifests: list[Manifest]) -> Manifest:
+    """The Pod `helm test` runs."""
+    return one(manifests, "Pod", f"{FULLNAME}-test")
+
+
+def helm_test_selector_labels() -> dict[str, str]:
+    """The labels the NetworkPolicy admits the test pod by."""
+    return {"app.kubernetes.io/instance": RELEASE, "app.kubernetes.io/component": "helm-test"}
+
+
+def helm_test_script(pod: Manifest) -> str:
+    """The Python program the test pod runs (`python -c SCRIPT`)."""
+    (check,) = pod["spec"]["containers"]
+    interpreter, flag, script = check["command"]
+    assert (interpreter, flag) == ("python", "-c")
+    assert isinstance(script, str)
+    return script
+
+
+def test_helm_test_pod_checks_the_service_endpoints(helm: ModuleType) -> None:
+    """A test hook that asks the release's Service for /readyz and /metrics, with the bridge's image."""
+    values = merged(all_enabled_values(), {"service": {"port": 9300}, "tests": {"timeoutSeconds": 7}})
+    manifests = render(helm, values)
+    pod = helm_test_pod(manifests)
+    assert pod["metadata"]["namespace"] == NAMESPACE
+    assert pod["metadata"]["annotations"] == {
+        "helm.sh/hook": "test",
+        "helm.sh/hook-delete-policy": "before-hook-creation",
+    }
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never"
+    (check,) = spec["containers"]
+    bridge, bridge_pod = container(manifests), pod_spec(manifests)
+    assert check["image"] == bridge["image"]
+    assert check["image"].startswith("registry.example.com/market-data/ime-bridge@sha256:")
+    assert spec["imagePullSecrets"] == bridge_pod["imagePullSecrets"]
+    assert spec["serviceAccountName"] == bridge_pod["serviceAccountName"]
+    assert spec["nodeSelector"] == bridge_pod["nodeSelector"]
+    assert spec["tolerations"] == bridge_pod["tolerations"]
+    service = one(manifests, "Service", FULLNAME)
+    env = {e["name"]: e["value"] for e in check["env"]}
+    assert env["BRIDGE_URL"] == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert env["BRIDGE_URL"] == f"http://{FULLNAME}:9300"
+    assert env["TIMEOUT_SECONDS"] == "7"
+    script = helm_test_script(pod)
+    compile(script, "helm-test", "exec")  # valid Python; tests/component/test_helm_test_pod.py runs it
+    assert '"/readyz"' in script
+    assert '"/metrics"' in script
+
+
+def test_helm_test_pod_is_hardened_like_the_bridge(
+    helm: ModuleType, variant: tuple[str, dict[str, Any] | None]
+) -> None:
+    """Restricted Pod Security Standard, the bridge's security contexts, no token, bounded resources."""
+    _, values = variant
+    manifests = render(helm, values)
+    pod = helm_test_pod(manifests)["spec"]
+    assert restricted_violations(pod) == []
+    (check,) = pod["containers"]
+    assert check["securityContext"] == container(manifests)["securityContext"]
+    assert check["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"] == pod_spec(manifests)["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    assert "volumes" not in pod
+    assert check["resources"]["limits"]["memory"]
+
+
+def test_no_selector_of_the_bridge_picks_the_test_pod(helm: ModuleType) -> None:
+    """The Service, budget, policy and spread selectors match the bridge's pod and never the test pod."""
+    zone = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}
+    manifests = render(helm, merged(all_enabled_values(), {"topologySpreadConstraints": [zone]}))
+    test_labels = helm_test_pod(manifests)["metadata"]["labels"]
+    bridge_labels = workload(manifests)["spec"]["template"]["metadata"]["labels"]
+    assert helm_test_selector_labels().items() <= test_labels.items()
+    assert not helm_test_selector_labels().items() <= bridge_labels.items()
+    selectors = {
+        "Service": one(manifests, "Service", FULLNAME)["spec"]["selector"],
+        "workload": workload(manifests)["spec"]["selector"]["matchLabels"],
+        "PodDisruptionBudget": one(manifests, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        "NetworkPolicy": one(manifests, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+        "topologySpread": pod_spec(manifests)["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"],
+    }
+    for owner, selector in selectors.items():
+        assert selector.items() <= bridge_labels.items(), owner
+        assert not selector.items() <= test_labels.items(), f"the {owner} selector picks the test pod"
+
+
+def test_tests_disabled_render_no_test_pod_and_no_policy_opening(helm: ModuleType) -> None:
+    """tests.enabled: false leaves out the pod, the NetworkPolicy's way in for it and the NOTES' hint."""
+    helm_test = f"helm test {RELEASE} --namespace {NAMESPACE} --logs"
+    assert helm_test in render_files(helm)["ime-bridge/templates/NOTES.txt"]
+    disabled = merged(all_enabled_values(), {"tests": {"enabled": False}})
+    assert helm_test not in render_files(helm, disabled)["ime-bridge/templates/NOTES.txt"]
+    manifests = render(helm, disabled)
+    assert not [m for m in manifests if m["kind"] == "Pod"]
+    (ingress,) = one(manifests, "NetworkPolicy")["spec"]["ingress"]
+    assert [set(source) for source in ingress["from"]] == [{"namespaceSelector", "podSelector"}]
 
 
 # --- secrets -----------------------------------------------------------------------------------------
@@ -669,8 +926,9 @@ def test_network_policy_allows_only_dns_kafka_ime_registry_and_metrics_scrapes(h
     assert policy["podSelector"]["matchLabels"] == workload(manifests)["spec"]["selector"]["matchLabels"]
     (ingress,) = policy["ingress"]
     assert ingress["ports"] == [{"port": "metrics", "protocol": "TCP"}]
-    (source,) = ingress["from"]
+    source, test_pod = ingress["from"]
     assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert test_pod == {"podSelector": {"matchLabels": helm_test_selector_labels()}}  # same namespace
     dns, kafka, ime, registry = policy["egress"]
     assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
     assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
@@ -778,6 +1036,119 @@ def test_readme_values_table_lists_every_documented_key() -> None:
     assert rows == set(keys)
 
 
+VALUE_FLAGS = {"--namespace", "-n", "--set", "--set-string", "--set-json", "--from-literal", "--values", "-f"}
+
+
+def readme_install_commands() -> list[tuple[list[str], list[tuple[str, str]]]]:
+    """The commands of the README's install example: (positional words, [(flag, value)]) each."""
+    readme = (CHART / "README.md").read_text("utf-8")
+    section = readme.split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
+    assert block, "the Install section has no ```sh block"
+    commands = []
+    for line in block[1].replace("\\\n", " ").splitlines():
+        words, flags = [], []
+        tokens = iter(shlex.split(line))
+        for token in tokens:
+            flag, equals, value = token.partition("=")
+            if flag in VALUE_FLAGS:
+                flags.append((flag, value if equals else next(tokens)))
+            elif token.startswith("-"):
+                flags.append((token, ""))
+            else:
+                words.append(token)
+        if words:
+            commands.append((words, flags))
+    return commands
+
+
+def readme_install_example() -> dict[str, Any]:
+    """What the example does: the namespace it creates, the Secret it creates, the helm install and helm test."""
+    found: dict[str, Any] = {"order": []}
+    set_parsers = {
+        "--set": "parse_set_string",
+        "--set-string": "parse_set_string_values",
+        "--set-json": "parse_set_json",
+    }
+    for words, flags in readme_install_commands():
+        options = {f: v for f, v in flags if f not in (*set_parsers, "--from-literal")}
+        namespace = options.get("--namespace", options.get("-n"))
+        if words[:3] == ["kubectl", "create", "namespace"]:
+            found["order"].append("namespace")
+            found["namespace"] = words[3]
+        elif words[:4] == ["kubectl", "create", "secret", "generic"]:
+            found["order"].append("secret")
+            literals = dict(v.split("=", 1) for f, v in flags if f == "--from-literal")
+            found["secret"] = {"namespace": namespace, "name": words[4], "data": literals}
+        elif words[:2] == ["helm", "install"]:
+            found["order"].append("install")
+            sets = [(set_parsers[f], v) for f, v in flags if f in set_parsers]
+            found["install"] = {"release": words[2], "chart": words[3], "namespace": namespace, "sets": sets}
+        elif words[:2] == ["helm", "test"]:
+            found["order"].append("test")
+            found["test"] = {"release": words[2], "namespace": namespace}
+        else:
+            pytest.fail(f"the install example runs a command this test does not know: {words}")
+    return found
+
+
+def test_readme_install_example_works_as_written(
+    helm: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The namespace exists before the Secret, the Secret lives in the release's namespace under the name and keys
+    the values name, the values pass the schema and lint, and the bridge accepts the configuration it gets."""
+    example = readme_install_example()
+    assert example["order"] == ["namespace", "secret", "install", "test"]
+    install, secret = example["install"], example["secret"]
+    assert install["namespace"] == secret["namespace"] == example["namespace"] == example["test"]["namespace"]
+    assert example["test"]["release"] == install["release"]
+    assert (ROOT / install["chart"]).resolve() == CHART
+    assert (install["release"], install["namespace"]) == (RELEASE, NAMESPACE)  # the names the helpers here know
+    values: dict[str, Any] = {}
+    for parser, expression in install["sets"]:
+        values = merged(values, getattr(helm, parser)(expression))
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text("utf-8"))
+    keys = defaults["credentials"]["existingSecretKeys"]
+    assert values["credentials"]["existingSecret"] == secret["name"]
+    assert set(secret["data"]) <= set(keys.values()), f"keys the chart does not read: {secret['data']}"
+
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    assert not report["errors"], report
+    assert not [m for m in report["messages"] if m["severity"] >= 2], report
+    files = render_files(helm, values)
+    assert "WARNING" not in files["ime-bridge/templates/NOTES.txt"]
+    manifests = render(helm, values)
+    assert not [m for m in manifests if m["kind"] == "Secret"]
+    refs = [e["valueFrom"]["secretKeyRef"] for e in container(manifests)["env"] if "valueFrom" in e]
+    assert {ref["name"] for ref in refs} == {secret["name"]}
+    assert set(secret["data"]) <= {ref["key"] for ref in refs}
+
+    created = {"kind": "Secret", "data": {k: base64.b64encode(v.encode()).decode() for k, v in secret["data"].items()}}
+    settings = _settings_from([*manifests, created], tmp_path, monkeypatch)
+    assert settings.ime.password is not None
+    assert settings.kafka.sasl_password is not None
+    assert settings.ime.contract_ids == ["1001", "1002"]
+
+
+def test_readme_lists_every_secret_key_with_its_variable(helm: ModuleType) -> None:
+    """The README's secrets table has a row per credentials.existingSecretKeys key naming the variable it feeds."""
+    readme = (CHART / "README.md").read_text("utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "`credentials.` value" not in line]
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text("utf-8"))["credentials"]["existingSecretKeys"]
+    manifests = render(helm, {"credentials": {"existingSecret": "ime-credentials"}})
+    variables = {
+        e["valueFrom"]["secretKeyRef"]["key"]: e["name"]
+        for e in container(manifests)["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert variables, "no variable comes from the existing Secret"
+    for value_name, key in defaults.items():
+        row = [line for line in rows if f"| `{value_name}` | `{key}` |" in line]
+        assert len(row) == 1, f"no README row for credentials.existingSecretKeys.{value_name} (`{key}`)"
+        if key in variables:
+            assert f"`{variables[key]}`" in row[0], row[0]
+
+
 def test_chart_app_version_is_the_bridge_version() -> None:
     """Chart.yaml's appVersion (the default image tag) is pyproject's version."""
     import tomllib
@@ -786,6 +1157,22 @@ def test_chart_app_version_is_the_bridge_version() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text("utf-8"))
     assert chart["appVersion"] == project["version"]
     assert chart["apiVersion"] == "v2"
+
+
+def test_chart_metadata_names_home_sources_and_maintainers(helm: ModuleType) -> None:
+    """Chart.yaml tells a chart index where the project lives, where its source is and who maintains it."""
+    with helm.Chart.load(CHART) as chart:
+        metadata = chart.metadata
+    for url in (metadata["home"], *metadata["sources"]):
+        parsed = urllib.parse.urlparse(url)
+        assert parsed.scheme == "https", url
+        assert parsed.netloc, url
+    assert metadata["sources"]
+    assert metadata["maintainers"]
+    for maintainer in metadata["maintainers"]:
+        assert maintainer["name"], maintainer
+        assert re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", maintainer["email"]), maintainer
+    assert {"ime", "kafka", "prometheus"} <= set(metadata["keywords"])
 
 
 def test_schema_registry_is_rendered_and_its_password_comes_from_the_secret(helm: ModuleType) -> None:

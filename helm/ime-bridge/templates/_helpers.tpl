@@ -44,6 +44,15 @@ app.kubernetes.io/name: {{ include "ime-bridge.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
+{{/*
+Labels that select the `helm test` pod (templates/tests/). It has no app.kubernetes.io/name, so that no
+selector of the bridge's pod (Service, PodDisruptionBudget, NetworkPolicy) picks it up.
+*/}}
+{{- define "ime-bridge.testSelectorLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: helm-test
+{{- end }}
+
 {{- define "ime-bridge.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "ime-bridge.fullname" .) .Values.serviceAccount.name }}
@@ -222,10 +231,19 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- end }}
+      {{- with .Values.extraEnvFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       ports:
         - name: metrics
           containerPort: {{ .Values.config.metrics.port }}
           protocol: TCP
+      startupProbe:
+        httpGet:
+          path: /healthz
+          port: metrics
+        {{- toYaml .Values.startupProbe | nindent 8 }}
       livenessProbe:
         httpGet:
           path: /healthz
@@ -285,6 +303,15 @@ spec:
   {{- with .Values.tolerations }}
   tolerations:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- range $constraint := . }}
+    {{- if not (hasKey $constraint "labelSelector") }}
+    {{- $constraint = merge (dict "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/name" (include "ime-bridge.name" $)))) $constraint }}
+    {{- end }}
+    - {{- toYaml $constraint | nindent 6 }}
+    {{- end }}
   {{- end }}
 {{- end }}
 
