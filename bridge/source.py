@@ -213,7 +213,10 @@ class WebSocketSource:
             await connection.ws.close(1001, "subscription changed")
         connection.task.cancel()
         await asyncio.gather(connection.task, return_exceptions=True)
-        self.metrics.connection_up.labels(connection.subscription.endpoint.value, name).set(0)
+        # A connection that is gone has no series: a lasting 0 would page as down, an old timestamp as silent.
+        self.metrics.connection_up.remove(connection.subscription.endpoint.value, name)
+        self.metrics.last_message_timestamp.remove(name)
+        self._last_message_at.pop(name, None)
 
     def status(self) -> dict[str, dict[str, object]]:
         """Per connection: whether it is up, and how the last connection ended."""
