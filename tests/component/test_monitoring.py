@@ -28,6 +28,7 @@ import yaml
 
 from bridge.health import HealthServer
 from bridge.metrics import Metrics
+from tests.unit.test_helm import _module, render_files
 from tests.unit.test_monitoring import (
     ROOT,
     RULE_TESTS,
@@ -86,6 +87,42 @@ def test_promtool_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "ImeBridgeReconnectStorm" in result.stdout + result.stderr
+
+
+def test_session_unit_tests_catch_an_alert_that_ignores_the_calendar(tmp_path: Path) -> None:
+    """Without its session guard the per-connection silence alert pages on a holiday, and promtool says so."""
+    rules = RULES.read_text("utf-8")
+    guard = (
+        'ime_bridge_last_message_timestamp_seconds{job="ime-bridge"} > 120)  # threshold\n'
+        '          and on (job, instance) (ime_bridge_trading_session_open{job="ime-bridge"} == 1)\n'
+    )
+    assert guard in rules
+    broken = rules.replace(guard, 'ime_bridge_last_message_timestamp_seconds{job="ime-bridge"} > 120)\n')
+    (tmp_path / RULES.name).write_text(broken, "utf-8")
+    shutil.copy(SESSION_TESTS, tmp_path / SESSION_TESTS.name)
+    result = subprocess.run(
+        [_promtool(), "test", "rules", SESSION_TESTS.name], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0
+    assert "quiet on a holiday" in result.stdout + result.stderr
+
+
+def test_chart_rules_tuned_from_values_pass_promtool(tmp_path: Path) -> None:
+    """The chart's PrometheusRule with every marked threshold, `for`, the job and the links changed is still
+    valid for Prometheus."""
+    helm = _module("helm_python", "helm-python-sdk")
+    helm.disable_logging()
+    plain = [rule for group in yaml.safe_load(RULES.read_text("utf-8"))["groups"] for rule in group["rules"]]
+    tuning = {
+        rule["alert"]: {"for": "7m", **({"threshold": 3.5} if "# threshold" in rule["expr"] else {})} for rule in plain
+    }
+    values = {"prometheusRule": {"enabled": True, "job": "md", "grafanaUrl": "https://g.example.org", "alerts": tuning}}
+    manifest = yaml.safe_load(render_files(helm, values)["ime-bridge/templates/prometheusrule.yaml"])
+    path = tmp_path / "tuned-rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": manifest["spec"]["groups"]}), "utf-8")
+    result = subprocess.run([_promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(plain)} rules found" in result.stdout
 
 
 def _free_port() -> int:
