@@ -292,7 +292,8 @@ def test_prometheus_rule_values_set_job_links_for_thresholds_and_labels(helm: Mo
     plain = _plain_alerts()
     assert alerts.keys() == plain.keys()
     for name, rule in alerts.items():
-        assert 'job="ime-bridge"' not in rule["expr"] and 'job="md-bridge"' in rule["expr"], name
+        assert 'job="ime-bridge"' not in rule["expr"], name
+        assert 'job="md-bridge"' in rule["expr"], name
         assert rule["annotations"]["runbook_url"] == f"https://wiki.example.org/ime/runbook.md#{name.lower()}"
         dashboard = rule["annotations"]["dashboard_url"]
         assert dashboard.startswith("https://grafana.example.org/d/ime-bridge/ime-bridge?var-job=md-bridge"), name
