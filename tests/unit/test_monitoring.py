@@ -17,15 +17,20 @@ import importlib
 import json
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from bridge.app import Bridge
+from bridge.config import Settings
 from bridge.metrics import Metrics
+from tests.support.harness import ime_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "ime-bridge-rules.yaml"
@@ -381,3 +386,30 @@ def test_dashboard_shows_the_issue_topics() -> None:
         "ime_bridge_produce_errors_total",
     ):
         assert metric in text
+
+
+# --- gauges the bridge keeps current by itself ------------------------------------------------------------
+
+
+def _bridge(**ime: Any) -> Bridge:
+    return Bridge(Settings(ime=ime_settings("http://127.0.0.1:9", holiday_calendar=None, **ime)))
+
+
+def test_bridge_sets_ready_and_session_gauges_without_anyone_asking_readyz() -> None:
+    """The bridge's own tick (Bridge._refresh_gauges, every second) sets ime_bridge_ready and
+    ime_bridge_trading_session_open; before Kafka answers, not ready."""
+    bridge = _bridge(trading_sessions=["sat-fri 00:00-24:00"])
+    registry = bridge.metrics.registry
+    bridge.metrics.ready.set(1)  # a stale value the tick must overwrite
+    bridge._refresh_gauges()
+    assert registry.get_sample_value("ime_bridge_ready") == 0
+    assert registry.get_sample_value("ime_bridge_trading_session_open") == 1
+
+
+def test_session_gauge_is_zero_on_a_holiday() -> None:
+    """A holiday closes the calendar the gauge follows, even on a day whose session spans it all."""
+    today = datetime.now(UTC).astimezone(ZoneInfo("Asia/Tehran")).date()
+    tomorrow = today + timedelta(days=1)  # in case the day turns between the two lines
+    bridge = _bridge(trading_sessions=["sat-fri 00:00-24:00"], holidays=[today, tomorrow])
+    bridge._refresh_gauges()
+    assert bridge.metrics.registry.get_sample_value("ime_bridge_trading_session_open") == 0
