@@ -133,9 +133,9 @@ class Bridge:
         health = HealthServer(self.metrics.registry, self.readiness, settings.metrics.host, settings.metrics.port)
         await health.start()
         self.health_port = health.port
-        self._refresh_gauges()
-        gauges = every(1.0, self._refresh_gauges, task="gauges", metrics=self.metrics)
+        gauges = every(1.0, self._refresh_gauges, task="gauges", metrics=self.metrics, immediately=True)
         self._background.append(asyncio.create_task(gauges, name="gauges"))
+        await asyncio.sleep(0)  # the first tick, before anything can scrape
         log_event(logger, logging.INFO, "starting", session_id=self.session_id, metrics_port=health.port)
         try:
             async with aiohttp.ClientSession() as http:
