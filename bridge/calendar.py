@@ -7,8 +7,8 @@ when to look again.
 `DEFAULT_IME_SESSIONS` is a default, not a fact: IME changes its hours (Ramadan hours; a move of Iran's
 weekend has been discussed), so operators configure the sessions and holidays. Public holidays can come from
 a maintained calendar (`public_holidays`, e.g. the `holidays` package's Iran, whose lunar dates move every
-year), consulted day by day so that it covers whatever years the bridge runs through. Tehran has kept UTC+03:30 all
-year since Iran abolished daylight saving time in 2022; the zone data knows the earlier years.
+year), consulted day by day so that it covers whatever years the bridge runs through. Tehran has kept
+UTC+03:30 all year since Iran abolished daylight saving time in 2022; the zone data knows the earlier years.
 """
 
 from __future__ import annotations
