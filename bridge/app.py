@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ class Bridge:
     _reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     _sink_started: bool = False
 
+    def __post_init__(self) -> None:
+        self._calendar = self.settings.ime.calendar
+
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when Kafka takes records and at least one subscription is connected."""
         running = self._running
@@ -93,6 +97,12 @@ class Bridge:
             "spool_full": running.buffer.spool_full,
             "quarantined": running.manager.status(),
         }
+
+    def _refresh_gauges(self) -> None:
+        """Keep ime_bridge_ready and ime_bridge_trading_session_open current without anyone polling /readyz,
+        so that a scrape of /metrics alone tells the truth (Docker's HEALTHCHECK polls only /healthz)."""
+        self.readiness()
+        self.metrics.trading_session_open.set(1 if self._calendar.is_open(datetime.now(UTC)) else 0)
 
     def request_reload(self) -> None:
         """SIGHUP: re-read the configuration file and reconcile the subscriptions."""
@@ -123,6 +133,9 @@ class Bridge:
         health = HealthServer(self.metrics.registry, self.readiness, settings.metrics.host, settings.metrics.port)
         await health.start()
         self.health_port = health.port
+        gauges = every(1.0, self._refresh_gauges, task="gauges", metrics=self.metrics, immediately=True)
+        self._background.append(asyncio.create_task(gauges, name="gauges"))
+        await asyncio.sleep(0)  # the first tick, before anything can scrape
         log_event(logger, logging.INFO, "starting", session_id=self.session_id, metrics_port=health.port)
         try:
             async with aiohttp.ClientSession() as http:

@@ -5,14 +5,16 @@ sessions, so the data watchdog asks `is_open` before calling a quiet feed stale,
 when to look again.
 
 `DEFAULT_IME_SESSIONS` is a default, not a fact: IME changes its hours (Ramadan hours; a move of Iran's
-weekend has been discussed), so operators configure the sessions and holidays. Tehran has kept UTC+03:30 all
-year since Iran abolished daylight saving time in 2022; the zone data knows the earlier years.
+weekend has been discussed), so operators configure the sessions and holidays. Public holidays can come from
+a maintained calendar (`public_holidays`, e.g. the `holidays` package's Iran, whose lunar dates move every
+year), consulted day by day so that it covers whatever years the bridge runs through. Tehran has kept
+UTC+03:30 all year since Iran abolished daylight saving time in 2022; the zone data knows the earlier years.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Container, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -89,24 +91,37 @@ class TradingCalendar:
 
     A session on a day is the span of instants from its start to its end, both read as wall-clock times in
     `zone` on that day (for a clock change, Python's default reading: a time skipped or repeated is taken
-    with the offset in force before the change); holidays are whole days in `zone`.
+    with the offset in force before the change); holidays are whole days in `zone`: the listed `holidays`
+    and any day in `public_holidays` (a container asked per day, such as a `holidays.HolidayBase`).
     """
 
     def __init__(
-        self, sessions: Sequence[TradingSession], zone: ZoneInfo = TEHRAN, holidays: Collection[date] = ()
+        self,
+        sessions: Sequence[TradingSession],
+        zone: ZoneInfo = TEHRAN,
+        holidays: Collection[date] = (),
+        public_holidays: Container[date] | None = None,
     ) -> None:
         if not sessions:
             raise ValueError("a trading calendar needs at least one session")
         self.sessions = tuple(sessions)
         self.zone = zone
         self.holidays = frozenset(holidays)
+        self.public_holidays = public_holidays
         self._by_weekday = tuple(
             tuple(session for session in self.sessions if weekday in session.weekdays) for weekday in range(7)
         )
 
     @classmethod
-    def parse(cls, specs: Sequence[str], zone: str = "Asia/Tehran", holidays: Sequence[str] = ()) -> TradingCalendar:
-        """A calendar from session specs (see `TradingSession.parse`), a zone name and ISO holiday dates."""
+    def parse(
+        cls,
+        specs: Sequence[str],
+        zone: str = "Asia/Tehran",
+        holidays: Sequence[str] = (),
+        public_holidays: Container[date] | None = None,
+    ) -> TradingCalendar:
+        """A calendar from session specs (see `TradingSession.parse`), a zone name, ISO holiday dates and an
+        optional maintained public-holiday calendar."""
         if isinstance(specs, str):
             raise TypeError("specs is a sequence of session specs, not one string")
         try:
@@ -119,7 +134,7 @@ class TradingCalendar:
                 days.append(date.fromisoformat(text))
             except ValueError:
                 raise ValueError(f"bad holiday {text!r}: expected a date such as 2026-03-20") from None
-        return cls([TradingSession.parse(spec) for spec in specs], tz, days)
+        return cls([TradingSession.parse(spec) for spec in specs], tz, days, public_holidays)
 
     @property
     def specs(self) -> tuple[str, ...]:
@@ -128,7 +143,8 @@ class TradingCalendar:
 
     def __repr__(self) -> str:
         holidays = sorted(day.isoformat() for day in self.holidays)
-        return f"TradingCalendar.parse({list(self.specs)!r}, zone={self.zone.key!r}, holidays={holidays!r})"
+        public = "" if self.public_holidays is None else f", public_holidays=<{type(self.public_holidays).__name__}>"
+        return f"TradingCalendar.parse({list(self.specs)!r}, zone={self.zone.key!r}, holidays={holidays!r}{public})"
 
     def is_open(self, at: datetime) -> bool:
         """Whether a session is open at the aware instant `at`."""
@@ -151,6 +167,10 @@ class TradingCalendar:
                 return end
         raise ValueError(f"the trading calendar never opens within {SEARCH_DAYS} days after {at.isoformat()}")
 
+    def is_holiday(self, day: date) -> bool:
+        """Whether local `day` is a listed holiday or one of `public_holidays`."""
+        return day in self.holidays or (self.public_holidays is not None and day in self.public_holidays)
+
     def _local_day(self, at: datetime) -> date:
         if at.utcoffset() is None:
             raise ValueError(f"a timezone-aware datetime is needed, got {at.isoformat()}")
@@ -158,7 +178,7 @@ class TradingCalendar:
 
     def _day_spans(self, day: date) -> list[tuple[datetime, datetime]]:
         """The open spans of the sessions on local `day`, as UTC instants."""
-        if day in self.holidays:
+        if self.is_holiday(day):
             return []
         spans = []
         for session in self._by_weekday[day.weekday()]:

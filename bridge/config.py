@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import holidays as holiday_data
 import yaml
 from pydantic import (
     AnyUrl,
@@ -144,7 +145,14 @@ class ImeSettings(_Section):
         description="When IME trades (the watchdog is off outside), e.g. 'sat-wed 08:30-17:30'.",
     )
     trading_timezone: str = Field(default="Asia/Tehran", description="Zone of trading_sessions and holidays.")
-    holidays: list[date] = Field(default_factory=list, description="Dates without trading (watchdog off).")
+    holiday_calendar: str | None = Field(
+        default="IR",
+        description="Country code of the `holidays` package's public holidays that close the calendar "
+        "(IR: Iran's, lunar dates included); null for none, so that only `holidays` counts.",
+    )
+    holidays: list[date] = Field(
+        default_factory=list, description="Dates without trading, in addition to holiday_calendar's."
+    )
     quarantine_reprobe_seconds: PositiveSeconds = Field(
         default=600.0, description="How often quarantined contracts are tried again."
     )
@@ -159,6 +167,13 @@ class ImeSettings(_Section):
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("holiday_calendar")
+    @classmethod
+    def _known_holiday_calendar(cls, value: str | None) -> str | None:
+        if value is not None and value not in holiday_data.list_supported_countries():
+            raise ValueError(f"the holidays package has no calendar {value!r} (Iran's is 'IR')")
         return value
 
     @field_validator("trading_sessions")
@@ -214,9 +229,10 @@ class ImeSettings(_Section):
 
     @property
     def calendar(self) -> TradingCalendar:
-        """The trading calendar the data watchdog follows."""
+        """The trading calendar the data watchdog and ime_bridge_trading_session_open follow."""
+        public = None if self.holiday_calendar is None else holiday_data.country_holidays(self.holiday_calendar)
         return TradingCalendar.parse(
-            self.trading_sessions, self.trading_timezone, [day.isoformat() for day in self.holidays]
+            self.trading_sessions, self.trading_timezone, [day.isoformat() for day in self.holidays], public
         )
 
 

@@ -239,7 +239,16 @@ class Metrics:
             "Unix time at which the current token expires (0 when unknown).",
             registry=r,
         )
-        self.ready = Gauge("ime_bridge_ready", "1 when /readyz answers 200.", registry=r)
+        self.ready = Gauge(
+            "ime_bridge_ready",
+            "1 while the bridge is ready (what /readyz answers 200 to), evaluated every second by the bridge itself.",
+            registry=r,
+        )
+        self.trading_session_open = Gauge(
+            "ime_bridge_trading_session_open",
+            "1 while the bridge's trading calendar (ime.trading_sessions, holidays included) is open, else 0.",
+            registry=r,
+        )
         self.undelivered_at_shutdown = Gauge(
             "ime_bridge_undelivered_at_shutdown",
             "Records received but not acknowledged when the last shutdown finished.",

@@ -162,6 +162,7 @@ class WebSocketSource:
     _connections: dict[str, _Connection] = field(default_factory=dict)
     _last_message_at: dict[str, float] = field(default_factory=dict)
     _stopping: bool = False
+    _wanted: set[str] = field(default_factory=set)  # the names of the last plan applied
 
     def __post_init__(self) -> None:
         self._fatal: asyncio.Future[SourceFatal] = asyncio.get_running_loop().create_future()
@@ -183,6 +184,7 @@ class WebSocketSource:
         Returns the names of the connections opened or reopened.
         """
         wanted = {subscription.name: subscription for subscription in plan}
+        self._wanted = set(wanted)
         for name in [name for name in self._connections if wanted.get(name) != self._connections[name].subscription]:
             await self._close(name)
         started = set()
@@ -214,6 +216,12 @@ class WebSocketSource:
         connection.task.cancel()
         await asyncio.gather(connection.task, return_exceptions=True)
         self.metrics.connection_up.labels(connection.subscription.endpoint.value, name).set(0)
+        if name not in self._wanted:
+            # A connection the plan dropped has no series: a lasting 0 would page as down, its old timestamp as
+            # silent. One reopened under the same name keeps its last-frame time.
+            self.metrics.connection_up.remove(connection.subscription.endpoint.value, name)
+            self.metrics.last_message_timestamp.remove(name)
+            self._last_message_at.pop(name, None)
 
     def status(self) -> dict[str, dict[str, object]]:
         """Per connection: whether it is up, and how the last connection ended."""

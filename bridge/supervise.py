@@ -46,12 +46,23 @@ async def supervised(
         await asyncio.sleep(delay)
 
 
-async def every(interval: float, step: Callable[[], Awaitable[None] | None], *, task: str, metrics: Metrics) -> None:
-    """Call `step` (plain or async) every `interval` seconds until cancelled; a failing step is logged with its
-    traceback and counted, and the schedule goes on: one bad tick must not stop, say, the spool's fsync."""
+async def every(
+    interval: float,
+    step: Callable[[], Awaitable[None] | None],
+    *,
+    task: str,
+    metrics: Metrics,
+    immediately: bool = False,
+) -> None:
+    """Call `step` (plain or async) every `interval` seconds until cancelled, the first time at once when
+    `immediately`; a failing step is logged with its traceback and counted, and the schedule goes on: one bad
+    tick must not stop, say, the spool's fsync."""
     failures = metrics.task_failures.labels(task)
+    wait = not immediately
     while True:
-        await asyncio.sleep(interval)
+        if wait:
+            await asyncio.sleep(interval)
+        wait = True
         try:
             result = step()
             if inspect.isawaitable(result):

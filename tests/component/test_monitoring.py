@@ -28,11 +28,12 @@ import yaml
 
 from bridge.health import HealthServer
 from bridge.metrics import Metrics
+from tests.unit.test_helm import _module, render_files
 from tests.unit.test_monitoring import (
     ROOT,
     RULE_TESTS,
     RULES,
-    TRADING_HOURS_TESTS,
+    SESSION_TESTS,
     _missing,
     alert_expressions,
     dashboard_expressions,
@@ -60,7 +61,7 @@ def test_promtool_check_rules() -> None:
 def test_promtool_unit_tests_pass() -> None:
     """`promtool test rules`: every alert fires and stays quiet where its unit tests say."""
     result = subprocess.run(
-        [_promtool(), "test", "rules", RULE_TESTS.name, TRADING_HOURS_TESTS.name],
+        [_promtool(), "test", "rules", RULE_TESTS.name, SESSION_TESTS.name],
         cwd=RULE_TESTS.parent,
         capture_output=True,
         text=True,
@@ -86,6 +87,42 @@ def test_promtool_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "ImeBridgeReconnectStorm" in result.stdout + result.stderr
+
+
+def test_session_unit_tests_catch_an_alert_that_ignores_the_calendar(tmp_path: Path) -> None:
+    """Without its session guard the per-connection silence alert pages on a holiday, and promtool says so."""
+    rules = RULES.read_text("utf-8")
+    guard = (
+        'ime_bridge_last_message_timestamp_seconds{job="ime-bridge"} > 120)  # threshold\n'
+        '          and on (job, instance) (ime_bridge_trading_session_open{job="ime-bridge"} == 1)\n'
+    )
+    assert guard in rules
+    broken = rules.replace(guard, 'ime_bridge_last_message_timestamp_seconds{job="ime-bridge"} > 120)\n')
+    (tmp_path / RULES.name).write_text(broken, "utf-8")
+    shutil.copy(SESSION_TESTS, tmp_path / SESSION_TESTS.name)
+    result = subprocess.run(
+        [_promtool(), "test", "rules", SESSION_TESTS.name], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0
+    assert "quiet on a holiday" in result.stdout + result.stderr
+
+
+def test_chart_rules_tuned_from_values_pass_promtool(tmp_path: Path) -> None:
+    """The chart's PrometheusRule with every marked threshold, `for`, the job and the links changed is still
+    valid for Prometheus."""
+    helm = _module("helm_python", "helm-python-sdk")
+    helm.disable_logging()
+    plain = [rule for group in yaml.safe_load(RULES.read_text("utf-8"))["groups"] for rule in group["rules"]]
+    tuning = {
+        rule["alert"]: {"for": "7m", **({"threshold": 3.5} if "# threshold" in rule["expr"] else {})} for rule in plain
+    }
+    values = {"prometheusRule": {"enabled": True, "job": "md", "grafanaUrl": "https://g.example.org", "alerts": tuning}}
+    manifest = yaml.safe_load(render_files(helm, values)["ime-bridge/templates/prometheusrule.yaml"])
+    path = tmp_path / "tuned-rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": manifest["spec"]["groups"]}), "utf-8")
+    result = subprocess.run([_promtool(), "check", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(plain)} rules found" in result.stdout
 
 
 def _free_port() -> int:
@@ -134,6 +171,7 @@ def populate(metrics: Metrics) -> None:
     metrics.token_requests_held_back.inc()
     metrics.token_expiry.set(now + 3600)
     metrics.ready.set(1)
+    metrics.trading_session_open.set(1)
     metrics.undelivered_at_shutdown.set(0)
 
 
@@ -269,8 +307,6 @@ async def test_rules_and_dashboard_run_on_a_real_prometheus(
                 if not body["data"]["result"]:
                     empty.append(where)
             assert not empty, f"panels without data: {empty}"
-            trading = await query("ime_bridge:trading_hours")
-            assert trading["data"]["result"][0]["value"][1] in {"0", "1"}
     finally:
         server.stop()
     assert server.process.returncode is not None

@@ -233,3 +233,37 @@ async def test_a_handshake_refused_with_429_waits_its_retry_after(simulator: Sim
         await wait_for(lambda: len(captured.frames) > 0, what="frames once Retry-After has passed")
     finally:
         await source.stop()
+
+
+async def test_a_connection_dropped_by_a_new_plan_loses_its_series_a_reopened_one_keeps_its_time(
+    simulator: Simulator,
+) -> None:
+    """The per-connection alerts read ime_bridge_connection_up and ime_bridge_last_message_timestamp_seconds: a
+    connection the plan no longer has must not linger as down (0) or silent (an old time); one reopened with
+    other contracts keeps its series and last-frame time."""
+    contracts = [c.id for c in simulator.contracts]
+    first = Subscription("id-0", Endpoint.ID, tuple(contracts[:2]))
+    second = Subscription("id-1", Endpoint.ID, tuple(contracts[2:4]))
+    source, captured, metrics = source_for(simulator, StaticToken(simulator.issue_token()))
+    registry = metrics.registry
+
+    def sample(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    await source.apply([first, second])
+    try:
+        await wait_for(lambda: captured.count("id-0") >= 1 and captured.count("id-1") >= 1)
+        await wait_for(lambda: source.connections_up == 2)
+        last = sample("ime_bridge_last_message_timestamp_seconds", connection="id-0")
+        assert last is not None
+        assert last > 0
+        await source.apply([Subscription("id-0", Endpoint.ID, tuple(contracts[:3]))])  # id-0 reopened, id-1 gone
+        assert sample("ime_bridge_connection_up", endpoint="id", connection="id-1") is None
+        assert sample("ime_bridge_last_message_timestamp_seconds", connection="id-1") is None
+        kept = sample("ime_bridge_last_message_timestamp_seconds", connection="id-0")
+        assert kept is not None
+        assert kept >= last
+        await wait_for(lambda: sample("ime_bridge_connection_up", endpoint="id", connection="id-0") == 1)
+    finally:
+        await source.stop()
+    assert sample("ime_bridge_connection_up", endpoint="id", connection="id-0") == 0

@@ -6,6 +6,7 @@ import re
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+import holidays
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -209,6 +210,43 @@ def test_holidays_are_closed_all_day() -> None:
     assert calendar.is_open(datetime(2026, 6, 15, 12, tzinfo=calendar.zone))
     # Saturday's close is followed by Monday's open, skipping the holiday.
     assert calendar.next_change(datetime(2026, 6, 13, 17, 30, tzinfo=calendar.zone)) == utc("2026-06-15T05:00")
+
+
+class _AskedDays:
+    """A public-holiday container that records which days it was asked about (as holidays.HolidayBase is)."""
+
+    def __init__(self, *days: date) -> None:
+        self.days = set(days)
+        self.asked: set[date] = set()
+
+    def __contains__(self, day: object) -> bool:
+        assert isinstance(day, date)
+        self.asked.add(day)
+        return day in self.days
+
+
+def test_public_holidays_are_asked_per_day_and_add_to_the_listed_ones() -> None:
+    """A maintained calendar is consulted day by day (so it covers any year the bridge runs through), and its
+    days close the calendar like listed holidays; next_change skips them."""
+    public = _AskedDays(date(2031, 6, 14))  # a Saturday, years from the holidays any list was built for
+    calendar = TradingCalendar.parse(DEFAULT_IME_SESSIONS, holidays=["2031-06-15"], public_holidays=public)
+    assert not calendar.is_open(datetime(2031, 6, 14, 12, tzinfo=calendar.zone))
+    assert not calendar.is_open(datetime(2031, 6, 15, 12, tzinfo=calendar.zone))
+    assert calendar.is_open(datetime(2031, 6, 16, 12, tzinfo=calendar.zone))
+    assert date(2031, 6, 14) in public.asked
+    assert calendar.next_change(datetime(2031, 6, 11, 17, 30, tzinfo=calendar.zone)) == utc("2031-06-16T05:00")
+    assert calendar.is_holiday(date(2031, 6, 14))
+    assert calendar.is_holiday(date(2031, 6, 15))
+    assert not calendar.is_holiday(date(2031, 6, 16))
+    assert repr(calendar).endswith("holidays=['2031-06-15'], public_holidays=<_AskedDays>)")
+
+
+def test_holidays_package_iran_closes_nowruz() -> None:
+    """The holidays package's Iran, as ime.holiday_calendar: IR passes it: Nowruz 1405 (2026-03-21, a
+    Saturday) is closed all day."""
+    calendar = TradingCalendar.parse(DEFAULT_IME_SESSIONS, public_holidays=holidays.country_holidays("IR"))
+    assert not calendar.is_open(datetime(2026, 3, 21, 12, tzinfo=calendar.zone))
+    assert calendar.is_open(datetime(2026, 3, 28, 12, tzinfo=calendar.zone))
 
 
 # --- next_change

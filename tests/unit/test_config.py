@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,41 @@ def test_example_config_is_valid_with_the_password_from_the_environment(monkeypa
     settings = load_settings(Path(__file__).parents[2] / "config.example.yaml")
     assert settings.ime.contract_ids == ["1001", "1002"]
     assert settings.kafka.replication_factor == 3
+
+
+# --- trading calendar: Iran's public holidays by default, ime.holidays on top ---------------------------
+
+NOWRUZ_NOON = "2026-03-21T12:00:00+03:30"  # a Saturday (a session day) that is Nowruz
+A_PLAIN_SATURDAY_NOON = "2026-03-28T12:00:00+03:30"
+
+
+def _calendar_open(tmp_path: Path, extra: str, at: str) -> bool:
+    calendar = load_settings(write(tmp_path, MINIMAL + extra)).ime.calendar
+    return calendar.is_open(datetime.fromisoformat(at))
+
+
+def test_iran_public_holidays_close_the_calendar_by_default(tmp_path: Path) -> None:
+    """Without any holiday configured, Nowruz (from the holidays package's Iran) is closed, the next
+    Saturday open; the lunar holidays of another year too (Eid al-Adha 2027 falls on a Monday)."""
+    assert load_settings(write(tmp_path, MINIMAL)).ime.holiday_calendar == "IR"
+    assert not _calendar_open(tmp_path, "", NOWRUZ_NOON)
+    assert _calendar_open(tmp_path, "", A_PLAIN_SATURDAY_NOON)
+    assert not _calendar_open(tmp_path, "", "2027-05-17T12:00:00+03:30")
+
+
+def test_listed_holidays_add_to_the_public_ones(tmp_path: Path) -> None:
+    """ime.holidays keeps its meaning (dates without trading) and adds to holiday_calendar's."""
+    extra = "  holidays: ['2026-03-28']\n"
+    assert not _calendar_open(tmp_path, extra, A_PLAIN_SATURDAY_NOON)
+    assert not _calendar_open(tmp_path, extra, NOWRUZ_NOON)
+
+
+def test_holiday_calendar_null_leaves_only_the_listed_holidays(tmp_path: Path) -> None:
+    """holiday_calendar: null replaces the package's holidays by ime.holidays alone."""
+    assert _calendar_open(tmp_path, "  holiday_calendar: null\n", NOWRUZ_NOON)
+    assert not _calendar_open(tmp_path, "  holiday_calendar: null\n  holidays: ['2026-03-21']\n", NOWRUZ_NOON)
+
+
+def test_unknown_holiday_calendar_is_refused(tmp_path: Path) -> None:
+    found = problems(tmp_path, MINIMAL + "  holiday_calendar: XX\n")
+    assert any("ime.holiday_calendar: the holidays package has no calendar 'XX'" in problem for problem in found), found

@@ -271,6 +271,82 @@ def test_prometheus_rule_without_rule_labels_is_the_plain_file_verbatim(helm: Mo
     assert one(manifests, "PrometheusRule")["spec"]["groups"] == yaml.safe_load(RULES.read_text("utf-8"))["groups"]
 
 
+def _rendered_alerts(helm: ModuleType, rule_values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    manifests = render(helm, {"prometheusRule": {"enabled": True, **rule_values}})
+    groups = one(manifests, "PrometheusRule")["spec"]["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def _plain_alerts() -> dict[str, dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text("utf-8"))["groups"]
+    return {rule["alert"]: rule for group in groups for rule in group["rules"] if "alert" in rule}
+
+
+def test_prometheus_rule_values_set_job_links_for_thresholds_and_labels(helm: ModuleType) -> None:
+    """prometheusRule.job, runbookUrl, grafanaUrl and alerts.<name> reach the rendered rules and only those."""
+    alerts = _rendered_alerts(
+        helm,
+        {
+            "job": "md-bridge",
+            "runbookUrl": "https://wiki.example.org/ime/runbook.md",
+            "grafanaUrl": "https://grafana.example.org/",
+            "ruleLabels": {"team": "market-data"},
+            "alerts": {
+                "ImeBridgeReconnectStorm": {"threshold": 25, "for": "20m", "labels": {"severity": "critical"}},
+                "ImeBridgeDeadLettersRising": {"threshold": 0.05},
+                "ImeBridgeConnectionSilent": {"threshold": 300, "for": "30m"},
+                "ImeBridgeStaticTokenExpiresSoon": {"threshold": 172800},
+            },
+        },
+    )
+    plain = _plain_alerts()
+    assert alerts.keys() == plain.keys()
+    for name, rule in alerts.items():
+        assert 'job="ime-bridge"' not in rule["expr"], name
+        assert 'job="md-bridge"' in rule["expr"], name
+        assert rule["annotations"]["runbook_url"] == f"https://wiki.example.org/ime/runbook.md#{name.lower()}"
+        dashboard = rule["annotations"]["dashboard_url"]
+        assert dashboard.startswith("https://grafana.example.org/d/ime-bridge/ime-bridge?var-job=md-bridge"), name
+        assert rule["labels"]["team"] == "market-data", name
+    storm = alerts["ImeBridgeReconnectStorm"]
+    assert "> 25  # threshold" in storm["expr"]
+    assert "> 10" not in storm["expr"]
+    assert (storm["for"], storm["labels"]["severity"]) == ("20m", "critical")
+    assert "> 0.05  # threshold" in alerts["ImeBridgeDeadLettersRising"]["expr"]
+    silent = alerts["ImeBridgeConnectionSilent"]
+    assert "> 300)  # threshold" in silent["expr"]
+    assert silent["for"] == "30m"
+    assert "< 172800)  # threshold" in alerts["ImeBridgeStaticTokenExpiresSoon"]["expr"]
+    untouched = alerts["ImeBridgeBufferNearCapacity"]
+    assert untouched["expr"] == plain["ImeBridgeBufferNearCapacity"]["expr"].replace("ime-bridge", "md-bridge")
+    assert untouched["for"] == plain["ImeBridgeBufferNearCapacity"]["for"]
+
+
+def test_every_marked_threshold_can_be_set(helm: ModuleType) -> None:
+    """Each alert whose expression marks a threshold takes a new one, and its expression still parses."""
+    promql = importlib.import_module("promql_parser")
+    marked = [name for name, rule in _plain_alerts().items() if "# threshold" in rule["expr"]]
+    assert len(marked) >= 12
+    alerts = _rendered_alerts(helm, {"alerts": {name: {"threshold": 4242} for name in marked}})
+    for name in marked:
+        assert "4242" in alerts[name]["expr"], name
+        promql.parse(alerts[name]["expr"])
+
+
+@pytest.mark.parametrize(
+    ("tuning", "error"),
+    [
+        ({"ImeBridgeNoSuchAlert": {"for": "5m"}}, r"prometheusRule\.alerts\.ImeBridgeNoSuchAlert: no such alert"),
+        ({"ImeBridgeDown": {"threshold": 3}}, r"prometheusRule\.alerts\.ImeBridgeDown\.threshold: the rule has no"),
+    ],
+    ids=["unknown-alert", "no-threshold"],
+)
+def test_prometheus_rule_tuning_mistakes_fail_the_render(helm: ModuleType, tuning: dict[str, Any], error: str) -> None:
+    """A misspelt alert name or a threshold for a rule without one is an error, not silently ignored."""
+    with pytest.raises(helm.HelmRenderError, match=error):
+        render(helm, {"prometheusRule": {"enabled": True, "alerts": tuning}})
+
+
 def test_grafana_dashboard_configmap_holds_the_plain_dashboard(helm: ModuleType) -> None:
     """The dashboard ConfigMap is labelled for the Grafana sidecar and holds deploy/grafana's JSON."""
     manifests = render(helm, all_enabled_values())

@@ -17,20 +17,28 @@ import importlib
 import json
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from bridge.app import Bridge
+from bridge.config import Settings
 from bridge.metrics import Metrics
+from tests.support.harness import ime_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "ime-bridge-rules.yaml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "ime-bridge-rules.test.yaml"
-TRADING_HOURS_TESTS = ROOT / "deploy" / "prometheus" / "ime-bridge-rules.trading-hours.test.yaml"
+SESSION_TESTS = ROOT / "deploy" / "prometheus" / "ime-bridge-rules.sessions.test.yaml"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+RUNBOOK_BASE = "https://runbooks.example.com/ime-bridge/runbook.md#"
+DASHBOARD_BASE = "https://grafana.example.com/d/ime-bridge/ime-bridge?"
 DASHBOARD = ROOT / "deploy" / "grafana" / "ime-bridge-dashboard.json"
 
 # Metrics the issue's alerts and panels need that bridge/metrics.py does not define yet. When one lands,
@@ -237,7 +245,7 @@ def test_alerts_have_runbook_descriptions() -> None:
     assert len({rule["alert"] for rule in alerts}) == len(alerts)
     for rule in alerts:
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
-        assert set(rule["annotations"]) == {"summary", "description"}, rule["alert"]
+        assert set(rule["annotations"]) == {"summary", "description", "runbook_url", "dashboard_url"}, rule["alert"]
         description = rule["annotations"]["description"]
         for section in ("Impact:", "Check:", "Fix:"):
             assert section in description, f"{rule['alert']}: no {section!r} in its description"
@@ -251,6 +259,8 @@ def test_issue_alerts_are_all_there() -> None:
         "ImeBridgeDown",
         "ImeBridgeNotScraped",
         "ImeBridgeNoDataDuringTradingHours",
+        "ImeBridgeConnectionDown",
+        "ImeBridgeConnectionSilent",
         "ImeBridgeReconnectStorm",
         "ImeBridgeAuthRejected",
         "ImeBridgeContractRejected",
@@ -265,11 +275,61 @@ def test_issue_alerts_are_all_there() -> None:
     } <= names
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of the markdown's headings (lower case, spaces to dashes, punctuation dropped)."""
+    anchors = set()
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add("".join(c for c in title.replace(" ", "-") if c.isalnum() or c in "-_"))
+    return anchors
+
+
+def test_every_alert_links_its_runbook_section_and_a_dashboard_panel() -> None:
+    """runbook_url names a section of docs/runbook.md that says what it means, what to check and what to do;
+    dashboard_url opens the dashboard on a panel that exists, for the alert's job and instance."""
+    runbook = RUNBOOK.read_text("utf-8")
+    anchors = _anchors(runbook)
+    sections = {section.split("\n", 1)[0].strip(): section for section in runbook.split("\n## ")[1:]}
+    panel_ids = {str(panel["id"]) for panel in panels()}
+    for rule in (rule for group in _rules()["groups"] for rule in group["rules"] if "alert" in rule):
+        alert, annotations = rule["alert"], rule["annotations"]
+        assert annotations["runbook_url"] == RUNBOOK_BASE + alert.lower(), alert
+        assert alert.lower() in anchors, f"docs/runbook.md has no section {alert}"
+        for part in ("**Means:**", "**Check:**", "**Do:**"):
+            assert part in sections[alert], f"docs/runbook.md {alert}: no {part}"
+        url = annotations["dashboard_url"]
+        assert url.startswith(DASHBOARD_BASE + "var-job=ime-bridge"), alert
+        assert url.rsplit("viewPanel=", 1)[1] in panel_ids, f"{alert}: {url} names no panel"
+        assert ("var-instance={{ $labels.instance }}" in url) == (alert != "ImeBridgeNotScraped"), alert
+
+
+def test_anchor_reader_follows_github() -> None:
+    """The anchor check above reads headings as GitHub does, so a test of a missing section can fail."""
+    assert _anchors("# Runbook\n## ImeBridgeDown\ntext\n### What it means, and why\n") == {
+        "runbook",
+        "imebridgedown",
+        "what-it-means-and-why",
+    }
+
+
+def test_session_alerts_ask_the_bridge_calendar_not_the_clock() -> None:
+    """No clock arithmetic in PromQL: session-bound alerts use ime_bridge_trading_session_open."""
+    for where, expr in alert_expressions():
+        for clock in ("hour()", "minute()", "day_of_week()"):
+            assert clock not in expr, f"{where} computes trading hours itself"
+    by_name = {rule["alert"]: rule["expr"] for group in _rules()["groups"] for rule in group["rules"]}
+    for alert in ("ImeBridgeNoDataDuringTradingHours", "ImeBridgeConnectionSilent"):
+        assert "ime_bridge_trading_session_open" in by_name[alert], alert
+    assert "ime_bridge_connection_up" in by_name["ImeBridgeConnectionDown"]
+    assert "ime_bridge_last_message_timestamp_seconds" in by_name["ImeBridgeConnectionSilent"]
+
+
 def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     """ime-bridge-rules.test.yaml has, for each alert, a case where it fires and one where it does not."""
     cases = [
         check
-        for path in (RULE_TESTS, TRADING_HOURS_TESTS)
+        for path in (RULE_TESTS, SESSION_TESTS)
         for test in yaml.safe_load(path.read_text("utf-8"))["tests"]
         for check in test.get("alert_rule_test", [])
     ]
@@ -326,3 +386,30 @@ def test_dashboard_shows_the_issue_topics() -> None:
         "ime_bridge_produce_errors_total",
     ):
         assert metric in text
+
+
+# --- gauges the bridge keeps current by itself ------------------------------------------------------------
+
+
+def _bridge(**ime: Any) -> Bridge:
+    return Bridge(Settings(ime=ime_settings("http://127.0.0.1:9", holiday_calendar=None, **ime)))
+
+
+def test_bridge_sets_ready_and_session_gauges_without_anyone_asking_readyz() -> None:
+    """The bridge's own tick (Bridge._refresh_gauges, every second) sets ime_bridge_ready and
+    ime_bridge_trading_session_open; before Kafka answers, not ready."""
+    bridge = _bridge(trading_sessions=["sat-fri 00:00-24:00"])
+    registry = bridge.metrics.registry
+    bridge.metrics.ready.set(1)  # a stale value the tick must overwrite
+    bridge._refresh_gauges()
+    assert registry.get_sample_value("ime_bridge_ready") == 0
+    assert registry.get_sample_value("ime_bridge_trading_session_open") == 1
+
+
+def test_session_gauge_is_zero_on_a_holiday() -> None:
+    """A holiday closes the calendar the gauge follows, even on a day whose session spans it all."""
+    today = datetime.now(UTC).astimezone(ZoneInfo("Asia/Tehran")).date()
+    tomorrow = today + timedelta(days=1)  # in case the day turns between the two lines
+    bridge = _bridge(trading_sessions=["sat-fri 00:00-24:00"], holidays=[today, tomorrow])
+    bridge._refresh_gauges()
+    assert bridge.metrics.registry.get_sample_value("ime_bridge_trading_session_open") == 0

@@ -55,3 +55,22 @@ async def test_every_goes_on_after_a_failing_step() -> None:
     schedule.cancel()
     await asyncio.gather(schedule, return_exceptions=True)
     assert metrics.registry.get_sample_value("ime_bridge_task_failures_total", {"task": "test"}) == 1
+
+
+async def test_every_immediately_takes_its_first_step_before_the_first_interval() -> None:
+    """immediately=True: a gauge kept by the schedule has its value before anyone can read it."""
+    steps = 0
+
+    def step() -> None:
+        nonlocal steps
+        steps += 1
+
+    schedule = asyncio.create_task(every(3600, step, task="test", metrics=Metrics(), immediately=True))
+    await asyncio.sleep(0)
+    assert steps == 1
+    later = asyncio.create_task(every(3600, step, task="test", metrics=Metrics()))
+    await asyncio.sleep(0)
+    assert steps == 1  # the default waits an interval first
+    for task in (schedule, later):
+        task.cancel()
+    await asyncio.gather(schedule, later, return_exceptions=True)
