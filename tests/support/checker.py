@@ -41,9 +41,7 @@ def frame_identity(payload: str | bytes) -> tuple[str, Identity]:
         _levels(data["BestLimit"]),
         float(data["Aggregate"]["last_price"]),
         int(data["Aggregate"]["trade_count"]),
-        float(data["Aggregate"]["total_volume"]),
         float(data["ContractInfo"]["open_interest"]),
-        float(data["ContractInfo"]["open_interest_changes"]),
     )
 
 
@@ -58,9 +56,7 @@ def record_identity(value: dict[str, Any]) -> Identity:
         levels,
         value["aggregate"]["last_price"],
         value["aggregate"]["trade_count"],
-        float(value["aggregate"]["total_volume"]),
         float(value["contract_info"]["open_interest"]),
-        float(value["contract_info"]["open_interest_change"]),
     )
 
 
