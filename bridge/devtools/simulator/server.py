@@ -1,84 +1,24 @@
-"""The IME simulator: a faithful fake of the HT Data Engine service, on one aiohttp port.
-
-Every test, the demo and the benchmark talk to this instead of the real service. It serves:
-
-- `POST /auth/user/token/issue`, form-encoded, with `username`/`password` (documented) or
-  `UserName_or_Email`/`Password` (the SDK's). Valid credentials answer 201 `{"Authorization": "<JWT>"}`
-  (an HS256 JWT with sub, iat, exp, jti); bad ones 401 `{"detail": ...}`; missing fields 422.
-  Default credentials: username `demo`, password `demo-password`.
-- The live WebSockets at `Endpoint.ID.path` / `Endpoint.NAME.path` and at the legacy paths without the
-  /data-engine/ime prefix. Subscription is the query string: `contract_id` (id endpoint), `contract_name`
-  or `contract_names` (name endpoint), repeated. `Authorization` carries the raw JWT or `Bearer <JWT>`.
-  The handshake is always accepted; a missing, bad, expired or revoked token, an empty list or any
-  unknown or invalidated contract then closes with 1008 and the same generic message, as the real
-  service does. Otherwise each changed snapshot of a subscribed contract is sent; the client never sends.
-  Real servers' manners, off by default: `close_on_token_expiry` closes a stream with 1008 when its token
-  expires; `ignore_close_frames` leaves a client's close frame unanswered and streams on until the client
-  drops TCP (it waits out its close timeout).
-- Static lookups (GET), answering the envelope `{"Data": [...], "Status": {"Code": 200, "Message": "OK"}}`:
-  `STATIC_SEARCH_PATH?market=IMEFutures|IMEOption|IMEDepositCertificate` (all contracts without
-  `market`), `STATIC_BY_NAME_PATH?contract_names=..` and `STATIC_BY_ID_PATH?contract_ids=..` (one item
-  per identifier, in order, `null` for unknown ones). The token is optional there; a bad one is 401.
-  Errors answer `{"detail": ...}` (422 for a missing or invalid parameter).
-- Admin endpoints for fault scripts (no authentication: the simulator only ever listens on loopback),
-  each answering `{"ok": true, ...}`, 400 on a bad parameter:
-
-  | request | effect (the `Simulator` method) |
-  |---|---|
-  | `POST /admin/drop` | drop every connection, no close frame (`drop_connections`) |
-  | `POST /admin/close?code=1011` | close every connection with `code` (`close_connections`) |
-  | `POST /admin/stall?enabled=1` | stop sending data and answering pings; `enabled=0` resumes (`stall`) |
-  | `POST /admin/accept-then-close?enabled=1&code=1011` | close new connections once upgraded; `code=abrupt`: drop |
-  | `POST /admin/tokens/revoke` | every token issued so far is refused (`revoke_tokens`) |
-  | `POST /admin/tokens/expire?ttl=2` | every token issued so far is expired; new ones live `ttl` s (`expire_tokens`) |
-  | `POST /admin/tokens/close-on-expiry?enabled=1` | 1008 when a stream's token expires (`close_on_token_expiry`) |
-  | `POST /admin/ignore-close-frames?enabled=1` | leave close frames unanswered, stream on (`ignore_close_frames`) |
-  | `POST /admin/contracts/invalidate?contract=1001&delist=0` | ids or names become invalid (`invalidate_contracts`) |
-  | `POST /admin/contracts/revalidate?contract=1001` | valid again (`revalidate_contracts`) |
-  | `POST /admin/garbage?kind=text` | send a bad frame: text, binary, missing_fields, wrong_types (`send_garbage`) |
-  | `POST /admin/oversized?size=N` | send a frame of N bytes, default `max_frame_bytes + 1` (`send_oversized`) |
-  | `POST /admin/handshake/delay?seconds=3` | delay every upgrade (`delay_handshakes`) |
-  | `POST /admin/handshake/reject?status=503&retry_after=1` | upgrades get `status`; none clears (`reject_handshakes`) |
-  | `POST /admin/token/reject?status=401&retry_after=1` | requests get `status`; none clears (`reject_token_requests`) |
-  | `POST /admin/token/rate-limit?seconds=2` | 429 within `seconds` of the last; 0 = off (`rate_limit_token_requests`) |
-  | `POST /admin/reset` | clear every fault mode; switches return to the config's values (`reset_faults`) |
-  | `GET /admin/stats` | counters and open connections |
-
-429 and 503 answers carry `Retry-After: retry_after` (default: the config's `retry_after_seconds`); a
-rate-limited token request's carries the seconds left, rounded up.
-
-Pacing: `rate` snapshots per second across the whole market (0 = as fast as the connections drain),
-generated in bursts per event-loop wake-up; each snapshot goes to every connection subscribed to its
-contract, through a per-connection queue and writer task so one slow client does not hold up the others.
-A client more than `max_queue` frames behind is closed with 1011, as the real service does when its
-Redis subscription overflows. With `rate` 0 the generator instead waits for the slowest connection.
-"""
+"""The simulator's server: lifecycle, the fault API tests drive, and the live part (WebSocket streams fed by
+the paced market generator through a queue and writer per connection); the token, static and admin parts
+are tokens.py, static.py and admin.py."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import base64
 import contextlib
-import enum
-import hashlib
-import hmac
 import json
-import math
 import time
-import uuid
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from aiohttp import WSMsgType, web
 
 from bridge.devtools.market import (
     Contract,
-    Dialect,
     FramePayload,
     FrameRenderer,
     MarketGenerator,
@@ -86,125 +26,37 @@ from bridge.devtools.market import (
     build_catalogue,
     prerender,
 )
+from bridge.devtools.simulator.admin import AdminEndpoints
+from bridge.devtools.simulator.model import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL_ERROR,
+    GARBAGE_KINDS,
+    POLICY_CLOSE_MESSAGE,
+    PRERENDER_BUDGET,
+    GarbageKind,
+    PolicyCause,
+    SentFrame,
+    ServerConnection,
+    SimulatorConfig,
+    SimulatorCounters,
+    retry_after_header,
+)
+from bridge.devtools.simulator.static import StaticLookups
+from bridge.devtools.simulator.tokens import Claims, TokenEndpoint
 from bridge.protocol import (
     CHANNEL,
     CLOSE_POLICY_VIOLATION,
-    MARKETS,
-    PASSWORD_FIELDS,
-    STATIC_BY_ID_PATH,
-    STATIC_BY_NAME_PATH,
-    STATIC_SEARCH_PATH,
     TOKEN_PATH,
-    USERNAME_FIELDS,
     Endpoint,
     strip_bearer,
 )
 
-ADMIN_PREFIX = "/admin"
-# The real service's 1008 does not say whether the token or a contract was at fault.
-POLICY_CLOSE_MESSAGE = b"Policy Violation"
-CLOSE_INTERNAL_ERROR = 1011
-CLOSE_GOING_AWAY = 1001
-# Pre-rendered frames kept in memory at most (about 800 bytes each): bounds the benchmark's footprint.
-PRERENDER_BUDGET = 65_536
+_QueueItem = tuple[str | None, bytes, WSMsgType]
+
 # With rate 0, the generator pauses while a connection has more than this many frames queued.
 _UNPACED_HIGH_WATER = 4_096
 # While a client's close frame is left unanswered, how often to look whether it dropped the TCP connection.
 _DROP_POLL_INTERVAL = 0.05
-
-GarbageKind = Literal["text", "binary", "missing_fields", "wrong_types"]
-GARBAGE_KINDS: tuple[GarbageKind, ...] = ("text", "binary", "missing_fields", "wrong_types")
-
-
-class PolicyCause(enum.StrEnum):
-    """Why the simulator closed a connection with 1008 (it never tells the client)."""
-
-    MISSING_TOKEN = "missing_token"
-    BAD_TOKEN = "bad_token"
-    EXPIRED_TOKEN = "expired_token"
-    REVOKED_TOKEN = "revoked_token"
-    NO_CONTRACTS = "no_contracts"
-    UNKNOWN_CONTRACT = "unknown_contract"
-    INVALID_CONTRACT = "invalid_contract"  # subscribed to a contract marked invalid
-    CONTRACT_INVALIDATED = "contract_invalidated"  # connected when one of its contracts became invalid
-    TOKEN_EXPIRED = "token_expired"  # connected when its token expired (close_on_token_expiry)
-
-
-@dataclass
-class SimulatorConfig:
-    """Everything the simulator can be started with. Port 0 picks a free port."""
-
-    host: str = "127.0.0.1"
-    port: int = 0
-    contracts: int = 64
-    rate: float = 50.0  # snapshots per second across the market; 0 = as fast as possible
-    dialect: Dialect = "ht"
-    username: str = "demo"
-    password: str = "demo-password"
-    token_ttl: float = 3600.0  # lifetime of issued tokens in seconds (`expire_tokens` changes it)
-    # Close a streaming connection with 1008 (the generic message) when its token expires, as real servers do.
-    close_on_token_expiry: bool = False
-    # Leave a client's close frame on a streaming connection unanswered and keep streaming until the client
-    # drops the TCP connection: the client waits out its close timeout, as with real servers.
-    ignore_close_frames: bool = False
-    retry_after_seconds: int | None = 1  # Retry-After of 429 and 503 answers; None sends none
-    # A token request within this many seconds of the last one not refused so is answered 429; 0 = no limit.
-    token_rate_limit_seconds: float = 0.0
-    seed: int = 1
-    prerender: bool = False  # cycle through frames rendered up front (the benchmark)
-    prerender_variants: int = 32  # per contract, fewer when contracts * variants > PRERENDER_BUDGET
-    # With prerender: this share of the frames is malformed, evenly spread (0.1: every 10th frame), cycling
-    # through invalid JSON, a wrong-typed field and a contract nobody subscribed; sent as fault frames.
-    bad_frame_ratio: float = 0.0
-    record_sent: bool = False  # keep every frame sent, for `sent_frames`
-    naive_zone: str = "UTC"  # zone of legacy naive timestamps and of Aggregate date/time
-    max_frame_bytes: int = 1 << 20  # the clients' frame limit (websockets' default); oversized exceeds it
-    # Accept permessage-deflate when a client offers it, as the real service does; it costs about 13 µs per
-    # frame here, so benchmarks turn it off (or their client does not offer it).
-    compress: bool = True
-    min_interval: float = 0.005  # shortest pause between two paced bursts
-    burst: int = 256  # snapshots per wake-up when rate is 0
-    max_queue: int = 65_536  # frames queued per connection before it is closed as too slow
-    close_timeout: float = 5.0  # how long a close waits for the client's close frame
-    jwt_secret: str = "ime-bridge-simulator"
-
-
-@dataclass
-class SimulatorCounters:
-    """What the simulator did, for tests to assert on."""
-
-    handshakes: int = 0  # WebSocket requests, rejected ones included
-    connections_accepted: int = 0  # upgrades completed, before token and contract checks
-    tokens_issued: int = 0
-    token_requests: int = 0
-    frames_sent: int = 0
-    policy_closes: Counter[PolicyCause] = field(default_factory=Counter)  # 1008 closes by cause
-    slow_consumer_closes: int = 0
-    close_frames_ignored: int = 0  # clients' close frames left unanswered (ignore_close_frames)
-    token_requests_rate_limited: int = 0  # token requests answered 429 by token_rate_limit_seconds
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConnection:
-    """One open, streaming connection."""
-
-    id: int
-    endpoint: Endpoint
-    path: str
-    identifiers: tuple[str, ...]  # as requested: ids or names
-    contract_ids: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
-class SentFrame:
-    """One frame as it went out: text for text frames, bytes for binary ones."""
-
-    connection_id: int
-    contract_id: str | None  # None for fault frames
-    payload: str | bytes
-
-
-_QueueItem = tuple[str | None, bytes, WSMsgType]
 
 
 class _Connection:
@@ -229,7 +81,7 @@ class _Connection:
         self.drained = asyncio.Event()
         self.closing = False
         self.writing = False  # a frame is being written: it counts as sent once the write returns
-        self.token: _Claims | None = None  # the claims of the token it connected with
+        self.token: Claims | None = None  # the claims of the token it connected with
         self.expiry_timer: asyncio.TimerHandle | None = None
 
     def push(self, contract_id: str | None, payload: bytes, opcode: WSMsgType = WSMsgType.TEXT) -> None:
@@ -245,71 +97,6 @@ def _as_sent(payload: bytes, opcode: WSMsgType) -> str | bytes:
         return payload.decode()
     except UnicodeDecodeError:
         return payload
-
-
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-_Claims = tuple[float, str]  # a token's exp and jti
-
-
-class _TokenAuthority:
-    """Issues and checks HS256 JWTs (stdlib only), and remembers revocations and forced expiries."""
-
-    _HEADER = _b64encode(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-
-    def __init__(self, secret: str) -> None:
-        self._secret = secret.encode()
-        self._issued: set[str] = set()
-        self._revoked: set[str] = set()
-        self._expired: set[str] = set()
-
-    def issue(self, subject: str, ttl: float, now: float) -> str:
-        jti = uuid.uuid4().hex
-        claims = {"sub": subject, "iat": int(now), "exp": int(now + ttl), "jti": jti}
-        signing_input = f"{self._HEADER}.{_b64encode(json.dumps(claims, separators=(',', ':')).encode())}"
-        self._issued.add(jti)
-        return f"{signing_input}.{self._sign(signing_input)}"
-
-    def check(self, token: str, now: float) -> PolicyCause | None:
-        """None when the token is good, else why not."""
-        claims = self.claims(token)
-        if claims is None:
-            return PolicyCause.BAD_TOKEN
-        if claims[1] in self._revoked:
-            return PolicyCause.REVOKED_TOKEN
-        if self.expired(claims, now):
-            return PolicyCause.EXPIRED_TOKEN
-        return None
-
-    def claims(self, token: str) -> _Claims | None:
-        """A well-signed token's exp and jti; None for a bad token."""
-        try:
-            header, payload, signature = token.split(".")
-            if not hmac.compare_digest(signature, self._sign(f"{header}.{payload}")):
-                return None
-            claims = json.loads(_b64decode(payload))
-            return float(claims["exp"]), str(claims["jti"])
-        except (ValueError, KeyError, TypeError):
-            return None
-
-    def expired(self, claims: _Claims, now: float) -> bool:
-        expires, jti = claims
-        return expires <= now or jti in self._expired
-
-    def revoke_all(self) -> None:
-        self._revoked |= self._issued
-
-    def expire_all(self) -> None:
-        self._expired |= self._issued
-
-    def _sign(self, signing_input: str) -> str:
-        return _b64encode(hmac.new(self._secret, signing_input.encode(), hashlib.sha256).digest())
 
 
 def _zone(name: str) -> tzinfo:
@@ -359,7 +146,7 @@ class Simulator:
             endpoint: {contract.id: self._renderer.head(contract, endpoint) for contract in self._contracts}
             for endpoint in Endpoint
         }
-        self._tokens = _TokenAuthority(self.config.jwt_secret)
+        self._token_endpoint = TokenEndpoint(self.config, self.counters, self._notify)
         self._prerendered: list[PrerenderedFrame] = []
         self._cursor = 0
         self._connections: dict[int, _Connection] = {}
@@ -378,13 +165,9 @@ class Simulator:
         self._accept_close_code: int | None = CLOSE_INTERNAL_ERROR
         self._handshake_delay = 0.0
         self._handshake_status: int | None = None
-        self._token_status: int | None = None
         self._handshake_retry_after: int | None = None  # None: the config's retry_after_seconds
-        self._token_retry_after: int | None = None
         self._ignore_close_frames = self.config.ignore_close_frames
         self._close_on_token_expiry = self.config.close_on_token_expiry
-        self._token_rate_limit = self.config.token_rate_limit_seconds
-        self._last_token_request: float | None = None  # monotonic time of the last one not rate-limited
         self._invalid: set[str] = set()
         self._delisted: set[str] = set()
 
@@ -468,9 +251,7 @@ class Simulator:
 
     def issue_token(self, ttl: float | None = None) -> str:
         """A valid token without going through HTTP; a negative `ttl` gives an already expired one."""
-        self.counters.tokens_issued += 1
-        self._notify()
-        return self._tokens.issue(self.config.username, self.config.token_ttl if ttl is None else ttl, time.time())
+        return self._token_endpoint.issue(ttl)
 
     def sent_frames(self, *, connection_id: int | None = None, contract_id: str | None = None) -> list[SentFrame]:
         """Frames sent so far, optionally of one connection or one contract (needs `record_sent`)."""
@@ -530,13 +311,13 @@ class Simulator:
 
     def revoke_tokens(self) -> None:
         """Every token issued so far is refused (1008); new ones are good."""
-        self._tokens.revoke_all()
+        self._token_endpoint.authority.revoke_all()
         self._notify()
 
     def expire_tokens(self, ttl: float | None = None) -> None:
         """Every token issued so far counts as expired; with `ttl`, new tokens live that long. With
         `close_on_token_expiry`, streaming connections are closed with 1008 at once."""
-        self._tokens.expire_all()
+        self._token_endpoint.authority.expire_all()
         if ttl is not None:
             self.config.token_ttl = ttl
         self._close_expired()
@@ -626,14 +407,14 @@ class Simulator:
     def reject_token_requests(self, status: int | None = 401, *, retry_after: int | None = None) -> None:
         """Answer every token request with `status`, valid credentials included (None = normal); 429 and
         503 carry `Retry-After: retry_after` (None: the config's `retry_after_seconds`)."""
-        self._token_status = status
-        self._token_retry_after = retry_after
+        self._token_endpoint.status = status
+        self._token_endpoint.retry_after = retry_after
         self._notify()
 
     def rate_limit_token_requests(self, seconds: float) -> None:
         """Answer 429, with Retry-After the seconds left (rounded up), to a token request made within
         `seconds` of the last one not refused so (0 = no limit)."""
-        self._token_rate_limit = max(0.0, seconds)
+        self._token_endpoint.rate_limit = max(0.0, seconds)
         self._notify()
 
     def reset_faults(self) -> None:
@@ -643,14 +424,27 @@ class Simulator:
         self._accept_then_close = False
         self._accept_close_code = CLOSE_INTERNAL_ERROR
         self._handshake_delay = 0.0
-        self._handshake_status = self._token_status = None
-        self._handshake_retry_after = self._token_retry_after = None
+        self._handshake_status = None
+        self._handshake_retry_after = None
+        self._token_endpoint.reset()
         self._ignore_close_frames = self.config.ignore_close_frames
         self._close_on_token_expiry = self.config.close_on_token_expiry
-        self._token_rate_limit = self.config.token_rate_limit_seconds
         self._invalid.clear()
         self._delisted.clear()
         self._notify()
+
+    def fault_modes(self) -> dict[str, Any]:
+        """The fault switches as they stand (the admin endpoints answer with them)."""
+        return {
+            "stalled": self._stalled,
+            "accept_then_close": self._accept_then_close,
+            "close_on_token_expiry": self._close_on_token_expiry,
+            "ignore_close_frames": self._ignore_close_frames,
+            "handshake_delay": self._handshake_delay,
+            "handshake_status": self._handshake_status,
+            "token_status": self._token_endpoint.status,
+            "token_rate_limit": self._token_endpoint.rate_limit,
+        }
 
     # --- internals: state changes
 
@@ -687,7 +481,7 @@ class Simulator:
         expired = [
             connection
             for connection in self._open_connections()
-            if connection.token is not None and self._tokens.expired(connection.token, now)
+            if connection.token is not None and self._token_endpoint.authority.expired(connection.token, now)
         ]
         for connection in expired:
             self._token_expired(connection)
@@ -851,38 +645,15 @@ class Simulator:
             handler = self._live_handler(endpoint)
             app.router.add_get(endpoint.path, handler)
             app.router.add_get(endpoint.legacy_path, handler)
-        app.router.add_post(TOKEN_PATH, self._issue)
-        app.router.add_get(STATIC_SEARCH_PATH, self._static_search)
-        app.router.add_get(STATIC_BY_NAME_PATH, self._static_by_name)
-        app.router.add_get(STATIC_BY_ID_PATH, self._static_by_id)
-        admin: list[tuple[str, Callable[[web.Request], Coroutine[Any, Any, dict[str, Any]]]]] = [
-            ("drop", self._admin_drop),
-            ("close", self._admin_close),
-            ("stall", self._admin_stall),
-            ("accept-then-close", self._admin_accept_then_close),
-            ("tokens/revoke", self._admin_revoke),
-            ("tokens/expire", self._admin_expire),
-            ("tokens/close-on-expiry", self._admin_close_on_expiry),
-            ("ignore-close-frames", self._admin_ignore_close_frames),
-            ("contracts/invalidate", self._admin_invalidate),
-            ("contracts/revalidate", self._admin_revalidate),
-            ("garbage", self._admin_garbage),
-            ("oversized", self._admin_oversized),
-            ("handshake/delay", self._admin_handshake_delay),
-            ("handshake/reject", self._admin_handshake_reject),
-            ("token/reject", self._admin_token_reject),
-            ("token/rate-limit", self._admin_token_rate_limit),
-            ("reset", self._admin_reset),
-        ]
-        for name, action in admin:
-            app.router.add_post(f"{ADMIN_PREFIX}/{name}", self._admin_handler(action))
-        app.router.add_get(f"{ADMIN_PREFIX}/stats", self._admin_stats)
+        app.router.add_post(TOKEN_PATH, self._token_endpoint.handle)
+        StaticLookups(self._contracts, self._delisted, self._authorize).add_routes(app)
+        AdminEndpoints(self).add_routes(app)
         return app
 
     def _authorize(self, header: str | None) -> PolicyCause | None:
         if header is None or not strip_bearer(header):
             return PolicyCause.MISSING_TOKEN
-        return self._tokens.check(strip_bearer(header), time.time())
+        return self._token_endpoint.authority.check(strip_bearer(header), time.time())
 
     def _subscription(self, endpoint: Endpoint, request: web.Request) -> tuple[list[str], PolicyCause | None]:
         identifiers = [value for param in endpoint.query_params for value in request.query.getall(param, [])]
@@ -910,7 +681,8 @@ class Simulator:
             await asyncio.sleep(self._handshake_delay)
         if self._handshake_status is not None:
             status = self._handshake_status
-            headers = self._retry_after(status, self._handshake_retry_after)
+            seconds = self._handshake_retry_after
+            headers = retry_after_header(status, self.config.retry_after_seconds if seconds is None else seconds)
             return web.json_response({"detail": f"handshake rejected ({status})"}, status=status, headers=headers)
         ws = web.WebSocketResponse(
             autoping=False,  # pings are answered below, so that a stall can stop answering them
@@ -940,7 +712,7 @@ class Simulator:
             self._notify()
             await ws.close(code=CLOSE_POLICY_VIOLATION, message=POLICY_CLOSE_MESSAGE)
             return ws
-        token = self._tokens.claims(strip_bearer(header)) if header is not None else None
+        token = self._token_endpoint.authority.claims(strip_bearer(header)) if header is not None else None
         await self._stream(endpoint, request, ws, identifiers, token)
         return ws
 
@@ -950,7 +722,7 @@ class Simulator:
         request: web.Request,
         ws: web.WebSocketResponse,
         identifiers: list[str],
-        token: _Claims | None,
+        token: Claims | None,
     ) -> None:
         lookup = self._by_id if endpoint is Endpoint.ID else self._by_name
         contract_ids = frozenset(lookup[identifier].id for identifier in identifiers)
@@ -988,334 +760,3 @@ class Simulator:
             self._unregister(connection)
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
-
-    async def _issue(self, request: web.Request) -> web.Response:
-        self.counters.token_requests += 1
-        now = time.monotonic()
-        if self._token_rate_limit > 0 and self._last_token_request is not None:
-            remaining = self._last_token_request + self._token_rate_limit - now
-            if remaining > 0:
-                self.counters.token_requests_rate_limited += 1
-                self._notify()
-                retry_after = {"Retry-After": str(math.ceil(remaining))}
-                return web.json_response({"detail": "too many token requests"}, status=429, headers=retry_after)
-        self._last_token_request = now
-        if self._token_status is not None:
-            headers = self._retry_after(self._token_status, self._token_retry_after)
-            return web.json_response(
-                {"detail": "token issuing is unavailable"}, status=self._token_status, headers=headers
-            )
-        form = await request.post()
-        values: dict[str, str] = {}
-        for fields in (USERNAME_FIELDS, PASSWORD_FIELDS):
-            value = next((form[name] for name in fields if name in form), None)
-            if not isinstance(value, str):
-                missing = [{"loc": ["body", fields[0]], "msg": "Field required", "type": "missing"}]
-                return web.json_response({"detail": missing}, status=422)
-            values[fields[0]] = value
-        good = hmac.compare_digest(
-            values[USERNAME_FIELDS[0]].encode(), self.config.username.encode()
-        ) & hmac.compare_digest(values[PASSWORD_FIELDS[0]].encode(), self.config.password.encode())
-        if not good:
-            return web.json_response({"detail": "Incorrect username or password"}, status=401)
-        return web.json_response({"Authorization": self.issue_token()}, status=201)
-
-    def _retry_after(self, status: int, seconds: int | None) -> dict[str, str] | None:
-        """The Retry-After header of a 429 or 503 answer (`seconds` None: the config's)."""
-        if seconds is None:
-            seconds = self.config.retry_after_seconds
-        return {"Retry-After": str(seconds)} if status in (429, 503) and seconds is not None else None
-
-    def _static_check(self, request: web.Request) -> web.Response | None:
-        """401 when a token is given and bad; the static lookups also answer without one."""
-        header = request.headers.get("Authorization")
-        if header is not None and self._authorize(header) is not None:
-            return web.json_response({"detail": "Could not validate credentials"}, status=401)
-        return None
-
-    def _static_items(self, contracts: Iterable[Contract | None]) -> web.Response:
-        data = [
-            None if contract is None or contract.id in self._delisted else contract.static_item()
-            for contract in contracts
-        ]
-        body = {"Data": data, "Status": {"Code": 200, "Message": "OK"}}
-        return web.json_response(body, dumps=_dumps_unicode)
-
-    async def _static_search(self, request: web.Request) -> web.Response:
-        refused = self._static_check(request)
-        if refused is not None:
-            return refused
-        market = request.query.get("market")
-        if market is not None and market not in MARKETS:
-            detail = f"market must be one of {', '.join(MARKETS)}"
-            return web.json_response({"detail": detail}, status=422)
-        return self._static_items(
-            contract
-            for contract in self._contracts
-            if (market is None or contract.market == market) and contract.id not in self._delisted
-        )
-
-    async def _static_by_name(self, request: web.Request) -> web.Response:
-        return self._static_lookup(request, Endpoint.NAME, self._by_name)
-
-    async def _static_by_id(self, request: web.Request) -> web.Response:
-        return self._static_lookup(request, Endpoint.ID, self._by_id)
-
-    def _static_lookup(self, request: web.Request, endpoint: Endpoint, lookup: dict[str, Contract]) -> web.Response:
-        refused = self._static_check(request)
-        if refused is not None:
-            return refused
-        param = endpoint.static_lookup_param
-        identifiers = request.query.getall(param, [])
-        if not identifiers:
-            return web.json_response({"detail": f"query parameter {param} is required"}, status=422)
-        return self._static_items(lookup.get(identifier) for identifier in identifiers)
-
-    # --- internals: admin
-
-    def _admin_handler(
-        self, action: Callable[[web.Request], Coroutine[Any, Any, dict[str, Any]]]
-    ) -> Callable[[web.Request], Coroutine[Any, Any, web.Response]]:
-        async def handle(request: web.Request) -> web.Response:
-            try:
-                result = await action(request)
-            except ValueError as exc:
-                return web.json_response({"ok": False, "detail": str(exc)}, status=400)
-            return web.json_response({"ok": True, **result})
-
-        return handle
-
-    async def _admin_drop(self, request: web.Request) -> dict[str, Any]:
-        return {"connections": await self.drop_connections()}
-
-    async def _admin_close(self, request: web.Request) -> dict[str, Any]:
-        code = _int_param(request, "code")
-        closed = await self.close_connections(
-            CLOSE_INTERNAL_ERROR if code is None else code, request.query.get("message", "")
-        )
-        return {"connections": closed}
-
-    async def _admin_stall(self, request: web.Request) -> dict[str, Any]:
-        self.stall(_bool_param(request, "enabled", True))
-        return {"stalled": self._stalled}
-
-    async def _admin_accept_then_close(self, request: web.Request) -> dict[str, Any]:
-        code: int | None = None
-        if request.query.get("code") != "abrupt":
-            given = _int_param(request, "code")
-            code = CLOSE_INTERNAL_ERROR if given is None else given
-        self.accept_then_close(_bool_param(request, "enabled", True), code=code)
-        return {"enabled": self._accept_then_close, "code": code}
-
-    async def _admin_revoke(self, request: web.Request) -> dict[str, Any]:
-        self.revoke_tokens()
-        return {}
-
-    async def _admin_expire(self, request: web.Request) -> dict[str, Any]:
-        self.expire_tokens(_float_param(request, "ttl"))
-        return {"token_ttl": self.config.token_ttl}
-
-    async def _admin_close_on_expiry(self, request: web.Request) -> dict[str, Any]:
-        closed = self.close_on_token_expiry(_bool_param(request, "enabled", True))
-        return {"enabled": self._close_on_token_expiry, "connections": closed}
-
-    async def _admin_ignore_close_frames(self, request: web.Request) -> dict[str, Any]:
-        self.ignore_close_frames(_bool_param(request, "enabled", True))
-        return {"enabled": self._ignore_close_frames}
-
-    async def _admin_invalidate(self, request: web.Request) -> dict[str, Any]:
-        identifiers = request.query.getall("contract", [])
-        closed = await self.invalidate_contracts(identifiers, delist=_bool_param(request, "delist", False))
-        return {"connections": closed}
-
-    async def _admin_revalidate(self, request: web.Request) -> dict[str, Any]:
-        self.revalidate_contracts(request.query.getall("contract", []))
-        return {}
-
-    async def _admin_garbage(self, request: web.Request) -> dict[str, Any]:
-        kind = request.query.get("kind", "text")
-        for known in GARBAGE_KINDS:
-            if kind == known:
-                return {"connections": self.send_garbage(known)}
-        raise ValueError(f"kind must be one of {', '.join(GARBAGE_KINDS)}")
-
-    async def _admin_oversized(self, request: web.Request) -> dict[str, Any]:
-        return {"connections": self.send_oversized(_int_param(request, "size"))}
-
-    async def _admin_handshake_delay(self, request: web.Request) -> dict[str, Any]:
-        self.delay_handshakes(_float_param(request, "seconds") or 0.0)
-        return {"seconds": self._handshake_delay}
-
-    async def _admin_handshake_reject(self, request: web.Request) -> dict[str, Any]:
-        self.reject_handshakes(_status_param(request), retry_after=_retry_after_param(request))
-        return {"status": self._handshake_status}
-
-    async def _admin_token_reject(self, request: web.Request) -> dict[str, Any]:
-        self.reject_token_requests(_status_param(request), retry_after=_retry_after_param(request))
-        return {"status": self._token_status}
-
-    async def _admin_token_rate_limit(self, request: web.Request) -> dict[str, Any]:
-        self.rate_limit_token_requests(_float_param(request, "seconds") or 0.0)
-        return {"seconds": self._token_rate_limit}
-
-    async def _admin_reset(self, request: web.Request) -> dict[str, Any]:
-        self.reset_faults()
-        return {}
-
-    async def _admin_stats(self, request: web.Request) -> web.Response:
-        counters = self.counters
-        return web.json_response(
-            {
-                "handshakes": counters.handshakes,
-                "connections_accepted": counters.connections_accepted,
-                "tokens_issued": counters.tokens_issued,
-                "token_requests": counters.token_requests,
-                "frames_sent": counters.frames_sent,
-                "policy_closes": dict(counters.policy_closes),
-                "slow_consumer_closes": counters.slow_consumer_closes,
-                "close_frames_ignored": counters.close_frames_ignored,
-                "token_requests_rate_limited": counters.token_requests_rate_limited,
-                "connections": [
-                    {
-                        "id": info.id,
-                        "endpoint": info.endpoint.value,
-                        "path": info.path,
-                        "contract_ids": sorted(info.contract_ids),
-                    }
-                    for info in self.connections
-                ],
-            }
-        )
-
-
-def _dumps_unicode(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _int_param(request: web.Request, name: str) -> int | None:
-    text = request.query.get(name)
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {text!r}") from None
-
-
-def _float_param(request: web.Request, name: str) -> float | None:
-    text = request.query.get(name)
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {text!r}") from None
-
-
-def _bool_param(request: web.Request, name: str, default: bool) -> bool:
-    text = request.query.get(name)
-    if text is None or text == "":
-        return default
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name} must be a boolean, got {text!r}")
-
-
-def _status_param(request: web.Request) -> int | None:
-    status = _int_param(request, "status")
-    if not status:  # absent or 0: clear the fault
-        return None
-    if not 100 <= status <= 599:
-        raise ValueError(f"status must be an HTTP status, got {status}")
-    return status
-
-
-def _retry_after_param(request: web.Request) -> int | None:
-    seconds = _int_param(request, "retry_after")
-    if seconds is not None and seconds < 0:
-        raise ValueError(f"retry_after must not be negative, got {seconds}")
-    return seconds
-
-
-# --- CLI glue, wired into `ime-bridge simulate`
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the simulator's options to `parser` (defaults from SimulatorConfig)."""
-    defaults = SimulatorConfig()
-    parser.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
-    parser.add_argument(
-        "--port", type=int, default=defaults.port, help="port to listen on; 0 picks a free one (default %(default)s)"
-    )
-    parser.add_argument(
-        "--contracts",
-        type=int,
-        default=defaults.contracts,
-        help="number of contracts in the simulated market (default %(default)s)",
-    )
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=defaults.rate,
-        help="snapshots per second across the market; 0 = as fast as clients read (default %(default)s)",
-    )
-    parser.add_argument(
-        "--dialect",
-        choices=("ht", "legacy"),
-        default=defaults.dialect,
-        help="frame dialect: ht (contractId, UTC timestamps with Z) or legacy (ContractId, naive timestamps)",
-    )
-    parser.add_argument("--username", default=defaults.username, help="accepted username (default %(default)s)")
-    parser.add_argument("--password", default=defaults.password, help="accepted password (default %(default)s)")
-    parser.add_argument(
-        "--token-ttl",
-        type=float,
-        default=defaults.token_ttl,
-        help="lifetime of issued tokens in seconds (default %(default)s)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="random seed of the market generator (default %(default)s)"
-    )
-    parser.add_argument(
-        "--prerender",
-        action="store_true",
-        help="cycle through frames rendered at start, for benchmarks (the simulator then costs little CPU)",
-    )
-    parser.add_argument(
-        "--bad-frame-ratio",
-        type=float,
-        default=defaults.bad_frame_ratio,
-        help="with --prerender: share of malformed frames, e.g. 0.1 for every 10th (default %(default)s)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
-    """The SimulatorConfig for options added by `add_arguments`."""
-    return SimulatorConfig(
-        host=args.host,
-        port=args.port,
-        contracts=args.contracts,
-        rate=args.rate,
-        dialect=args.dialect,
-        username=args.username,
-        password=args.password,
-        token_ttl=args.token_ttl,
-        seed=args.seed,
-        prerender=args.prerender,
-        bad_frame_ratio=args.bad_frame_ratio,
-    )
-
-
-async def run_from_args(args: argparse.Namespace) -> None:
-    """Serve a simulator configured by `args` until cancelled, after printing where and how to log in."""
-    async with Simulator(config_from_args(args)) as simulator:
-        config = simulator.config
-        print(
-            f"IME simulator: http {simulator.base_url} ws {simulator.ws_url} "
-            f"username={config.username} password={config.password} "
-            f"contracts={config.contracts} rate={config.rate:g}/s dialect={config.dialect}",
-            flush=True,
-        )
-        await asyncio.Event().wait()
