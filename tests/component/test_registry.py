@@ -7,27 +7,20 @@ the real client did not accept it, these tests would say nothing about a real re
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import json
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from confluent_kafka.schema_registry import Schema as RegistrySchema
 from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from bridge.devtools.broker import free_port
 from bridge.records import SinkFatal, SinkUnavailable
 from bridge.registry import SchemaRejected, value_subject
 from tests.support.schema_registry_double import SchemaRegistryDouble
+from tests.support.tlsproxy import Pki, make_pki
 from tests.unit.test_registry import SCHEMA, registry
 
 
@@ -173,61 +166,9 @@ async def test_basic_auth() -> None:
 # --- TLS ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Pki:
-    """A throw-away CA, and a server and a client certificate it signed, as PEM files."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _issue(
-    directory: Path, name: str, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate | None, *, server: bool
-) -> tuple[Path, Path, ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ca_key if ca is None else ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject if ca is None else ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-    if ca is None:
-        builder = builder.add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-    else:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    certificate = builder.sign(ca_key, hashes.SHA256())
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path, key, certificate
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca_path, _, ca_key, ca = _issue(directory, "ca", ec.generate_private_key(ec.SECP256R1()), None, server=False)
-    server_cert, server_key, _, _ = _issue(directory, "server", ca_key, ca, server=True)
-    client_cert, client_key, _, _ = _issue(directory, "client", ca_key, ca, server=False)
-    return Pki(ca_path, server_cert, server_key, client_cert, client_key)
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def mutual_tls(pki: Pki) -> ssl.SSLContext:
