@@ -18,6 +18,7 @@ from bridge.auth import (
 )
 from bridge.devtools.simulator import Simulator, SimulatorConfig
 from tests.support.harness import ime_settings
+from tests.support.http_server import serving_post
 
 PASSWORD = "s3cr3t p@ss&wörd"  # URL-encoding changes it
 
@@ -32,17 +33,8 @@ async def echoing_token_endpoint(status: int) -> AsyncIterator[str]:
         detail = f"no user {form.get('username')} with password {form.get('password')} (you sent {raw})"
         return web.json_response({"detail": detail, "input": dict(form)}, status=status)
 
-    app = web.Application()
-    app.router.add_post("/auth/user/token/issue", issue)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        host, port = runner.addresses[0][:2]
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving_post("/auth/user/token/issue", issue) as base_url:
+        yield base_url
 
 
 async def test_a_refusal_echoing_the_password_is_reported_without_it() -> None:

@@ -22,6 +22,7 @@ from bridge.config import KafkaSettings
 from bridge.devtools.broker import free_port
 from bridge.kafka_oauth import ClientCredentialsTokenProvider, TokenEndpointError
 from bridge.sink import client_options
+from tests.support.http_server import serving_post
 
 SECRET = "s3cr3t-client-secret"
 
@@ -64,18 +65,9 @@ async def endpoint() -> AsyncIterator[TokenEndpoint]:
             answer["expires_in"] = state.expires_in
         return web.json_response(answer)
 
-    app = web.Application()
-    app.router.add_post("/oauth2/token", issue)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    state.url = f"http://127.0.0.1:{port}/oauth2/token"
-    try:
+    async with serving_post("/oauth2/token", issue) as base_url:
+        state.url = f"{base_url}/oauth2/token"
         yield state
-    finally:
-        await runner.cleanup()
 
 
 class Clock:

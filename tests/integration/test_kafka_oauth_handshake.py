@@ -25,6 +25,7 @@ from bridge.config import KafkaSettings
 from bridge.devtools.broker import free_port, tansu_binary
 from bridge.records import SinkUnavailable
 from bridge.sink import KafkaSink
+from tests.support.http_server import serving_post
 
 pytestmark = pytest.mark.integration
 
@@ -73,16 +74,9 @@ async def token_endpoint() -> AsyncIterator[dict[str, Any]]:
             return web.json_response({"error": "invalid_client", "error_description": "unknown client"}, status=401)
         return web.json_response({"access_token": "a.b.c", "token_type": "Bearer", "expires_in": 3600})
 
-    app = web.Application()
-    app.router.add_post("/token", issue)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    state["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}/token"
-    try:
+    async with serving_post("/token", issue) as base_url:
+        state["url"] = f"{base_url}/token"
         yield state
-    finally:
-        await runner.cleanup()
 
 
 def oauth_settings(bootstrap: str, token_url: str) -> KafkaSettings:
