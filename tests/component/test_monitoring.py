@@ -1,14 +1,9 @@
-"""Alert rules (deploy/prometheus) and the Grafana dashboard (deploy/grafana) against the bridge's metrics.
+"""The alert rules under Prometheus's own tools, and a real Prometheus over the bridge's /metrics.
 
-Static: every expression parses as PromQL (promql-parser) and names only metrics bridge/metrics.py defines,
-the process_* ones, `up`, or a recording rule of the rules file; every ime_bridge_* metric is charted.
-Prometheus's own tools: `promtool check rules` and `promtool test rules` (a unit test firing and one not
-firing for every alert). Live: a real Prometheus server scrapes the bridge's /metrics endpoint (its
-HealthServer over a populated Metrics registry), evaluates the rules, and answers every dashboard query.
-A missing tool fails the test under CI=true and skips it elsewhere, saying which.
-
-The expression helpers (`alert_expressions`, `dashboard_expressions`, `substitute_dashboard_variables`)
-are meant for reuse by the end-to-end scrape test.
+`promtool check rules` and `promtool test rules` (each alert firing and quiet, and mutations that the tests
+must catch), also on the chart's rules tuned from values; a real Prometheus server scrapes a HealthServer over
+a populated Metrics registry, evaluates the rules and answers every dashboard query. A missing tool fails the
+test under CI=true and skips it elsewhere, saying which.
 """
 
 from __future__ import annotations

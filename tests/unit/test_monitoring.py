@@ -1,14 +1,10 @@
-"""Alert rules (deploy/prometheus) and the Grafana dashboard (deploy/grafana) against the bridge's metrics.
+"""Alert rules (deploy/prometheus) and the Grafana dashboard (deploy/grafana), read statically.
 
-Static: every expression parses as PromQL (promql-parser) and names only metrics bridge/metrics.py defines,
-the process_* ones, `up`, or a recording rule of the rules file; every ime_bridge_* metric is charted.
-Prometheus's own tools: `promtool check rules` and `promtool test rules` (a unit test firing and one not
-firing for every alert). Live: a real Prometheus server scrapes the bridge's /metrics endpoint (its
-HealthServer over a populated Metrics registry), evaluates the rules, and answers every dashboard query.
-A missing tool fails the test under CI=true and skips it elsewhere, saying which.
-
-The expression helpers (`alert_expressions`, `dashboard_expressions`, `substitute_dashboard_variables`)
-are meant for reuse by the end-to-end scrape test.
+Every expression parses as PromQL (promql-parser) and names only metrics bridge/metrics.py defines, the
+process_* ones, `up`, or a recording rule of the rules file; every ime_bridge_* metric is charted; every alert
+links its runbook section and a panel, and has a firing and a quiet promtool case. The expression helpers
+(`alert_expressions`, `dashboard_expressions`, `substitute_dashboard_variables`) serve the component and
+integration layers' tests too.
 """
 
 from __future__ import annotations
