@@ -76,19 +76,13 @@ class Bridge:
     _reload_requested: asyncio.Event = field(default_factory=asyncio.Event)
     _sink_started: bool = False
 
-    def __post_init__(self) -> None:
-        self._calendar = self.settings.ime.calendar
-
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when Kafka takes records and at least one subscription is connected."""
+        """Ready when Kafka takes records and at least one subscription is connected; with the details /readyz
+        shows."""
+        ready, kafka, up = self._ready()
         running = self._running
         if running is None:
-            self.metrics.ready.set(0)
-            return False, {"kafka": self._sink_started, "connections_up": 0, "connections": {}}
-        up = running.source.connections_up
-        kafka = self._sink_started and running.publisher.healthy
-        ready = kafka and up > 0
-        self.metrics.ready.set(1 if ready else 0)
+            return ready, {"kafka": kafka, "connections_up": up, "connections": {}}
         return ready, {
             "kafka": kafka,
             "connections_up": up,
@@ -98,11 +92,21 @@ class Bridge:
             "quarantined": running.manager.status(),
         }
 
+    def _ready(self) -> tuple[bool, bool, int]:
+        """(ready, Kafka takes records, connections up), and ime_bridge_ready set to match."""
+        running = self._running
+        kafka = self._sink_started and (running is None or running.publisher.healthy)
+        up = running.source.connections_up if running is not None else 0
+        ready = running is not None and kafka and up > 0
+        self.metrics.ready.set(1 if ready else 0)
+        return ready, kafka, up
+
     def _refresh_gauges(self) -> None:
         """Keep ime_bridge_ready and ime_bridge_trading_session_open current without anyone polling /readyz,
-        so that a scrape of /metrics alone tells the truth (Docker's HEALTHCHECK polls only /healthz)."""
-        self.readiness()
-        self.metrics.trading_session_open.set(1 if self._calendar.is_open(datetime.now(UTC)) else 0)
+        so that a scrape of /metrics alone tells the truth (Docker's HEALTHCHECK polls only /healthz). Only the
+        gauges: the details /readyz shows are built when it is asked."""
+        self._ready()
+        self.metrics.trading_session_open.set(1 if self.settings.ime.calendar.is_open(datetime.now(UTC)) else 0)
 
     def request_reload(self) -> None:
         """SIGHUP: re-read the configuration file and reconcile the subscriptions."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import date
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -227,9 +228,10 @@ class ImeSettings(_Section):
         dead-lettered with its reason rather than ending the connection (1009)."""
         return 4 * self.max_frame_bytes
 
-    @property
+    @cached_property
     def calendar(self) -> TradingCalendar:
-        """The trading calendar the data watchdog and ime_bridge_trading_session_open follow."""
+        """The trading calendar the data watchdog and ime_bridge_trading_session_open follow (built once: the
+        source and the bridge's gauge share it)."""
         public = None if self.holiday_calendar is None else holiday_data.country_holidays(self.holiday_calendar)
         return TradingCalendar.parse(
             self.trading_sessions, self.trading_timezone, [day.isoformat() for day in self.holidays], public

@@ -167,7 +167,6 @@ class WebSocketSource:
     def __post_init__(self) -> None:
         self._fatal: asyncio.Future[SourceFatal] = asyncio.get_running_loop().create_future()
         self._ws_url = str(self.settings.ws_url)
-        self._calendar = self.settings.calendar  # the data watchdog follows the trading sessions
 
     async def fatal(self) -> SourceFatal:
         """Wait for a failure retrying cannot fix (TLS verification); the bridge must then stop."""
@@ -413,7 +412,7 @@ class WebSocketSource:
             await asyncio.sleep(min(stale_after / 4, 5.0))
             now = time.time()
             last = max(self._last_message_at.get(name, 0.0), opened_wall)
-            if now - last >= stale_after and self._calendar.is_open(datetime.fromtimestamp(now, UTC)):
+            if now - last >= stale_after and self.settings.calendar.is_open(datetime.fromtimestamp(now, UTC)):
                 log_event(
                     logger, logging.WARNING, "stale_connection", connection=name, silent_seconds=round(now - last)
                 )
