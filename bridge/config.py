@@ -349,6 +349,11 @@ class KafkaSettings(_Section):
             raise ValueError("kafka.state_topic must differ from kafka.topic and kafka.dlq_topic")
         return self
 
+    @property
+    def topics(self) -> list[str]:
+        """Every topic the bridge writes: updates, dead letters, and the latest-state topic when it is on."""
+        return [self.topic, self.dlq_topic, *([self.state_topic] if self.state_topic_enabled else [])]
+
 
 class BufferSettings(_Section):
     """The buffer between the WebSocket readers and Kafka; see bridge/buffer.py."""

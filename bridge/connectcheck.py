@@ -54,7 +54,7 @@ async def _kafka(settings: Settings) -> str:
         existing = set(await admin.list_topics())
     finally:
         await admin.close()
-    topics = [kafka.topic, kafka.dlq_topic, *([kafka.state_topic] if kafka.state_topic_enabled else [])]
+    topics = kafka.topics
     missing = [topic for topic in topics if topic not in existing]
     return "connected; " + (
         f"topics to be created at start: {', '.join(missing)}" if missing else f"topics exist: {', '.join(topics)}"

@@ -220,7 +220,7 @@ class KafkaSink:
                     self._state_prefix = wire_prefix(await self._registry.register(self._state_topic, self._schema))
             finally:
                 self._registry.close()  # the ids are cached: no connection is kept between starts
-        topics = [settings.topic, settings.dlq_topic, *([self._state_topic] if self._state_topic else [])]
+        topics = settings.topics
         try:
             if settings.create_topics:
                 await self._create_missing_topics(topics)
