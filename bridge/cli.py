@@ -15,7 +15,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
 
 from bridge import __version__
-from bridge.config import ConfigError, Settings, load_settings
+from bridge.config import ConfigError, SchemaRegistrySettings, Settings, load_settings
 from bridge.logs import configure_logging
 from bridge.registry import MISSING_CLIENT, client_installed
 from bridge.signals import install_stop_signals
@@ -66,8 +66,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"ime-bridge: {exc}", file=sys.stderr)
         return _fatal(f"invalid configuration: {'; '.join(exc.problems)}", EXIT_CONFIG)
-    if settings.schema_registry is not None and not client_installed():
-        print(f"ime-bridge: {MISSING_CLIENT}", file=sys.stderr)
+    if _registry_client_missing(settings.schema_registry, "ime-bridge"):
         return _fatal(f"invalid configuration: {MISSING_CLIENT}", EXIT_CONFIG)
     configure_logging(settings.log.level, settings.log.format)
     try:
@@ -90,13 +89,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return _fatal(reason, code)
 
 
+def _registry_client_missing(registry: SchemaRegistrySettings | None, program: str) -> bool:
+    """A schema registry is configured but its client (the `registry` extra) is not installed: said on stderr."""
+    if registry is None or client_installed():
+        return False
+    print(f"{program}: {MISSING_CLIENT}", file=sys.stderr)
+    return True
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     """Validate the configuration (exit 2 when refused); with --connect also reach each service it names
     (exit 1 when one fails)."""
     settings = _load(args.config)
     ime, kafka = settings.ime, settings.kafka
-    if settings.schema_registry is not None and not client_installed():
-        print(f"ime-bridge: {MISSING_CLIENT}", file=sys.stderr)
+    if _registry_client_missing(settings.schema_registry, "ime-bridge"):
         return EXIT_CONFIG
     print(
         f"configuration OK: {len(ime.contract_ids)} contract ids, {len(ime.contract_names)} contract names, "
@@ -150,7 +156,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _cmd_tail(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from bridge.config import KafkaSettings, SchemaRegistrySettings
+    from bridge.config import KafkaSettings
     from bridge.tail import tail
 
     # With --config, the bridge's own connection settings (TLS, SASL, the registry's credentials); flags win.
@@ -168,8 +174,7 @@ def _cmd_tail(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.dead_letters:
         registry = None  # dead letters are raw frames: no schema to look up
-    if registry is not None and not client_installed():
-        print(f"ime-bridge tail: {MISSING_CLIENT}", file=sys.stderr)
+    if _registry_client_missing(registry, "ime-bridge tail"):
         return EXIT_CONFIG
     topic = args.topic or (kafka.dlq_topic if args.dead_letters else kafka.topic)
 
