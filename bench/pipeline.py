@@ -27,6 +27,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.devtools.broker import EmbeddedBroker, free_port, stop_process
+from bridge.devtools.demo import quantile
 
 
 @dataclass(frozen=True)
@@ -70,24 +71,11 @@ def scrape(port: int) -> Scrape:
     )
 
 
-def quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float:
-    """histogram_quantile over the bucket increments between two scrapes."""
-    bounds = sorted(after)
-    counts = [after[bound] - before.get(bound, 0.0) for bound in bounds]
-    total = counts[-1]
-    if total <= 0:
-        return float("nan")
-    rank = q * total
-    previous_bound, previous_count = 0.0, 0.0
-    for bound, count in zip(bounds, counts, strict=True):
-        if count >= rank:
-            if bound == float("inf"):
-                return previous_bound
-            return previous_bound + (bound - previous_bound) * (rank - previous_count) / max(
-                count - previous_count, 1e-9
-            )
-        previous_bound, previous_count = bound, count
-    return previous_bound
+def window_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float:
+    """histogram_quantile over the bucket increments between two scrapes (NaN without observations)."""
+    increments = ((bound, count - before.get(bound, 0.0)) for bound, count in after.items())
+    found = quantile(increments, q)
+    return float("nan") if found is None else found
 
 
 @contextlib.contextmanager
@@ -175,8 +163,8 @@ def run_phase(
         "bad_share": dead_letters / max(acknowledged, 1),
         "rejection_log_lines": float(logs[1].read_text(errors="replace").count("event=frame_rejected ")),
         "cpu_share": (after.cpu_seconds - before.cpu_seconds) / elapsed,
-        "p50_ms": quantile(0.5, before.latency_buckets, after.latency_buckets) * 1e3,
-        "p99_ms": quantile(0.99, before.latency_buckets, after.latency_buckets) * 1e3,
+        "p50_ms": window_quantile(0.5, before.latency_buckets, after.latency_buckets) * 1e3,
+        "p99_ms": window_quantile(0.99, before.latency_buckets, after.latency_buckets) * 1e3,
         "backlog": after.received - after.published,
     }
 
