@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -77,29 +78,36 @@ class ClientCredentialsTokenProvider(AbstractTokenProvider):  # type: ignore[mis
             raise TokenEndpointError(
                 f"OAuth token endpoint {self._url}: unreachable: {type(exc).__name__}: {exc}"
             ) from None
-        answer = _json_object(body)
-        if status != 200:
-            raise TokenEndpointError(f"OAuth token endpoint {self._url}: HTTP {status}: {self._error(answer)}")
-        token = answer.get("access_token")
-        if not isinstance(token, str) or not token:
-            raise TokenEndpointError(f"OAuth token endpoint {self._url}: the answer has no access_token")
-        expires_in = answer.get("expires_in", DEFAULT_LIFETIME_SECONDS)
-        try:
-            lifetime = float(expires_in)
-        except (TypeError, ValueError):
-            raise TokenEndpointError(f"OAuth token endpoint {self._url}: bad expires_in {expires_in!r}") from None
-        return token, max(lifetime, 0.0)
+        return token_from_answer(self._url, status, body, self._secret)
 
-    def _error(self, answer: dict[str, Any]) -> str:
-        """The OAuth error of a refusal (RFC 6749 section 5.2), without the secret, capped."""
+
+def token_from_answer(url: str, status: int, body: bytes, secret: str) -> tuple[str, float]:
+    """The token endpoint's answer read: (access token, lifetime in seconds, finite and not negative).
+
+    Pure, for whatever bytes a server sends: anything but a usable 200 answer raises TokenEndpointError
+    naming `url` and the server's OAuth error (RFC 6749 section 5.2), never `secret`.
+    """
+    answer = _json_object(body)
+    if status != 200:
         parts = [str(answer[key]) for key in ("error", "error_description") if answer.get(key)]
-        text = ": ".join(parts) or "no error given"
-        return text.replace(self._secret, "***")[:_DETAIL_LIMIT]
+        error = (": ".join(parts) or "no error given").replace(secret, "***")[:_DETAIL_LIMIT]
+        raise TokenEndpointError(f"OAuth token endpoint {url}: HTTP {status}: {error}")
+    token = answer.get("access_token")
+    if not isinstance(token, str) or not token:
+        raise TokenEndpointError(f"OAuth token endpoint {url}: the answer has no access_token")
+    expires_in = answer.get("expires_in", DEFAULT_LIFETIME_SECONDS)
+    try:
+        lifetime = float(expires_in)
+    except (TypeError, ValueError, OverflowError):
+        lifetime = math.nan
+    if not math.isfinite(lifetime):  # NaN or infinity would never refresh the token
+        raise TokenEndpointError(f"OAuth token endpoint {url}: bad expires_in {str(expires_in)[:40]!r}")
+    return token, max(lifetime, 0.0)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
     try:
         value = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past the parser's depth
         return {}
     return value if isinstance(value, dict) else {}
