@@ -29,6 +29,7 @@ from fastavro import schemaless_reader
 
 from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, SchemaHistory
+from bridge.records import HEADER_CONNECTION, HEADER_DETAIL, HEADER_ENDPOINT, HEADER_REASON, HEADER_RECEIVE_TIME
 from bridge.registry import SchemaRegistry, split_framed
 from bridge.sink import client_options
 
@@ -73,38 +74,48 @@ def excerpt(raw: bytes | None, limit: int = EXCERPT_CHARS) -> str:
     """A refused frame fit for one terminal line: UTF-8 where it is, escapes for control characters and
     undecodable bytes, cut at `limit` characters with the frame's full size said."""
     data = raw or b""
-    text = data.decode("utf-8", "backslashreplace")
-    readable = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    readable = _printable(data.decode("utf-8", "backslashreplace"))
     if len(readable) <= limit:
         return readable
     return f"{readable[:limit]}… ({len(data)} bytes)"
+
+
+def _printable(text: str) -> str:
+    """`text` with control characters (newlines, terminal escapes) escaped: one line, nothing a terminal runs."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def decode_dead_letter(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> Decoded:
     """A dead letter as plain data: why it was refused (`reason`, `detail`), where it came from, when it was
     received, and an excerpt of the raw frame."""
     header_map = {name: raw.decode("utf-8", "replace") for name, raw in headers}
-    received_us = header_map.get("receive-time-us", "")
-    received = datetime.fromtimestamp(int(received_us) / 1_000_000, UTC).isoformat() if received_us.isdigit() else None
     return {
         "key": key.decode("utf-8", "replace") if key is not None else None,
-        "reason": header_map.get("reason"),
-        "detail": header_map.get("detail"),
-        "endpoint": header_map.get("endpoint"),
-        "connection": header_map.get("connection"),
-        "received": received,
+        "reason": header_map.get(HEADER_REASON),
+        "detail": header_map.get(HEADER_DETAIL),
+        "endpoint": header_map.get(HEADER_ENDPOINT),
+        "connection": header_map.get(HEADER_CONNECTION),
+        "received": _receive_time(header_map.get(HEADER_RECEIVE_TIME, "")),
         "size": len(value or b""),
         "excerpt": excerpt(value),
     }
 
 
+def _receive_time(microseconds: str) -> str | None:
+    """The `receive-time-us` header as an ISO time; None when it is not a time (a header is whatever was written)."""
+    if not (microseconds.isascii() and microseconds.isdigit()):
+        return None
+    try:
+        return datetime.fromtimestamp(int(microseconds) / 1_000_000, UTC).isoformat()
+    except (OverflowError, OSError, ValueError):  # past what the platform's time can hold
+        return None
+
+
 def format_dead_letter(record: Decoded) -> str:
     """One line per dead letter, for a terminal: time, reason, key, detail, then the frame's excerpt."""
     received = (record.get("received") or "")[11:23]
-    return (
-        f"{received:<12} {record['reason'] or '?':<20} key={record['key'] or '-':<8} "
-        f"{record['detail'] or ''} | {record['excerpt']}"
-    )
+    reason, key, detail = (_printable(record[field] or "") for field in ("reason", "key", "detail"))
+    return f"{received:<12} {reason or '?':<20} key={key or '-':<8} {detail} | {record['excerpt']}"
 
 
 def format_number(value: Any) -> str:

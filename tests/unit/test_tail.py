@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from fastavro import schemaless_reader, schemaless_writer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bridge.encode import Schema, SchemaHistory, load_released_schemas
 from bridge.registry import wire_prefix
@@ -160,3 +162,30 @@ def test_a_dead_letter_without_key_or_headers_still_prints() -> None:
         "excerpt": "\\x00\\x01",
     }
     assert "key=-" in format_dead_letter(decoded)
+
+
+header_names = st.sampled_from(["reason", "detail", "endpoint", "connection", "receive-time-us", "other"])
+
+
+@given(
+    st.none() | st.binary(max_size=50),
+    st.none() | st.binary(max_size=500),
+    st.lists(st.tuples(header_names, st.binary(max_size=40) | st.text(max_size=30).map(str.encode)), max_size=8),
+)
+def test_any_dead_letter_bytes_decode_and_print(key: bytes | None, value: bytes | None, headers: list[Any]) -> None:
+    """A dead letter's headers are whatever a producer wrote: tail shows them, it does not fail on them."""
+    decoded = decode_dead_letter(key, value, headers)
+    assert "\n" not in format_dead_letter(decoded)
+
+
+@pytest.mark.parametrize("written", [b"\xc2\xb2", "١٢٣".encode(), b"9" * 30, b"-5", b""])
+def test_a_receive_time_that_is_not_one_is_left_out(written: bytes) -> None:
+    assert decode_dead_letter(None, b"x", [("receive-time-us", written)])["received"] is None
+
+
+def test_a_dead_letter_line_escapes_what_a_terminal_would_run() -> None:
+    line = format_dead_letter(decode_dead_letter(None, b"x", [("reason", b"r\x1b[2J"), ("detail", b"a\nb")]))
+    assert "\x1b" not in line
+    assert "\n" not in line
+    assert "r\\x1b[2J" in line
+    assert "a\\nb" in line
