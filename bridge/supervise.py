@@ -58,11 +58,9 @@ async def every(
     `immediately`; a failing step is logged with its traceback and counted, and the schedule goes on: one bad
     tick must not stop, say, the spool's fsync."""
     failures = metrics.task_failures.labels(task)
-    wait = not immediately
+    if not immediately:
+        await asyncio.sleep(interval)
     while True:
-        if wait:
-            await asyncio.sleep(interval)
-        wait = True
         try:
             result = step()
             if inspect.isawaitable(result):
@@ -70,3 +68,4 @@ async def every(
         except Exception:
             failures.inc()
             log_exception(logger, "task_failed", task=task, next_in=interval)
+        await asyncio.sleep(interval)
