@@ -70,6 +70,8 @@ class Bridge:
     catalog: ContractCatalog | None = None
     health_port: int | None = None
     config_path: Path | None = None
+    # `ime-bridge capture`: frames only become raw records (no parsing), for a capture file's sink.
+    raw_only: bool = False
     kafka_ready: asyncio.Event = field(default_factory=asyncio.Event)
     _running: _Running | None = None  # set once the start assembled the parts
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -215,6 +217,8 @@ class Bridge:
             max_frame_bytes=ime.max_frame_bytes,
             suppress_duplicates=settings.buffer.suppress_duplicates,
             dead_letter_raw_bytes=settings.buffer.dead_letter_raw_bytes,
+            capture_raw=self.raw_only or bool(settings.kafka.raw_topic),
+            normalize=not self.raw_only,
         )
         publisher = Publisher(buffer, sink, self.metrics, max_batch_records=settings.buffer.max_batch_records)
         spool_task = None
@@ -230,6 +234,7 @@ class Bridge:
             tokens=tokens,
             handler=intake.on_frame,
             on_frame_too_large=intake.on_frame_too_large,
+            on_open=intake.on_connection_open,
             metrics=self.metrics,
         )
         self._running = running = _Running(

@@ -29,6 +29,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.config import BufferSettings
@@ -63,6 +64,40 @@ class _Entry:
 
 
 @dataclass
+@dataclass(slots=True)
+class _MemoryBudget:
+    """Bytes of one kind of never-conflated record (dead letters, raw frames) waiting in memory, under `limit`:
+    past it new ones are dropped, each counted by `count_dropped`, and logged once per episode."""
+
+    limit: int
+    name: str  # of the log events: <name>_dropped, <name>_admitted_again
+    count_dropped: Callable[[OutgoingRecord], None]
+    used: int = 0
+    dropping: bool = False
+
+    def admit(self, record: OutgoingRecord) -> bool:
+        """Take `record`'s bytes; False, counted and logged, when that would pass the limit."""
+        size = len(record.value)
+        if self.used + size > self.limit:
+            self.count_dropped(record)
+            if not self.dropping:
+                self.dropping = True
+                log_event(
+                    logger, logging.ERROR, f"{self.name}_dropped", waiting_bytes=self.used, limit_bytes=self.limit
+                )
+            return False
+        self.used += size
+        return True
+
+    def release(self, size: int) -> None:
+        """`size` bytes left memory; below half the limit, new records are admitted again."""
+        self.used -= size
+        if self.dropping and self.used <= self.limit // 2:
+            self.dropping = False
+            log_event(logger, logging.INFO, f"{self.name}_admitted_again", waiting_bytes=self.used)
+
+
+@dataclass
 class Round:
     """One publish round: the records, and where each came from."""
 
@@ -85,10 +120,18 @@ class DeliveryBuffer:
         self.spool_after = settings.spool_after_records
         self.spool_after_seconds = settings.spool_after_seconds
         self.fsync_interval = settings.spool_fsync_interval_seconds
-        # Dead letters are never conflated: past this many bytes waiting in memory, new ones are dropped, counted.
-        self.dead_letter_memory_bytes = settings.dead_letter_memory_bytes
-        self._dead_letter_bytes = 0
-        self._dropping_dead_letters = False
+        # Dead letters and raw frames are never conflated: past their budget of bytes waiting in memory, new
+        # ones are dropped, counted.
+        self._budgets = {
+            RecordKind.DEAD_LETTER: _MemoryBudget(
+                settings.dead_letter_memory_bytes,
+                "dead_letters",
+                lambda record: metrics.dead_letters_dropped.labels(record.dead_letter_reason or "unknown").inc(),
+            ),
+            RecordKind.RAW: _MemoryBudget(
+                settings.raw_memory_bytes, "raw_frames", lambda record: metrics.raw_frames_dropped.inc()
+            ),
+        }
         self.spool_full = False
         self._spool_failing = ""  # why the last spool operation failed, until one succeeds
         self._synced_at = 0.0
@@ -101,7 +144,7 @@ class DeliveryBuffer:
         self._latest: dict[bytes, _Entry] = {}
         self._indexed = False
         self._held: dict[bytes, _Entry] = {}  # conflated while the spool refuses writes
-        self._held_dead_letters = itertools.count()
+        self._held_finished = itertools.count()
         self._spooling = False
         self._available = asyncio.Event()
         if spool is not None and spool.records > 0:
@@ -137,40 +180,26 @@ class DeliveryBuffer:
             self._available.set()
 
     def add_record(self, record: OutgoingRecord) -> None:
-        """Queue a finished record (a dead letter): never conflated."""
+        """Queue a finished record (a dead letter or a raw frame): never conflated."""
         if self._spooling or (self.overflow is Overflow.SPOOL and self._should_spill(record.received)):
             self._to_spool(_Entry(record))
             return
-        if not self._admit_dead_letter(record):
+        if not self._admit(record):
             return
         self._memory.append(_Entry(record))
         self._available.set()
 
-    def _admit_dead_letter(self, record: OutgoingRecord) -> bool:
-        """Count a dead letter against the memory budget; False (dropped, counted and logged) when over it."""
-        size = len(record.value)
-        if self._dead_letter_bytes + size > self.dead_letter_memory_bytes:
-            self.metrics.dead_letters_dropped.labels(record.dead_letter_reason or "unknown").inc()
-            if not self._dropping_dead_letters:
-                self._dropping_dead_letters = True
-                log_event(
-                    logger,
-                    logging.ERROR,
-                    "dead_letters_dropped",
-                    waiting_bytes=self._dead_letter_bytes,
-                    limit_bytes=self.dead_letter_memory_bytes,
-                )
-            return False
-        self._dead_letter_bytes += size
-        return True
+    def _admit(self, record: OutgoingRecord) -> bool:
+        """Count a finished record against its kind's memory budget; False (dropped, counted) when over it."""
+        budget = self._budgets.get(record.kind)
+        return budget is None or budget.admit(record)
 
-    def _release_dead_letter(self, entry: _Entry) -> None:
-        """A dead letter left memory (taken, spooled or dropped at close): its bytes are free again."""
+    def _release(self, entry: _Entry) -> None:
+        """A finished record left memory (taken, spooled or dropped at close): its bytes are free again."""
         if entry.update is None:
-            self._dead_letter_bytes -= len(entry.record.value)
-            if self._dropping_dead_letters and self._dead_letter_bytes <= self.dead_letter_memory_bytes // 2:
-                self._dropping_dead_letters = False
-                log_event(logger, logging.INFO, "dead_letters_admitted_again", waiting_bytes=self._dead_letter_bytes)
+            budget = self._budgets.get(entry.record.kind)
+            if budget is not None:
+                budget.release(len(entry.record.value))
 
     def _index(self, memory: deque[_Entry]) -> None:
         """Build the newest-pending index once, when the buffer reaches capacity."""
@@ -224,7 +253,7 @@ class DeliveryBuffer:
         for entry in waiting:
             entry.encode()
             if entry.update is None:
-                self._release_dead_letter(entry)
+                self._release(entry)
             self._to_spool(entry)
 
     def _start_spooling(self, reason: str) -> None:
@@ -267,9 +296,9 @@ class DeliveryBuffer:
                 return
             self._held[key] = entry
             return
-        # A dead letter while the spool is full: keep it too, under a key of its own, within the memory budget.
-        if self._admit_dead_letter(entry.record):
-            self._held[b"\x00dead-letter-%d" % next(self._held_dead_letters)] = entry
+        # A dead letter or raw frame while the spool is full: keep it too, under a key of its own, within its budget.
+        if self._admit(entry.record):
+            self._held[b"\x00held-%d" % next(self._held_finished)] = entry
 
     def _release_held(self) -> bool:
         """Move held records into the spool, oldest first; True when all of them went."""
@@ -280,7 +309,7 @@ class DeliveryBuffer:
             except (SpoolFull, SpoolError) as exc:
                 self._spool_failed(exc)
                 return False
-            self._release_dead_letter(self._held.pop(key))
+            self._release(self._held.pop(key))
         self._spool_ok()
         return True
 
@@ -321,7 +350,7 @@ class DeliveryBuffer:
                     del self._latest[key]
                 entry.encode()
                 if entry.update is None:
-                    self._release_dead_letter(entry)
+                    self._release(entry)
                 taken.entries.append(entry)
                 taken.records.append(entry.record)
             if indexed and len(self._memory) < self.capacity // 2:
@@ -389,8 +418,9 @@ class DeliveryBuffer:
                     self._spill("retry")
         for entry in reversed(retry):
             self._memory.appendleft(entry)
-            if entry.update is None:  # back in memory: counted again, never dropped (it was admitted once)
-                self._dead_letter_bytes += len(entry.record.value)
+            budget = self._budgets.get(entry.record.kind) if entry.update is None else None
+            if budget is not None:  # back in memory: counted again, never dropped (it was admitted once)
+                budget.used += len(entry.record.value)
             key = entry.record.key
             if self._indexed and entry.update is not None and key is not None and key not in self._latest:
                 self._latest[key] = entry
@@ -427,7 +457,8 @@ class DeliveryBuffer:
                 log_event(logger, logging.ERROR, "spool_close_failed", error=str(exc), lost=len(older))
         self._memory.clear()
         self._held.clear()
-        self._dead_letter_bytes = 0
+        for budget in self._budgets.values():
+            budget.used = 0
         return undelivered
 
     def maintain(self, now: float) -> None:

@@ -1,15 +1,17 @@
-"""`ime-bridge run | demo | simulate | tail | check-config | config schema | schemas export`."""
+"""`ime-bridge run | capture | replay | demo | simulate | tail | check-config | config schema | schemas export`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.resources.abc import Traversable
 from pathlib import Path, PurePosixPath
@@ -37,12 +39,18 @@ def _load(path: Path | None) -> Settings:
         raise SystemExit(EXIT_CONFIG) from exc
 
 
-async def _run(settings: Settings, config_path: Path | None) -> None:
+async def _run(settings: Settings, config_path: Path | None, capture: CaptureOptions | None) -> None:
     from bridge.app import Bridge
 
     stop = asyncio.Event()
     install_stop_signals(stop)
-    bridge = Bridge(settings, config_path=config_path)
+    if capture is None:
+        bridge = Bridge(settings, config_path=config_path)
+    else:
+        from bridge.capture import DEFAULT_MAX_BYTES, CaptureFileSink
+
+        sink = CaptureFileSink(capture.out, max_bytes=capture.max_bytes or DEFAULT_MAX_BYTES)
+        bridge = Bridge(settings, config_path=config_path, sink=sink, raw_only=True)
     # SIGHUP: re-read the file and reconcile subscriptions (only connections whose contracts change reopen).
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, bridge.request_reload)
     await bridge.run(stop)
@@ -54,7 +62,20 @@ def _fatal(reason: str, code: int) -> int:
     return code
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class CaptureOptions:
+    """`ime-bridge capture`: where the raw records go instead of Kafka."""
+
+    out: Path
+    max_bytes: int | None  # None: the capture's default
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    """Run the bridge's connections, writing every frame to capture files (bridge/capture.py), not to Kafka."""
+    return _cmd_run(args, CaptureOptions(args.out, args.max_bytes))
+
+
+def _cmd_run(args: argparse.Namespace, capture: CaptureOptions | None = None) -> int:
     """Run the bridge; every fatal end is one `ime-bridge: fatal:` line on stderr and an exit code (EXIT_*)."""
     from bridge.app import PublisherFailed
     from bridge.records import SinkFatal
@@ -70,7 +91,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _fatal(f"invalid configuration: {MISSING_CLIENT}", EXIT_CONFIG)
     configure_logging(settings.log.level, settings.log.format)
     try:
-        asyncio.run(_run(settings, args.config))
+        asyncio.run(_run(settings, args.config, capture))
     # Already logged at CRITICAL (publisher_failed, sink_fatal, spool_unusable, source_failed).
     except PublisherFailed as exc:
         cause = f" ({exc.__cause__!r})" if exc.__cause__ is not None else ""
@@ -133,6 +154,37 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
         print(f"{args.write}: properties.config {'regenerated' if changed else 'already current'}")
         return 0
     print(dump(chart_config_schema() if args.chart else config_schema()), end="")
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Replay captured frames through today's normalizer and encoder; print what it did as one JSON line."""
+    from bridge.raw import NotCaptured
+    from bridge.records import SinkFatal
+    from bridge.replay import Replay, frames_from_file, frames_from_topic, replay_kafka_settings
+    from bridge.sink import KafkaSink
+
+    settings = _load(args.config)
+    if _registry_client_missing(settings.schema_registry, "ime-bridge replay"):
+        return EXIT_CONFIG
+    configure_logging(settings.log.level, settings.log.format)
+    kafka = replay_kafka_settings(settings.kafka, args.to_topic)
+    frames = frames_from_file(args.from_file) if args.from_file else frames_from_topic(settings.kafka, args.from_topic)
+
+    async def replay() -> dict[str, object]:
+        sink = KafkaSink(kafka, settings.schema_registry)
+        summary = await Replay(settings, sink).run(
+            frames,
+            since_us=int(args.since.timestamp() * 1e6) if args.since else None,
+            until_us=int(args.until.timestamp() * 1e6) if args.until else None,
+            pace=args.pace,
+        )
+        return {"topic": kafka.topic, "dlq_topic": kafka.dlq_topic, **asdict(summary)}
+
+    try:
+        print(json.dumps(asyncio.run(replay())))
+    except (OSError, NotCaptured, SinkFatal) as exc:
+        return _fatal(f"replay: {exc}", EXIT_FATAL)
     return 0
 
 
@@ -319,6 +371,36 @@ def build_parser(*, simulator_options: bool = True) -> argparse.ArgumentParser:
         "(make chart-schema)",
     )
     config_schema.set_defaults(handler=_cmd_config_schema)
+
+    capture = commands.add_parser(
+        "capture",
+        help="write every frame received to files, without Kafka",
+        description="Keep the configured subscriptions and write every frame, as received, to JSON-lines files "
+        "(zstd-compressed when PATH ends in .zst), rotated by size; ime-bridge replay --from-file reads them.",
+    )
+    capture.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
+    capture.add_argument("--out", type=Path, required=True, metavar="PATH", help="the first file of the series")
+    capture.add_argument(
+        "--max-bytes", type=int, help="JSON lines per file before the next one (bytes; default 64 MiB)"
+    )
+    capture.set_defaults(handler=_cmd_capture)
+
+    replay = commands.add_parser(
+        "replay",
+        help="publish captured frames again, through today's normalizer",
+        description="Run the normalizer and encoder over captured frames (a raw topic or capture files) and publish "
+        "the records and dead letters as the bridge would, with a replay session id and a `replay` header; never "
+        "to the latest-state topic.",
+    )
+    replay.add_argument("--config", type=Path, help="YAML config file (IME_BRIDGE_* variables override it)")
+    origin = replay.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--from-topic", metavar="TOPIC", help="a raw topic (kafka.raw_topic of the capturing bridge)")
+    origin.add_argument("--from-file", type=Path, metavar="PATH", help="the first file of a capture series")
+    replay.add_argument("--since", type=_since, help="only frames received at or after this time (or duration back)")
+    replay.add_argument("--until", type=_since, help="only frames received before this time (or duration back)")
+    replay.add_argument("--to-topic", metavar="TOPIC", help="where the updates go (default: kafka.topic)")
+    replay.add_argument("--pace", action="store_true", help="at the captured pace (default: as fast as Kafka takes)")
+    replay.set_defaults(handler=_cmd_replay)
 
     simulate = commands.add_parser(
         "simulate", help="run the IME simulator", description="Serve a simulated IME service on one port."

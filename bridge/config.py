@@ -295,6 +295,14 @@ class KafkaSettings(_Section):
         default=True,
         description="Publish the latest snapshots to state_topic too (created with cleanup.policy=compact).",
     )
+    raw_topic: str = Field(
+        default="",
+        max_length=249,
+        description="Every frame as received, before parsing, for replay (bridge/raw.py); empty: off.",
+    )
+    raw_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        default="zstd", description="Compression of the raw topic's batches (zstd needs Kafka 2.1 or later)."
+    )
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -349,10 +357,22 @@ class KafkaSettings(_Section):
             raise ValueError("kafka.state_topic must differ from kafka.topic and kafka.dlq_topic")
         return self
 
+    @model_validator(mode="after")
+    def _raw_topic_is_its_own(self) -> KafkaSettings:
+        others = [self.topic, self.dlq_topic, *([self.state_topic] if self.state_topic_enabled else [])]
+        if self.raw_topic and self.raw_topic in others:
+            raise ValueError("kafka.raw_topic must differ from kafka.topic, kafka.dlq_topic and kafka.state_topic")
+        return self
+
     @property
     def topics(self) -> list[str]:
-        """Every topic the bridge writes: updates, dead letters, and the latest-state topic when it is on."""
-        return [self.topic, self.dlq_topic, *([self.state_topic] if self.state_topic_enabled else [])]
+        """Every topic the bridge writes: updates, dead letters, and the latest-state and raw topics when on."""
+        return [
+            self.topic,
+            self.dlq_topic,
+            *([self.state_topic] if self.state_topic_enabled else []),
+            *([self.raw_topic] if self.raw_topic else []),
+        ]
 
 
 class BufferSettings(_Section):
@@ -372,6 +392,12 @@ class BufferSettings(_Section):
         default=64 << 20,
         ge=1 << 20,
         description="Dead letters waiting in memory at most (bytes); past it new ones are dropped and counted.",
+    )
+    raw_memory_bytes: int = Field(
+        default=64 << 20,
+        ge=1 << 20,
+        description="Raw frames (kafka.raw_topic) waiting in memory at most (bytes); past it new ones are dropped "
+        "and counted (conflate mode; spool mode spools them).",
     )
     dead_letter_raw_bytes: int = Field(
         default=512 << 10, ge=1024, le=1 << 20, description="The start of a refused frame a dead letter keeps (bytes)."

@@ -19,6 +19,7 @@ from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
+from bridge.raw import connection_headers, frame_key, raw_frame, subscription_marker
 from bridge.records import (
     HEADER_CONNECTION,
     HEADER_ENDPOINT,
@@ -47,16 +48,27 @@ class Intake:
         suppress_duplicates: bool,
         dead_letter_raw_bytes: int,
         naive_zone_check: NaiveZoneCheck | None = None,
+        capture_raw: bool = False,
+        normalize: bool = True,
+        extra_headers: Headers | None = None,
     ) -> None:
+        """`capture_raw`: each frame also becomes a raw record, before any parsing (bridge/raw.py); `normalize`
+        False: only that (`ime-bridge capture`). `extra_headers` go on every update and dead letter (a replay's)."""
         self.normalizer = normalizer
         self.buffer = buffer
         self.metrics = metrics
         self.max_frame_bytes = max_frame_bytes
         self.dead_letter_raw_bytes = dead_letter_raw_bytes
+        self._extra_headers: Headers = list(extra_headers or [])
         self._schema_headers: Headers = [
             (HEADER_SCHEMA, schema.name.encode()),
             (HEADER_FINGERPRINT, schema.fingerprint.encode()),
+            *self._extra_headers,
         ]
+        self.capture_raw = capture_raw
+        self.normalize = normalize
+        self._raw_connection: ConnectionInfo | None = None
+        self._raw_headers: Headers = []
         self.suppress_duplicates = suppress_duplicates
         self._sequences: dict[str, int] = {}
         self._headers: dict[str, tuple[str, Headers]] = {}
@@ -85,7 +97,10 @@ class Intake:
         """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
         whose handling fails unexpectedly becomes an `internal_error` dead letter, and the stream goes on."""
         try:
-            self._on_frame(raw, receive_time, connection)
+            if self.capture_raw:
+                self._capture(_as_bytes(raw), receive_time, connection)
+            if self.normalize:
+                self._on_frame(raw, receive_time, connection)
         except Exception as exc:
             detail = f"{type(exc).__name__} while handling the frame: {str(exc)[:200]}"
             log_exception(logger, "frame_handling_failed", connection=connection.label, error=type(exc).__name__)
@@ -129,6 +144,18 @@ class Intake:
             if warning is not None:
                 log_event(logger, logging.WARNING, "naive_timestamps_lag", **warning.fields())
         self.buffer.add_update(result, self._current_headers, received)
+
+    def _capture(self, raw: bytes, receive_time: int, connection: ConnectionInfo) -> None:
+        if connection is not self._raw_connection:
+            self._raw_connection, self._raw_headers = connection, connection_headers(connection)
+        key = frame_key(raw, self.normalizer.contracts)
+        self.buffer.add_record(raw_frame(raw, receive_time, self._raw_headers, key))
+
+    def on_connection_open(self, connection: ConnectionInfo) -> None:
+        """A connection opened: with raw capture, its subscription marker goes before its frames."""
+        if self.capture_raw:
+            receive_time = time.time_ns() // 1000
+            self.buffer.add_record(subscription_marker(connection, self.normalizer.contracts, receive_time))
 
     def on_frame_too_large(self, connection: ConnectionInfo, detail: str) -> None:
         """A frame past the WebSocket's size limit ended its connection (1009) unread: dead-letter the fact,
@@ -208,6 +235,7 @@ class Intake:
             self._dead_letter_headers = [
                 (HEADER_ENDPOINT, connection.subscription.endpoint.value.encode()),
                 (HEADER_CONNECTION, connection.label.encode()),
+                *self._extra_headers,
             ]
         headers = [*self._dead_letter_headers, (HEADER_RECEIVE_TIME, str(receive_time).encode())]
         key = rejected.contract_id.encode() if rejected.contract_id else None

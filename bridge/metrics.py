@@ -121,6 +121,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.raw_frames_dropped = Counter(
+            "ime_bridge_raw_frames_dropped_total",
+            "Raw frames (kafka.raw_topic) not captured because buffer.raw_memory_bytes of them already waited.",
+            registry=r,
+        )
         self.produce_errors = Counter(
             "ime_bridge_produce_errors_total",
             "Records Kafka did not acknowledge, by error class.",

@@ -22,6 +22,8 @@ HEADER_CONNECTION = "connection"
 HEADER_REASON = "reason"
 HEADER_DETAIL = "detail"
 HEADER_RECEIVE_TIME = "receive-time-us"
+HEADER_RAW_EVENT = "raw-event"  # on raw records that are not frames: "subscribed" (bridge/raw.py)
+HEADER_REPLAY = "replay"  # on records a replay published: the replay's session id
 
 
 class RecordKind(enum.Enum):
@@ -30,6 +32,7 @@ class RecordKind(enum.Enum):
     UPDATE = "update"
     STATE = "state"  # an update's copy on the compacted latest-state topic, made by the sink
     DEAD_LETTER = "dead_letter"
+    RAW = "raw"  # a frame as received (or a subscription marker), for capture and replay: bridge/raw.py
 
 
 @dataclass(slots=True)

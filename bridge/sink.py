@@ -24,6 +24,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch
 
 from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
@@ -193,10 +195,12 @@ class KafkaSink:
             RecordKind.UPDATE: settings.topic,
             RecordKind.DEAD_LETTER: settings.dlq_topic,
             RecordKind.STATE: settings.state_topic,
+            RecordKind.RAW: settings.raw_topic,
         }
         # The wire-format prefix of update values on each topic; empty without a registry (b"" + value is value).
         self._updates_prefix = self._state_prefix = b""
         self._producer: AIOKafkaProducer | None = None
+        self._raw_codec = 0  # aiokafka's number of kafka.raw_compression, checked at start
         self._partitions: dict[str, int] = {}
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
         self._partitions_of_update: dict[bytes, tuple[int, int]] = {}
@@ -226,6 +230,7 @@ class KafkaSink:
                 await self._create_missing_topics(topics)
         except KafkaError as exc:
             raise SinkUnavailable(f"cannot create the topics: {exc!r}{await _why(settings, exc)}") from exc
+        self._raw_codec = _codec(settings.raw_compression)
         producer = AIOKafkaProducer(
             **client_options(settings),
             acks="all",
@@ -318,7 +323,9 @@ class KafkaSink:
             if record.kind is not RecordKind.UPDATE or key is None:
                 topic = self._topics[record.kind]
                 slot = (topic, self._partition(topic, key))
-                batch = others.get(slot) or others.setdefault(slot, _Batch(new_batch()))
+                batch = others.get(slot) or others.setdefault(
+                    slot, _Batch(self._raw_batch() if record.kind is RecordKind.RAW else new_batch())
+                )
                 outcome = batch.add(key, record.value, record.headers, index)
             else:
                 partition, state_partition = partitions_of_update.get(key) or self._update_partitions(key)
@@ -367,6 +374,10 @@ class KafkaSink:
             self._on_state_published(state_copies)
         return outcomes
 
+    def _raw_batch(self) -> BatchBuilder:
+        """A batch of the raw topic: compressed with kafka.raw_compression whatever the producer's own setting."""
+        return BatchBuilder(self._settings.max_batch_bytes, self._raw_codec, is_transactional=False)
+
     def _update_partitions(self, key: bytes) -> tuple[int, int]:
         """The partitions of an update's key on the updates and the state topic (cached)."""
         state_topic = self._state_topic
@@ -382,6 +393,16 @@ class KafkaSink:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
+
+
+def _codec(compression: str) -> int:
+    """aiokafka's codec number of a kafka.*compression value; SinkFatal when its library is missing."""
+    if compression == "none":
+        return int(DefaultRecordBatch.CODEC_NONE)
+    available, codec = AIOKafkaProducer._COMPRESSORS[compression]
+    if not available():
+        raise SinkFatal(f"kafka.raw_compression {compression}: its codec is not installed (cramjam)")
+    return int(codec)
 
 
 def _failed(exc: KafkaError) -> Failed:

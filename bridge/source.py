@@ -159,6 +159,8 @@ class WebSocketSource:
     refused: asyncio.Queue[Subscription] = field(default_factory=asyncio.Queue)
     # A frame past max_message_bytes: the connection was closed with 1009 before the frame was read.
     on_frame_too_large: Callable[[ConnectionInfo, str], None] | None = None
+    # A connection opened, before its first frame is read (raw capture writes its subscription marker then).
+    on_open: Callable[[ConnectionInfo], None] | None = None
     _connections: dict[str, _Connection] = field(default_factory=dict)
     _last_message_at: dict[str, float] = field(default_factory=dict)
     _stopping: bool = False
@@ -445,6 +447,8 @@ class WebSocketSource:
     def _mark_up(self, info: ConnectionInfo, connection: _Connection, ws: ClientConnection) -> None:
         subscription = info.subscription
         connection.ws, connection.up, connection.stale = ws, True, False
+        if self.on_open is not None:
+            self.on_open(info)
         self.metrics.connection_up.labels(subscription.endpoint.value, subscription.name).set(1)
         self._refresh_totals()
         log_event(

@@ -17,7 +17,7 @@ segments, replaying all of them (`Recovery.possible_duplicates`). Every OSError 
 Records outlive versions: an update read back that an older release wrote is re-encoded in the current
 schema (by its `schema-fingerprint` header); one a newer release wrote (after a downgrade) is read back as
 an `unknown_schema` dead letter, never mislabelled. A record's kind is stored by name in the payload's first
-field (which held its topic before: a dead letter is told by its reason either way).
+field (which held its topic before: then a dead letter is told by its reason, anything else is an update).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _MAGIC = b"IMEs"
 _HEADER = struct.Struct("<4sII")
+_KINDS = {kind.value: kind for kind in RecordKind}
 _COMMITTED = "committed.json"
 _Payload = tuple[str, bytes | None, bytes, list[tuple[str, bytes]], str | None, float]
 _encode = msgspec.msgpack.Encoder().encode
@@ -354,8 +355,8 @@ class Spool:
                     self._cursor = end
                     if start in self._acked_ahead:  # delivered in a round that failed after it
                         continue
-                    _, key, value, headers, reason, received = _decode(payload)
-                    kind = RecordKind.UPDATE if reason is None else RecordKind.DEAD_LETTER
+                    stored, key, value, headers, reason, received = _decode(payload)
+                    kind = _KINDS.get(stored) or (RecordKind.UPDATE if reason is None else RecordKind.DEAD_LETTER)
                     record = OutgoingRecord(kind, key, value, headers, received, reason)
                     out.append(SpooledRecord(record, end, _HEADER.size + length))
         return out
