@@ -5,8 +5,10 @@ the simulator plays a capture file as its market."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import Counter, defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -76,19 +78,26 @@ def _sent(simulator: Simulator) -> list[tuple[str | None, bytes]]:
     ]
 
 
+def _by_key(records: list[ConsumerRecord[Any, Any]]) -> dict[bytes, list[dict[str, Any]]]:
+    """Each contract's update values, decoded, in order."""
+    by_key: dict[bytes, list[dict[str, Any]]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        by_key[record.key].append(decode_value(record))
+    return dict(by_key)
+
+
 def _updates_by_key(
     records: list[ConsumerRecord[Any, Any]], *, receive_times: bool
 ) -> dict[bytes, list[dict[str, Any]]]:
     """Each contract's update values in order, without the session id (a replay has its own), and without the
     receive time unless `receive_times`."""
-    by_key: dict[bytes, list[dict[str, Any]]] = defaultdict(list)
-    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
-        value = decode_value(record)
-        assert value.pop("session_id")
-        if not receive_times:
-            assert value.pop("receive_time")
-        by_key[record.key].append(value)
-    return dict(by_key)
+    by_key = _by_key(records)
+    for values in by_key.values():
+        for value in values:
+            assert value.pop("session_id")
+            if not receive_times:
+                assert value.pop("receive_time")
+    return by_key
 
 
 def _dead_letters(records: list[ConsumerRecord[Any, Any]], *, receive_times: bool) -> Counter[tuple[Any, ...]]:
@@ -192,3 +201,36 @@ async def test_a_capture_file_replayed_publishes_what_the_live_run_did(
     to_topic = f"replayed-{uuid.uuid4().hex[:8]}"
     frames = frames_from_file(capture_path)  # another client's: received at other times
     await _assert_replay_matches_live(kafka_broker, settings, replayed, to_topic, frames, receive_times=False)
+
+
+async def test_the_simulator_plays_a_capture_file_and_the_bridge_publishes_it(
+    kafka_broker: BrokerInfo, tmp_path: Path
+) -> None:
+    capture_path = tmp_path / "session.jsonl"
+    async with Simulator(SimulatorConfig(contracts=CONTRACTS, rate=300)) as market:
+        ids = [contract.id for contract in market.contracts[:SUBSCRIBED]]
+        settings = bridge_settings(market, kafka_broker, ime={"contract_ids": ids})
+        stop = asyncio.Event()
+        capture = Bridge(settings, sink=CaptureFileSink(capture_path), raw_only=True)
+        capturing = asyncio.create_task(capture.run(stop))
+        received = capture.metrics.registry.get_sample_value
+        await wait_for(
+            lambda: (received("ime_bridge_messages_received_total", {"endpoint": "id"}) or 0) >= 150,
+            what="150 frames captured",
+        )
+        stop.set()
+        await capturing
+    captured = [item for item in read_capture(capture_path) if isinstance(item, CapturedFrame) and not item.marker]
+
+    async with Simulator(SimulatorConfig(replay=capture_path, replay_speed=0)) as player:
+        assert [contract.id for contract in player.contracts] == ids, "the capture's contracts are the catalogue"
+        settings = bridge_settings(player, kafka_broker, ime={"contract_ids": ids})
+        async with running_bridge(settings) as running:
+            await wait_for(lambda: running.published() >= len(captured), what="every captured frame published")
+    updates = await _read_all(kafka_broker, settings.kafka.topic, len(captured))
+    published = {key: [value["exchange_time"] for value in values] for key, values in _by_key(updates).items()}
+    expected: dict[bytes, list[datetime]] = defaultdict(list)
+    for item in captured:
+        timestamp = json.loads(item.value)["timestamp"]
+        expected[item.key or b""].append(datetime.fromisoformat(timestamp.replace("Z", "+00:00")))
+    assert published == expected, "each contract's captured snapshots, in order"

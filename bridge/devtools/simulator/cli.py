@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
 from bridge.devtools.simulator.model import SimulatorConfig
 from bridge.devtools.simulator.server import Simulator
@@ -56,6 +57,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.bad_frame_ratio,
         help="with --prerender: share of malformed frames, e.g. 0.1 for every 10th (default %(default)s)",
     )
+    parser.add_argument(
+        "--replay",
+        type=Path,
+        metavar="PATH",
+        help="play a capture file series (ime-bridge capture) instead of the generated market; its contracts are "
+        "the catalogue",
+    )
+    parser.add_argument(
+        "--replay-speed",
+        type=float,
+        default=defaults.replay_speed,
+        help="with --replay: the captured pace times this; 0 = as fast as clients read (default %(default)s)",
+    )
+    parser.add_argument("--replay-loop", action="store_true", help="with --replay: start again at the end")
 
 
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
@@ -72,6 +87,9 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         seed=args.seed,
         prerender=args.prerender,
         bad_frame_ratio=args.bad_frame_ratio,
+        replay=args.replay,
+        replay_speed=args.replay_speed,
+        replay_loop=args.replay_loop,
     )
 
 
@@ -82,7 +100,8 @@ async def run_from_args(args: argparse.Namespace) -> None:
         print(
             f"IME simulator: http {simulator.base_url} ws {simulator.ws_url} "
             f"username={config.username} password={config.password} "
-            f"contracts={config.contracts} rate={config.rate:g}/s dialect={config.dialect}",
+            f"contracts={len(simulator.contracts)} rate={config.rate:g}/s dialect={config.dialect}"
+            + (f" replay={config.replay} speed={config.replay_speed:g}" if config.replay else ""),
             flush=True,
         )
         await asyncio.Event().wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from bridge.devtools.market import (
@@ -68,6 +69,11 @@ class SimulatorConfig:
     # through invalid JSON, a wrong-typed field and a contract nobody subscribed; sent as fault frames.
     bad_frame_ratio: float = 0.0
     record_sent: bool = False  # keep every frame sent, for `sent_frames`
+    # A capture file series (bridge/capture.py) played instead of the generated market (simulator/replay.py), at
+    # its pace times replay_speed (0: as fast as clients read), once or in a loop.
+    replay: Path | None = None
+    replay_speed: float = 1.0
+    replay_loop: bool = False
     naive_zone: str = "UTC"  # zone of legacy naive timestamps and of Aggregate date/time
     max_frame_bytes: int = 1 << 20  # the clients' frame limit (websockets' default); oversized exceeds it
     # Accept permessage-deflate when a client offers it, as the real service does; it costs about 13 µs per

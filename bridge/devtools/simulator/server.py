@@ -41,6 +41,7 @@ from bridge.devtools.simulator.model import (
     SimulatorCounters,
     retry_after_header,
 )
+from bridge.devtools.simulator.replay import CapturedMarket, ReplayedFrame
 from bridge.devtools.simulator.static import StaticLookups
 from bridge.devtools.simulator.tokens import Claims, TokenEndpoint
 from bridge.protocol import (
@@ -136,7 +137,8 @@ class Simulator:
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.config = config if config is not None else SimulatorConfig()
         self.counters = SimulatorCounters()
-        self._contracts = build_catalogue(self.config.contracts)
+        self._captured = CapturedMarket.load(self.config.replay) if self.config.replay is not None else None
+        self._contracts = self._captured.contracts if self._captured else build_catalogue(self.config.contracts)
         self._by_id = {contract.id: contract for contract in self._contracts}
         self._by_name = {contract.name: contract for contract in self._contracts}
         zone = _zone(self.config.naive_zone)
@@ -529,7 +531,9 @@ class Simulator:
     # --- internals: generating and sending
 
     async def _pump(self) -> None:
-        if self.config.rate > 0:
+        if self._captured is not None:
+            await self._pump_captured(self._captured)
+        elif self.config.rate > 0:
             await self._pump_paced(self.config.rate)
         else:
             await self._pump_unpaced()
@@ -552,11 +556,45 @@ class Simulator:
             while self._stalled or not self._subscribers:
                 await self._changed.wait()
             self._emit(self.config.burst)
-            for connection in list(self._connections.values()):
-                if len(connection.queue) > _UNPACED_HIGH_WATER:
-                    connection.drained.clear()
-                    await connection.drained.wait()
-            await asyncio.sleep(0)  # let the writers run even when every queue is short
+            await self._wait_for_slow_connections()
+
+    async def _wait_for_slow_connections(self) -> None:
+        """As fast as clients read: wait while a connection's queue is long, and let the writers run."""
+        for connection in list(self._connections.values()):
+            if len(connection.queue) > _UNPACED_HIGH_WATER:
+                connection.drained.clear()
+                await connection.drained.wait()
+        await asyncio.sleep(0)  # let the writers run even when every queue is short
+
+    async def _pump_captured(self, market: CapturedMarket) -> None:
+        """Play the capture (from its first frame once a client subscribed), at its pace times replay_speed."""
+        loop = asyncio.get_running_loop()
+        speed = self.config.replay_speed
+        while True:
+            while not self._subscribers:
+                await self._changed.wait()
+            start = loop.time()
+            for number, frame in enumerate(market.frames):
+                if speed > 0 and (delay := start + frame.at / speed - loop.time()) > 0:
+                    await asyncio.sleep(delay)
+                elif number % self.config.burst == 0:
+                    await self._wait_for_slow_connections()
+                while self._stalled:
+                    await self._changed.wait()
+                self._play(frame)
+            if not self.config.replay_loop:
+                return
+
+    def _play(self, frame: ReplayedFrame) -> None:
+        """Queue one captured frame for its contract's subscribers, or for every connection of its endpoint."""
+        if frame.contract_id is not None:
+            targets = self._subscribers.get(frame.contract_id, [])
+        else:
+            targets = [c for c in self._open_connections() if c.info.endpoint is frame.endpoint]
+        opcode = WSMsgType.TEXT if frame.text else WSMsgType.BINARY
+        for connection in targets:
+            if not connection.closing:
+                connection.push(frame.contract_id, frame.payload, opcode)
 
     def _emit(self, count: int) -> None:
         """Generate `count` snapshots and queue them for their subscribers."""
