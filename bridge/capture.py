@@ -104,15 +104,13 @@ def read_capture(path: Path) -> Iterator[CapturedFrame | NotCaptured]:
     """
     number = 0
     while (current := series_path(path, number)).exists() or number == 0:
-        data = current.read_bytes()
+        data, torn = current.read_bytes(), 0
         if _compressed(current):
             frames, torn = zstd_frames(data)
             try:
                 data = b"".join(bytes(cramjam.zstd.decompress(frame)) for frame in frames)
             except cramjam.DecompressionError as exc:
                 raise NotCaptured(f"{current}: not zstd: {exc}") from None
-            if torn:
-                yield NotCaptured(f"{current}: the last {torn} bytes are a zstd frame cut short")
         for line in data.splitlines():
             if not line:
                 continue
@@ -120,6 +118,8 @@ def read_capture(path: Path) -> Iterator[CapturedFrame | NotCaptured]:
                 yield from_json_line(line)
             except NotCaptured as exc:
                 yield exc
+        if torn:
+            yield NotCaptured(f"{current}: the last {torn} bytes are a zstd frame cut short")
         number += 1
 
 

@@ -245,3 +245,38 @@ async def test_demo_summarises_and_stops_in_order_on_ctrl_c() -> None:
         assert noise not in errors, errors
     broker_pid = int(re.search(r"\(pid (\d+)\)", "\n".join(lines)).group(1))  # type: ignore[union-attr]
     assert not pid_alive(broker_pid)
+
+
+async def test_capture_then_replay_from_the_file(kafka_broker: BrokerInfo, tmp_path: Path) -> None:
+    """`ime-bridge capture` until SIGTERM, then `ime-bridge replay --from-file` into a topic of its own."""
+    async with Simulator(SimulatorConfig(contracts=3, rate=100)) as simulator:
+        config = bridge_config(simulator, kafka_broker, ime={"contract_ids": [c.id for c in simulator.contracts]})
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        out = tmp_path / "capture" / "session.jsonl.zst"
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bridge",
+            "capture",
+            "--config",
+            str(path),
+            "--out",
+            str(out),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        await wait_for(lambda: out.exists() and out.stat().st_size > 20_000, what="frames captured", within=60)
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    topic = f"replayed-{os.urandom(4).hex()}"
+    code, stdout, err_text = await run(
+        "replay", "--config", str(path), "--from-file", str(out), "--to-topic", topic, "--until", "0s"
+    )
+    assert code == 0, err_text
+    summary = json.loads(last_line(stdout))
+    assert summary["topic"] == topic
+    assert summary["frames"] > 20
+    assert summary["published"] == summary["frames"]
+    assert summary["session_id"].startswith("replay-")
+    assert (summary["not_captured"], summary["outside_window"], summary["dead_letters"]) == (0, 0, 0)

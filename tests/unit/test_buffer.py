@@ -362,3 +362,23 @@ async def test_dead_letters_in_memory_are_bounded_in_bytes_and_the_drops_counted
     assert len(buffer) == 11
     add(buffer, "A", 1)  # updates are bounded by conflation, not by this budget
     assert len(buffer) == 12
+
+
+def raw(size: int) -> OutgoingRecord:
+    return OutgoingRecord(RecordKind.RAW, b"1001", b"x" * size, [], 0.0)
+
+
+async def test_raw_frames_are_never_conflated_and_bounded_in_bytes_apart_from_dead_letters() -> None:
+    metrics = Metrics()
+    settings = BufferSettings(capacity_records=5, raw_memory_bytes=1 << 20, dead_letter_memory_bytes=1 << 20)
+    buffer = DeliveryBuffer(settings, metrics=metrics)
+    for _ in range(12):
+        buffer.add_record(raw(100_000))  # Kafka is away: they wait, past the conflation capacity
+    assert len(buffer) == 10
+    assert metrics.registry.get_sample_value("ime_bridge_raw_frames_dropped_total") == 2
+    buffer.add_record(dead_letter(100_000))  # dead letters have their own budget
+    assert len(buffer) == 11
+    taken = await take(buffer, 20)
+    assert [record.kind for record in taken.records] == [RecordKind.RAW] * 10 + [RecordKind.DEAD_LETTER]
+    buffer.add_record(raw(100_000))  # taken ones no longer count
+    assert len(buffer) == 1

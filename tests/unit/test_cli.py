@@ -214,3 +214,21 @@ def test_check_config_connect_options(command: list[str]) -> None:
     args = cli.build_parser().parse_args([*command, "--connect", "--timeout", "3"])
     assert (args.connect, args.timeout) == (True, 3.0)
     assert cli.build_parser().parse_args(command).connect is False
+
+
+def test_replay_takes_one_origin_and_a_window() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["replay", "--from-topic", "raw", "--since", "2026-12-06T09:00:00", "--pace"])
+    assert (args.from_topic, args.from_file, args.pace, args.to_topic) == ("raw", None, True, None)
+    assert args.since == datetime(2026, 12, 6, 9, tzinfo=UTC)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["replay", "--from-topic", "raw", "--from-file", "x"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["replay"])
+
+
+def test_capture_needs_where_to_write() -> None:
+    args = cli.build_parser().parse_args(["capture", "--out", "cap.jsonl.zst", "--max-bytes", "1000"])
+    assert (args.out, args.max_bytes) == (Path("cap.jsonl.zst"), 1000)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["capture"])

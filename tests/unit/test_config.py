@@ -43,6 +43,12 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
         (MINIMAL + "kafka:\n  bootstrap_servers: nohost\n", "kafka.bootstrap_servers: 'nohost' is not host:port"),
         (MINIMAL + "kafka:\n  compression: brotli\n", "kafka.compression: Input should be"),
         (MINIMAL + "kafka:\n  dlq_topic: ime.contract.updates\n", "kafka: kafka.topic and kafka.dlq_topic must differ"),
+        (
+            MINIMAL + "kafka:\n  raw_topic: ime.contract.state\n",
+            "kafka: kafka.raw_topic must differ from kafka.topic, kafka.dlq_topic and kafka.state_topic",
+        ),
+        (MINIMAL + "kafka:\n  raw_compression: brotli\n", "kafka.raw_compression: Input should be"),
+        (MINIMAL + "buffer:\n  raw_memory_bytes: 10\n", "buffer.raw_memory_bytes: Input should be greater than"),
         (MINIMAL + "metrics:\n  port: 70000\n", "metrics.port: Input should be less than or equal to 65535"),
         (MINIMAL + "  naive_timezone: Mars/Olympus\n", "ime.naive_timezone: unknown time zone 'Mars/Olympus'"),
         (MINIMAL.replace("wss", "") + "  ws_url: https://x\n", "ime.ws_url: URL scheme should be 'ws' or 'wss'"),

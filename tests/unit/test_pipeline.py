@@ -40,7 +40,12 @@ def frame(identifier: dict[str, str], last_price: int = 100) -> str:
 
 
 def make_pipeline(
-    capacity: int = 100, max_frame_bytes: int = 10_000, suppress_duplicates: bool = False
+    capacity: int = 100,
+    max_frame_bytes: int = 10_000,
+    suppress_duplicates: bool = False,
+    *,
+    capture_raw: bool = False,
+    normalize: bool = True,
 ) -> tuple[Intake, Metrics]:
     metrics = Metrics()
     settings = BufferSettings(capacity_records=capacity, suppress_duplicates=suppress_duplicates)
@@ -52,6 +57,8 @@ def make_pipeline(
         max_frame_bytes=max_frame_bytes,
         suppress_duplicates=settings.suppress_duplicates,
         dead_letter_raw_bytes=settings.dead_letter_raw_bytes,
+        capture_raw=capture_raw,
+        normalize=normalize,
     )
     return pipeline, metrics
 
@@ -89,6 +96,41 @@ async def test_same_key_and_one_sequence_per_contract_whichever_endpoint() -> No
         "connection": b"id-0/3",
     }
     assert dict(records[1].headers)["connection"] == b"name-0/1"
+
+
+async def test_with_raw_capture_each_frame_goes_as_received_before_its_record_or_dead_letter() -> None:
+    pipeline, _ = make_pipeline(capture_raw=True)
+    pipeline.on_connection_open(BY_ID)
+    good = frame({"contractId": "1001"}).encode()
+    pipeline.on_frame(good, 7, BY_ID)
+    pipeline.on_frame(b"{broken", 8, BY_ID)
+
+    marker, raw_good, update, raw_broken, broken = await take_all(pipeline)
+    assert [r.kind for r in (marker, raw_good, update, raw_broken, broken)] == [
+        RecordKind.RAW,
+        RecordKind.RAW,
+        RecordKind.UPDATE,
+        RecordKind.RAW,
+        RecordKind.DEAD_LETTER,
+    ]
+    assert dict(marker.headers)["raw-event"] == b"subscribed"
+    assert (raw_good.key, raw_good.value, dict(raw_good.headers)["receive-time-us"]) == (b"1001", good, b"7")
+    assert (raw_broken.key, raw_broken.value) == (None, b"{broken")
+    assert decode(update)["sequence"] == 1
+
+
+async def test_capture_only_parses_nothing() -> None:
+    pipeline, metrics = make_pipeline(capture_raw=True, normalize=False)
+    pipeline.on_frame(b"{broken", 8, BY_ID)
+    pipeline.on_frame(frame({"contractId": "1001"}), 9, BY_ID)
+    assert [record.kind for record in await take_all(pipeline)] == [RecordKind.RAW, RecordKind.RAW]
+    assert sample(metrics, "ime_bridge_messages_rejected_total", reason="invalid_json") == 0
+
+
+async def test_without_raw_capture_a_connection_opening_adds_nothing() -> None:
+    pipeline, _ = make_pipeline()
+    pipeline.on_connection_open(BY_ID)
+    assert len(pipeline.buffer) == 0
 
 
 async def test_rejected_and_oversized_frames_become_dead_letters() -> None:
