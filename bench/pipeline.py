@@ -1,5 +1,5 @@
-"""`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic, and
-with a share of bad frames) and paced.
+"""`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic, with a
+share of bad frames, and with raw capture) and paced.
 
 Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck)
 and `ime-bridge run`. Figures come from the bridge's /metrics over a measurement window after a
@@ -110,10 +110,12 @@ def run_phase(
     *,
     state_topic: bool = True,
     bad_frame_ratio: float = 0.0,
+    raw_topic: bool = False,
 ) -> dict[str, float]:
     """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible),
     with or without the latest-state topic (its fan-out is part of the cost of every round), with
-    `bad_frame_ratio` of the frames malformed (each a dead letter)."""
+    `bad_frame_ratio` of the frames malformed (each a dead letter), with or without raw capture (every frame
+    also to a raw topic, zstd)."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     sim_port, metrics_port = free_port(), free_port()
     contracts = [str(1001 + n) for n in range(args.contracts)]
@@ -132,6 +134,7 @@ def run_phase(
             "dlq_topic": "bench.dlq",
             "state_topic": "bench.state",
             "state_topic_enabled": state_topic,
+            "raw_topic": "bench.raw" if raw_topic else "",
             "partitions": 6,
             "replication_factor": 1,
             "enable_idempotence": False,
@@ -187,6 +190,7 @@ def main() -> None:
             "full speed": run_phase("full", 0, args, broker, workdir),
             bad_phase: run_phase("full-bad", 0, args, broker, workdir, bad_frame_ratio=args.bad_frame_ratio),
             "  no state topic": run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
+            "  raw capture": run_phase("full-raw", 0, args, broker, workdir, raw_topic=True),
             f"paced {args.paced_rate:g}/s": run_phase("paced", args.paced_rate, args, broker, workdir),
         }
     print(f"\nime-bridge bench: {args.contracts} contracts, {args.seconds:g}s windows, {os.cpu_count()} cores")
@@ -201,6 +205,11 @@ def main() -> None:
         f"\n{bad_phase.strip()}: CPU µs/msg {bad['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x the clean full-speed"
         f" phase's ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
         f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
+    )
+    raw = results["  raw capture"]
+    print(
+        f"raw capture: {raw['cpu_us_per_msg'] - clean['cpu_us_per_msg']:+.1f} CPU µs per frame against the clean"
+        f" full-speed phase ({raw['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x)"
     )
 
 

@@ -97,17 +97,31 @@ class Intake:
         """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
         whose handling fails unexpectedly becomes an `internal_error` dead letter, and the stream goes on."""
         try:
-            if self.capture_raw:
-                self._capture(_as_bytes(raw), receive_time, connection)
-            if self.normalize:
+            if not self.capture_raw:
                 self._on_frame(raw, receive_time, connection)
+                return
+            # Keyed like the update: by the id of a contract subscribed on this connection (a bounded set of
+            # keys, whatever the server sends); a frame that is not such an update has no key. The raw record
+            # goes even when handling the frame fails.
+            contract_id = None
+            try:
+                if self.normalize:
+                    contract_id = self._on_frame(raw, receive_time, connection)
+            finally:
+                frame = _as_bytes(raw)
+                if self.normalize:
+                    key = contract_id.encode() if contract_id is not None else None
+                else:
+                    key = frame_key(frame, self.normalizer.contracts)
+                self._capture(frame, receive_time, connection, key)
         except Exception as exc:
             detail = f"{type(exc).__name__} while handling the frame: {str(exc)[:200]}"
             log_exception(logger, "frame_handling_failed", connection=connection.label, error=type(exc).__name__)
             rejected = Rejected(RejectReason.INTERNAL_ERROR, detail, _as_bytes(raw))
             self._dead_letter(rejected, receive_time, connection, receive_time / 1e6)
 
-    def _on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
+    def _on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> str | None:
+        """The work of `on_frame`; the contract id of an update of a contract subscribed here, else None."""
         received = receive_time / 1e6
         result: ContractUpdate | Rejected
         if len(raw) > self.max_frame_bytes:
@@ -117,7 +131,7 @@ class Intake:
             result = self.normalizer(raw, connection.subscription.endpoint, receive_time)
         if isinstance(result, Rejected):
             self._dead_letter(result, receive_time, connection, received)
-            return
+            return None
         contract_id = result.contract_id
         if connection is not self._current:  # frames come in bursts per connection: look up once per switch
             self._switch_to(connection)
@@ -126,13 +140,13 @@ class Intake:
             detail = f"contract {contract_id[:60]!r} is not subscribed on connection {connection.label}"
             rejected = Rejected(RejectReason.UNKNOWN_CONTRACT, detail, _as_bytes(raw))
             self._dead_letter(rejected, receive_time, connection, received)
-            return
+            return None
         seen = self._current_seen
         if contract_id not in seen:
             seen.add(contract_id)
             result.first_after_subscribe = True
         if self.suppress_duplicates and self._is_repeat(result):
-            return
+            return contract_id
         sequence = self._sequences.get(contract_id, 0) + 1
         self._sequences[contract_id] = sequence
         result.sequence = sequence
@@ -144,11 +158,11 @@ class Intake:
             if warning is not None:
                 log_event(logger, logging.WARNING, "naive_timestamps_lag", **warning.fields())
         self.buffer.add_update(result, self._current_headers, received)
+        return contract_id
 
-    def _capture(self, raw: bytes, receive_time: int, connection: ConnectionInfo) -> None:
+    def _capture(self, raw: bytes, receive_time: int, connection: ConnectionInfo, key: bytes | None) -> None:
         if connection is not self._raw_connection:
             self._raw_connection, self._raw_headers = connection, connection_headers(connection)
-        key = frame_key(raw, self.normalizer.contracts)
         self.buffer.add_record(raw_frame(raw, receive_time, self._raw_headers, key))
 
     def on_connection_open(self, connection: ConnectionInfo) -> None:

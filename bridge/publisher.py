@@ -119,9 +119,9 @@ class Publisher:
         observe = self.metrics.publish_latency.observe
         if not any(outcomes):  # the usual round: everything acknowledged
             for record in records:
-                if record.dead_letter_reason is None:
+                if record.kind is RecordKind.UPDATE:
                     observe(now - record.received)
-                else:
+                elif record.dead_letter_reason is not None:
                     self.metrics.dead_letters.labels(record.dead_letter_reason).inc()
             for kind, count in collections.Counter(record.kind for record in records).items():
                 self.metrics.messages_published.labels(self.sink.topic(kind)).inc(count)
@@ -133,9 +133,9 @@ class Publisher:
         for record, outcome in zip(records, outcomes, strict=True):
             if outcome is None:
                 published[record.kind] = published.get(record.kind, 0) + 1
-                if record.dead_letter_reason is None:
+                if record.kind is RecordKind.UPDATE:
                     observe(now - record.received)
-                else:
+                elif record.dead_letter_reason is not None:
                     self.metrics.dead_letters.labels(record.dead_letter_reason).inc()
                 done.append(True)
                 continue

@@ -98,25 +98,29 @@ async def test_same_key_and_one_sequence_per_contract_whichever_endpoint() -> No
     assert dict(records[1].headers)["connection"] == b"name-0/1"
 
 
-async def test_with_raw_capture_each_frame_goes_as_received_before_its_record_or_dead_letter() -> None:
+async def test_with_raw_capture_each_frame_goes_as_received_keyed_like_its_update() -> None:
     pipeline, _ = make_pipeline(capture_raw=True)
     pipeline.on_connection_open(BY_ID)
     good = frame({"contractId": "1001"}).encode()
     pipeline.on_frame(good, 7, BY_ID)
     pipeline.on_frame(b"{broken", 8, BY_ID)
 
-    marker, raw_good, update, raw_broken, broken = await take_all(pipeline)
-    assert [r.kind for r in (marker, raw_good, update, raw_broken, broken)] == [
-        RecordKind.RAW,
+    marker, update, raw_good, broken, raw_broken = await take_all(pipeline)
+    assert [r.kind for r in (marker, update, raw_good, broken, raw_broken)] == [
         RecordKind.RAW,
         RecordKind.UPDATE,
         RecordKind.RAW,
         RecordKind.DEAD_LETTER,
+        RecordKind.RAW,
     ]
     assert dict(marker.headers)["raw-event"] == b"subscribed"
     assert (raw_good.key, raw_good.value, dict(raw_good.headers)["receive-time-us"]) == (b"1001", good, b"7")
     assert (raw_broken.key, raw_broken.value) == (None, b"{broken")
     assert decode(update)["sequence"] == 1
+    pipeline.on_frame(frame({"contractId": "9999"}), 9, BY_ID)  # an id nobody subscribed: not a key
+    unknown, raw_unknown = await take_all(pipeline)
+    assert dict(unknown.headers)["reason"] == b"unknown_contract"
+    assert (raw_unknown.kind, raw_unknown.key) == (RecordKind.RAW, None)
 
 
 async def test_capture_only_parses_nothing() -> None:
