@@ -80,7 +80,8 @@ async def frames_from_topic(kafka: KafkaSettings, topic: str) -> AsyncIterator[C
         # the high watermark of the first fetch is right: the end is the larger of the two.
         corrected: set[TopicPartition] = set()
         pending: dict[TopicPartition, deque[CapturedFrame | NotCaptured]] = {p: deque() for p in partitions}
-        done = {partition for partition in partitions if ends[partition] == 0}
+        starts = await consumer.beginning_offsets(partitions)  # past 0 once retention deleted the oldest
+        done = {partition for partition in partitions if starts[partition] >= ends[partition]}
         while True:
             # Merge: the oldest head can go once every unfinished partition has one.
             hungry = [p for p in partitions if not pending[p] and p not in done]
