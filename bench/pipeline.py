@@ -101,6 +101,15 @@ def wait_until(condition: Callable[[], bool], what: str, logs: tuple[Path, ...],
     raise SystemExit(f"bench: timed out waiting for {what}\n{tails}")
 
 
+def peak_rss_bytes(pid: int) -> float:
+    """The process's peak resident set size (VmHWM of /proc/PID/status; NaN where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    return float("nan")
+
+
 def run_phase(
     name: str,
     rate: float,
@@ -110,13 +119,15 @@ def run_phase(
     *,
     state_topic: bool = True,
     bad_frame_ratio: float = 0.0,
+    contracts: int | None = None,
 ) -> dict[str, float]:
     """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible),
     with or without the latest-state topic (its fan-out is part of the cost of every round), with
     `bad_frame_ratio` of the frames malformed (each a dead letter)."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     sim_port, metrics_port = free_port(), free_port()
-    contracts = [str(1001 + n) for n in range(args.contracts)]
+    count = contracts or args.contracts
+    contract_ids = [str(1001 + n) for n in range(count)]
     config = {
         "ime": {
             "base_url": f"http://127.0.0.1:{sim_port}",
@@ -124,7 +135,7 @@ def run_phase(
             "allow_insecure": True,
             "username": "demo",
             "password": "demo-password",
-            "contract_ids": contracts,
+            "contract_ids": contract_ids,
         },
         "kafka": {
             "bootstrap_servers": [broker.bootstrap_servers],
@@ -142,18 +153,19 @@ def run_phase(
     }
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(args.contracts)]
+    simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(count)]
     simulator_command += ["--rate", str(rate), "--prerender", "--bad-frame-ratio", str(bad_frame_ratio)]
     logs = (workdir / f"{name}-simulator.log", workdir / f"{name}-bridge.log")
     with (
         process(simulator_command, logs[0]),
-        process([executable, "run", "--config", str(config_path)], logs[1]),
+        process([executable, "run", "--config", str(config_path)], logs[1]) as bridge,
     ):
         wait_until(lambda: scrape(metrics_port).published > 0, f"{name}: first record acknowledged", logs, within=60)
         time.sleep(args.warmup)
         before = scrape(metrics_port)
         time.sleep(args.seconds)
         after = scrape(metrics_port)
+        peak_rss = peak_rss_bytes(bridge.pid)
     dead_letters = after.dead_letters - before.dead_letters
     acknowledged = after.published - before.published + dead_letters
     elapsed = after.at - before.at
@@ -165,12 +177,17 @@ def run_phase(
         "cpu_share": (after.cpu_seconds - before.cpu_seconds) / elapsed,
         "p50_ms": window_quantile(0.5, before.latency_buckets, after.latency_buckets) * 1e3,
         "p99_ms": window_quantile(0.99, before.latency_buckets, after.latency_buckets) * 1e3,
+        "p999_ms": window_quantile(0.999, before.latency_buckets, after.latency_buckets) * 1e3,
+        "peak_rss_mb": peak_rss / 2**20,
         "backlog": after.received - after.published,
     }
 
 
+PHASES = ("full", "full-bad", "full-no-state", "paced", "paced-1000")
+
+
 def main() -> None:
-    """Run every phase and print one table."""
+    """Run the selected phases and print one table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contracts", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
@@ -178,30 +195,53 @@ def main() -> None:
     parser.add_argument("--paced-rate", type=float, default=5000.0)
     parser.add_argument("--linger-ms", type=int, default=5)
     parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated phases to run, of {', '.join(PHASES)}"
+    )
     args = parser.parse_args()
+    selected = args.phases.split(",")
+    if unknown := [phase for phase in selected if phase not in PHASES]:
+        parser.error(f"unknown phases: {', '.join(unknown)}")
 
+    paced = args.paced_rate
     with tempfile.TemporaryDirectory(prefix="ime-bridge-bench-") as directory, EmbeddedBroker() as broker:
         workdir = Path(directory)
-        bad_phase = f"  {args.bad_frame_ratio:.0%} bad frames"
-        results = {
-            "full speed": run_phase("full", 0, args, broker, workdir),
-            bad_phase: run_phase("full-bad", 0, args, broker, workdir, bad_frame_ratio=args.bad_frame_ratio),
-            "  no state topic": run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
-            f"paced {args.paced_rate:g}/s": run_phase("paced", args.paced_rate, args, broker, workdir),
+        phases: dict[str, tuple[str, Callable[[], dict[str, float]]]] = {
+            "full": ("full speed", lambda: run_phase("full", 0, args, broker, workdir)),
+            "full-bad": (
+                f"  {args.bad_frame_ratio:.0%} bad frames",
+                lambda: run_phase("full-bad", 0, args, broker, workdir, bad_frame_ratio=args.bad_frame_ratio),
+            ),
+            "full-no-state": (
+                "  no state topic",
+                lambda: run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
+            ),
+            "paced": (f"paced {paced:g}/s", lambda: run_phase("paced", paced, args, broker, workdir)),
+            "paced-1000": (
+                "  1,000 contracts",
+                lambda: run_phase("paced-1000", paced, args, broker, workdir, contracts=1000),
+            ),
         }
+        results = {phases[key][0]: phases[key][1]() for key in PHASES if key in selected}
     print(f"\nime-bridge bench: {args.contracts} contracts, {args.seconds:g}s windows, {os.cpu_count()} cores")
-    print(f"{'phase':<16}{'msgs/s':>10}{'CPU µs/msg':>12}{'CPU share':>11}{'p50 ms':>9}{'p99 ms':>9}")
+    print(
+        f"{'phase':<18}{'msgs/s':>9}{'CPU µs/msg':>11}{'CPU share':>10}{'p50 ms':>8}{'p99 ms':>8}{'p999 ms':>8}"
+        f"{'peak RSS MB':>12}"
+    )
     for phase, figures in results.items():
         print(
-            f"{phase:<16}{figures['msgs_per_s']:>10,.0f}{figures['cpu_us_per_msg']:>12.1f}"
-            f"{figures['cpu_share']:>10.0%}{figures['p50_ms']:>9.2f}{figures['p99_ms']:>9.2f}"
+            f"{phase:<18}{figures['msgs_per_s']:>9,.0f}{figures['cpu_us_per_msg']:>11.1f}"
+            f"{figures['cpu_share']:>10.0%}{figures['p50_ms']:>8.2f}{figures['p99_ms']:>8.2f}{figures['p999_ms']:>8.2f}"
+            f"{figures['peak_rss_mb']:>12.0f}"
         )
-    bad, clean = results[bad_phase], results["full speed"]
-    print(
-        f"\n{bad_phase.strip()}: CPU µs/msg {bad['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x the clean full-speed"
-        f" phase's ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
-        f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
-    )
+    bad_phase = phases["full-bad"][0]
+    if bad_phase in results and "full speed" in results:
+        bad, clean = results[bad_phase], results["full speed"]
+        print(
+            f"\n{bad_phase.strip()}: CPU µs/msg {bad['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x the clean"
+            f" full-speed phase's ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
+            f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
+        )
 
 
 if __name__ == "__main__":
