@@ -39,6 +39,7 @@ class Scrape:
     received: float
     published: float
     dead_letters: float
+    rounds: float
     latency_buckets: dict[float, float]
 
 
@@ -59,6 +60,7 @@ def scrape(port: int) -> Scrape:
                 "process_cpu_seconds_total",
                 "ime_bridge_messages_received_total",
                 "ime_bridge_dead_letters_total",
+                "ime_bridge_publish_rounds_total",
             ):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return Scrape(
@@ -67,6 +69,7 @@ def scrape(port: int) -> Scrape:
         values.get("ime_bridge_messages_received_total", 0.0),
         values.get("published", 0.0),
         values.get("ime_bridge_dead_letters_total", 0.0),
+        values.get("ime_bridge_publish_rounds_total", 0.0),
         buckets,
     )
 
@@ -179,6 +182,7 @@ def run_phase(
         "p99_ms": window_quantile(0.99, before.latency_buckets, after.latency_buckets) * 1e3,
         "p999_ms": window_quantile(0.999, before.latency_buckets, after.latency_buckets) * 1e3,
         "peak_rss_mb": peak_rss / 2**20,
+        "round_records": acknowledged / max(after.rounds - before.rounds, 1),
         "backlog": after.received - after.published,
     }
 
@@ -226,13 +230,13 @@ def main() -> None:
     print(f"\nime-bridge bench: {args.contracts} contracts, {args.seconds:g}s windows, {os.cpu_count()} cores")
     print(
         f"{'phase':<18}{'msgs/s':>9}{'CPU µs/msg':>11}{'CPU share':>10}{'p50 ms':>8}{'p99 ms':>8}{'p999 ms':>8}"
-        f"{'peak RSS MB':>12}"
+        f"{'peak RSS MB':>12}{'records/round':>14}"
     )
     for phase, figures in results.items():
         print(
             f"{phase:<18}{figures['msgs_per_s']:>9,.0f}{figures['cpu_us_per_msg']:>11.1f}"
             f"{figures['cpu_share']:>10.0%}{figures['p50_ms']:>8.2f}{figures['p99_ms']:>8.2f}{figures['p999_ms']:>8.2f}"
-            f"{figures['peak_rss_mb']:>12.0f}"
+            f"{figures['peak_rss_mb']:>12.0f}{figures['round_records']:>14.1f}"
         )
     bad_phase = phases["full-bad"][0]
     if bad_phase in results and "full speed" in results:

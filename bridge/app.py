@@ -216,7 +216,13 @@ class Bridge:
             suppress_duplicates=settings.buffer.suppress_duplicates,
             dead_letter_raw_bytes=settings.buffer.dead_letter_raw_bytes,
         )
-        publisher = Publisher(buffer, sink, self.metrics, max_batch_records=settings.buffer.max_batch_records)
+        publisher = Publisher(
+            buffer,
+            sink,
+            self.metrics,
+            max_batch_records=settings.round_records,
+            linger=settings.kafka.linger_seconds,
+        )
         spool_task = None
         if buffer.spool is not None:
             # Often enough to spill records that waited spool_after_seconds while nothing new arrived.
