@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -123,6 +125,7 @@ def run_phase(
     state_topic: bool = True,
     bad_frame_ratio: float = 0.0,
     contracts: int | None = None,
+    profile: str = "throughput",
 ) -> dict[str, float]:
     """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible),
     with or without the latest-state topic (its fan-out is part of the cost of every round), with
@@ -149,7 +152,8 @@ def run_phase(
             "partitions": 6,
             "replication_factor": 1,
             "enable_idempotence": False,
-            "linger_ms": args.linger_ms,
+            **({} if profile == "throughput" else {"profile": profile}),  # the default: also for older commits
+            **({} if args.linger_ms is None else {"linger_ms": args.linger_ms}),
         },
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "log": {"level": "WARNING"},
@@ -187,7 +191,27 @@ def run_phase(
     }
 
 
-PHASES = ("full", "full-bad", "full-no-state", "paced", "paced-1000")
+def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """The straightforward implementation (bench/reference.py) against a fresh simulator at `rate`."""
+    executable = str(Path(sys.executable).parent / "ime-bridge")
+    port = free_port()
+    simulator_command = [executable, "simulate", "--port", str(port), "--contracts", str(args.contracts)]
+    simulator_command += ["--rate", str(rate), "--prerender"]
+    reference_command = [sys.executable, "-m", "bench.reference", "--base-url", f"http://127.0.0.1:{port}"]
+    reference_command += ["--ws-url", f"ws://127.0.0.1:{port}", "--bootstrap-servers", args.broker]
+    reference_command += ["--contracts", str(args.contracts), "--linger-ms", str(args.linger_ms or 5)]
+    reference_command += ["--warmup", str(args.warmup), "--seconds", str(args.seconds)]
+    log = workdir / "reference-simulator.log"
+    with process(simulator_command, log):
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, "simulator", (log,)
+        )
+        output = subprocess.run(reference_command, check=True, capture_output=True, text=True, timeout=120).stdout
+    figures: dict[str, float] = json.loads(output.splitlines()[-1])
+    return figures | {"round_records": float("nan")}
+
+
+PHASES = ("full", "full-bad", "full-no-state", "paced", "paced-latency", "paced-1000", "reference")
 
 
 def main() -> None:
@@ -197,7 +221,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--paced-rate", type=float, default=5000.0)
-    parser.add_argument("--linger-ms", type=int, default=5)
+    parser.add_argument("--linger-ms", type=int, help="kafka.linger_ms of every phase (default: the profile's)")
     parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
     parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated phases to run, of {', '.join(PHASES)}"
@@ -221,11 +245,17 @@ def main() -> None:
                 lambda: run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
             ),
             "paced": (f"paced {paced:g}/s", lambda: run_phase("paced", paced, args, broker, workdir)),
+            "paced-latency": (
+                "  latency profile",
+                lambda: run_phase("paced-latency", paced, args, broker, workdir, profile="latency"),
+            ),
             "paced-1000": (
                 "  1,000 contracts",
                 lambda: run_phase("paced-1000", paced, args, broker, workdir, contracts=1000),
             ),
+            "reference": ("  reference", lambda: run_reference(paced, args, workdir)),
         }
+        args.broker = broker.bootstrap_servers
         results = {phases[key][0]: phases[key][1]() for key in PHASES if key in selected}
     print(f"\nime-bridge bench: {args.contracts} contracts, {args.seconds:g}s windows, {os.cpu_count()} cores")
     print(
@@ -238,6 +268,13 @@ def main() -> None:
             f"{figures['cpu_share']:>10.0%}{figures['p50_ms']:>8.2f}{figures['p99_ms']:>8.2f}{figures['p999_ms']:>8.2f}"
             f"{figures['peak_rss_mb']:>12.0f}{figures['round_records']:>14.1f}"
         )
+    reference, paced_name = phases["reference"][0], phases["paced"][0]
+    for name in (paced_name, phases["paced-latency"][0]):
+        if name in results and reference in results:
+            ratio = results[name]["cpu_us_per_msg"] / results[reference]["cpu_us_per_msg"]
+            print(
+                f"\n{name.strip()}: CPU µs/msg {ratio:.2f}x the straightforward implementation's (bench/reference.py)"
+            )
     bad_phase = phases["full-bad"][0]
     if bad_phase in results and "full speed" in results:
         bad, clean = results[bad_phase], results["full speed"]
