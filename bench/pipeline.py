@@ -1,11 +1,13 @@
 """`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic, and
-with a share of bad frames) and paced.
+with a share of bad frames) and paced (in the throughput and the latency profile, and with 1,000 contracts),
+and the straightforward implementation of bench/reference.py paced, for the ratio (`--phases` selects).
 
 Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck)
 and `ime-bridge run`. Figures come from the bridge's /metrics over a measurement window after a
 warm-up: records acknowledged per second (updates and dead letters), the bridge process's CPU µs per
 record (process_cpu_seconds_total), and receive→ack latency quantiles of the updates interpolated from the
-ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does). The bad-frame phase
+ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does), the bridge's peak RSS
+(VmHWM) and records per publish round. The bad-frame phase
 also prints its CPU per record against the clean full-speed phase's: a flood of bad frames must stay cheap.
 """
 
