@@ -1,11 +1,14 @@
 """`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic, with a
-share of bad frames, and with raw capture) and paced.
+share of bad frames, and with raw capture) and paced (in the throughput and the latency profile, and with 1,000
+contracts), and the straightforward implementation of bench/reference.py paced, for the ratio (`--phases`
+selects).
 
 Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck)
 and `ime-bridge run`. Figures come from the bridge's /metrics over a measurement window after a
 warm-up: records acknowledged per second (updates and dead letters), the bridge process's CPU µs per
 record (process_cpu_seconds_total), and receive→ack latency quantiles of the updates interpolated from the
-ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does). The bad-frame phase
+ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does), the bridge's peak RSS
+(VmHWM) and records per publish round. The bad-frame phase
 also prints its CPU per record against the clean full-speed phase's: a flood of bad frames must stay cheap.
 """
 
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +44,7 @@ class Scrape:
     received: float
     published: float
     dead_letters: float
+    rounds: float
     latency_buckets: dict[float, float]
 
 
@@ -59,6 +65,7 @@ def scrape(port: int) -> Scrape:
                 "process_cpu_seconds_total",
                 "ime_bridge_messages_received_total",
                 "ime_bridge_dead_letters_total",
+                "ime_bridge_publish_rounds_total",
             ):
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
     return Scrape(
@@ -67,6 +74,7 @@ def scrape(port: int) -> Scrape:
         values.get("ime_bridge_messages_received_total", 0.0),
         values.get("published", 0.0),
         values.get("ime_bridge_dead_letters_total", 0.0),
+        values.get("ime_bridge_publish_rounds_total", 0.0),
         buckets,
     )
 
@@ -101,6 +109,15 @@ def wait_until(condition: Callable[[], bool], what: str, logs: tuple[Path, ...],
     raise SystemExit(f"bench: timed out waiting for {what}\n{tails}")
 
 
+def peak_rss_bytes(pid: int) -> float:
+    """The process's peak resident set size (VmHWM of /proc/PID/status; NaN where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    return float("nan")
+
+
 def run_phase(
     name: str,
     rate: float,
@@ -110,6 +127,8 @@ def run_phase(
     *,
     state_topic: bool = True,
     bad_frame_ratio: float = 0.0,
+    contracts: int | None = None,
+    profile: str = "throughput",
     raw_topic: bool = False,
 ) -> dict[str, float]:
     """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible),
@@ -118,7 +137,8 @@ def run_phase(
     also to a raw topic, zstd)."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     sim_port, metrics_port = free_port(), free_port()
-    contracts = [str(1001 + n) for n in range(args.contracts)]
+    count = contracts or args.contracts
+    contract_ids = [str(1001 + n) for n in range(count)]
     config = {
         "ime": {
             "base_url": f"http://127.0.0.1:{sim_port}",
@@ -126,7 +146,7 @@ def run_phase(
             "allow_insecure": True,
             "username": "demo",
             "password": "demo-password",
-            "contract_ids": contracts,
+            "contract_ids": contract_ids,
         },
         "kafka": {
             "bootstrap_servers": [broker.bootstrap_servers],
@@ -138,25 +158,27 @@ def run_phase(
             "partitions": 6,
             "replication_factor": 1,
             "enable_idempotence": False,
-            "linger_ms": args.linger_ms,
+            **({} if profile == "throughput" else {"profile": profile}),  # the default: also for older commits
+            **({} if args.linger_ms is None else {"linger_ms": args.linger_ms}),
         },
         "metrics": {"host": "127.0.0.1", "port": metrics_port},
         "log": {"level": "WARNING"},
     }
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(args.contracts)]
+    simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(count)]
     simulator_command += ["--rate", str(rate), "--prerender", "--bad-frame-ratio", str(bad_frame_ratio)]
     logs = (workdir / f"{name}-simulator.log", workdir / f"{name}-bridge.log")
     with (
         process(simulator_command, logs[0]),
-        process([executable, "run", "--config", str(config_path)], logs[1]),
+        process([executable, "run", "--config", str(config_path)], logs[1]) as bridge,
     ):
         wait_until(lambda: scrape(metrics_port).published > 0, f"{name}: first record acknowledged", logs, within=60)
         time.sleep(args.warmup)
         before = scrape(metrics_port)
         time.sleep(args.seconds)
         after = scrape(metrics_port)
+        peak_rss = peak_rss_bytes(bridge.pid)
     dead_letters = after.dead_letters - before.dead_letters
     acknowledged = after.published - before.published + dead_letters
     elapsed = after.at - before.at
@@ -168,49 +190,116 @@ def run_phase(
         "cpu_share": (after.cpu_seconds - before.cpu_seconds) / elapsed,
         "p50_ms": window_quantile(0.5, before.latency_buckets, after.latency_buckets) * 1e3,
         "p99_ms": window_quantile(0.99, before.latency_buckets, after.latency_buckets) * 1e3,
+        "p999_ms": window_quantile(0.999, before.latency_buckets, after.latency_buckets) * 1e3,
+        "peak_rss_mb": peak_rss / 2**20,
+        "round_records": acknowledged / max(after.rounds - before.rounds, 1),
         "backlog": after.received - after.published,
     }
 
 
+def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """The straightforward implementation (bench/reference.py) against a fresh simulator at `rate`."""
+    executable = str(Path(sys.executable).parent / "ime-bridge")
+    port = free_port()
+    simulator_command = [executable, "simulate", "--port", str(port), "--contracts", str(args.contracts)]
+    simulator_command += ["--rate", str(rate), "--prerender"]
+    reference_command = [sys.executable, "-m", "bench.reference", "--base-url", f"http://127.0.0.1:{port}"]
+    reference_command += ["--ws-url", f"ws://127.0.0.1:{port}", "--bootstrap-servers", args.broker]
+    reference_command += ["--contracts", str(args.contracts), "--linger-ms", str(args.linger_ms or 5)]
+    reference_command += ["--warmup", str(args.warmup), "--seconds", str(args.seconds)]
+    log = workdir / "reference-simulator.log"
+    with process(simulator_command, log):
+        wait_until(
+            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, "simulator", (log,)
+        )
+        output = subprocess.run(reference_command, check=True, capture_output=True, text=True, timeout=120).stdout
+    figures: dict[str, float] = json.loads(output.splitlines()[-1])
+    return figures | {"round_records": float("nan")}
+
+
+PHASES = ("full", "full-bad", "full-no-state", "full-raw", "paced", "paced-latency", "paced-1000", "reference")
+
+
 def main() -> None:
-    """Run every phase and print one table."""
+    """Run the selected phases and print one table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contracts", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--paced-rate", type=float, default=5000.0)
-    parser.add_argument("--linger-ms", type=int, default=5)
+    parser.add_argument("--linger-ms", type=int, help="kafka.linger_ms of every phase (default: the profile's)")
     parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"comma-separated phases to run, of {', '.join(PHASES)}"
+    )
     args = parser.parse_args()
+    selected = args.phases.split(",")
+    if unknown := [phase for phase in selected if phase not in PHASES]:
+        parser.error(f"unknown phases: {', '.join(unknown)}")
 
+    paced = args.paced_rate
     with tempfile.TemporaryDirectory(prefix="ime-bridge-bench-") as directory, EmbeddedBroker() as broker:
         workdir = Path(directory)
-        bad_phase = f"  {args.bad_frame_ratio:.0%} bad frames"
-        results = {
-            "full speed": run_phase("full", 0, args, broker, workdir),
-            bad_phase: run_phase("full-bad", 0, args, broker, workdir, bad_frame_ratio=args.bad_frame_ratio),
-            "  no state topic": run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
-            "  raw capture": run_phase("full-raw", 0, args, broker, workdir, raw_topic=True),
-            f"paced {args.paced_rate:g}/s": run_phase("paced", args.paced_rate, args, broker, workdir),
+        phases: dict[str, tuple[str, Callable[[], dict[str, float]]]] = {
+            "full": ("full speed", lambda: run_phase("full", 0, args, broker, workdir)),
+            "full-bad": (
+                f"  {args.bad_frame_ratio:.0%} bad frames",
+                lambda: run_phase("full-bad", 0, args, broker, workdir, bad_frame_ratio=args.bad_frame_ratio),
+            ),
+            "full-no-state": (
+                "  no state topic",
+                lambda: run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
+            ),
+            "full-raw": (
+                "  raw capture",
+                lambda: run_phase("full-raw", 0, args, broker, workdir, raw_topic=True),
+            ),
+            "paced": (f"paced {paced:g}/s", lambda: run_phase("paced", paced, args, broker, workdir)),
+            "paced-latency": (
+                "  latency profile",
+                lambda: run_phase("paced-latency", paced, args, broker, workdir, profile="latency"),
+            ),
+            "paced-1000": (
+                "  1,000 contracts",
+                lambda: run_phase("paced-1000", paced, args, broker, workdir, contracts=1000),
+            ),
+            "reference": ("  reference", lambda: run_reference(paced, args, workdir)),
         }
+        args.broker = broker.bootstrap_servers
+        results = {phases[key][0]: phases[key][1]() for key in PHASES if key in selected}
     print(f"\nime-bridge bench: {args.contracts} contracts, {args.seconds:g}s windows, {os.cpu_count()} cores")
-    print(f"{'phase':<16}{'msgs/s':>10}{'CPU µs/msg':>12}{'CPU share':>11}{'p50 ms':>9}{'p99 ms':>9}")
+    print(
+        f"{'phase':<18}{'msgs/s':>9}{'CPU µs/msg':>11}{'CPU share':>10}{'p50 ms':>8}{'p99 ms':>8}{'p999 ms':>8}"
+        f"{'peak RSS MB':>12}{'records/round':>14}"
+    )
     for phase, figures in results.items():
         print(
-            f"{phase:<16}{figures['msgs_per_s']:>10,.0f}{figures['cpu_us_per_msg']:>12.1f}"
-            f"{figures['cpu_share']:>10.0%}{figures['p50_ms']:>9.2f}{figures['p99_ms']:>9.2f}"
+            f"{phase:<18}{figures['msgs_per_s']:>9,.0f}{figures['cpu_us_per_msg']:>11.1f}"
+            f"{figures['cpu_share']:>10.0%}{figures['p50_ms']:>8.2f}{figures['p99_ms']:>8.2f}{figures['p999_ms']:>8.2f}"
+            f"{figures['peak_rss_mb']:>12.0f}{figures['round_records']:>14.1f}"
         )
-    bad, clean = results[bad_phase], results["full speed"]
-    print(
-        f"\n{bad_phase.strip()}: CPU µs/msg {bad['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x the clean full-speed"
-        f" phase's ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
-        f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
-    )
-    raw = results["  raw capture"]
-    print(
-        f"raw capture: {raw['cpu_us_per_msg'] - clean['cpu_us_per_msg']:+.1f} CPU µs per frame against the clean"
-        f" full-speed phase ({raw['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x)"
-    )
+    reference, paced_name = phases["reference"][0], phases["paced"][0]
+    for name in (paced_name, phases["paced-latency"][0]):
+        if name in results and reference in results:
+            ratio = results[name]["cpu_us_per_msg"] / results[reference]["cpu_us_per_msg"]
+            print(
+                f"\n{name.strip()}: CPU µs/msg {ratio:.2f}x the straightforward implementation's (bench/reference.py)"
+            )
+    bad_phase = phases["full-bad"][0]
+    if bad_phase in results and "full speed" in results:
+        bad, clean = results[bad_phase], results["full speed"]
+        print(
+            f"\n{bad_phase.strip()}: CPU µs/msg {bad['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x the clean"
+            f" full-speed phase's ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
+            f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
+        )
+    raw_phase = phases["full-raw"][0]
+    if raw_phase in results and "full speed" in results:
+        raw, clean = results[raw_phase], results["full speed"]
+        print(
+            f"\nraw capture: {raw['cpu_us_per_msg'] - clean['cpu_us_per_msg']:+.1f} CPU µs per frame against the clean"
+            f" full-speed phase ({raw['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -220,7 +220,13 @@ class Bridge:
             capture_raw=self.raw_only or bool(settings.kafka.raw_topic),
             normalize=not self.raw_only,
         )
-        publisher = Publisher(buffer, sink, self.metrics, max_batch_records=settings.buffer.max_batch_records)
+        publisher = Publisher(
+            buffer,
+            sink,
+            self.metrics,
+            max_batch_records=settings.round_records,
+            linger=settings.kafka.linger_seconds,
+        )
         spool_task = None
         if buffer.spool is not None:
             # Often enough to spill records that waited spool_after_seconds while nothing new arrived.

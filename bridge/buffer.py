@@ -335,12 +335,18 @@ class DeliveryBuffer:
                 reason=reason,
             )
 
-    async def take(self, max_records: int) -> Round:
+    async def take(self, max_records: int, linger: float = 0.0) -> Round:
         """Wait for records; return a round of at most `max_records`, memory first, then the spool.
 
-        The round is in flight until `settle()`.
+        With `linger` (seconds), a round smaller than `max_records` waits until its oldest record has waited that
+        long, on one timer, so that more records share the round (Kafka's linger.ms, counted per round rather than
+        per partition). The round is in flight until `settle()`.
         """
         while True:
+            if linger and self._memory and not self._spooling and len(self._memory) < max_records:
+                delay = self._memory[0].record.received + linger - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
             taken = Round()
             indexed = self._indexed
             while self._memory and len(taken.records) < max_records:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import date
 from functools import cached_property
 from pathlib import Path
@@ -238,6 +239,24 @@ class ImeSettings(_Section):
         )
 
 
+@dataclass(frozen=True)
+class KafkaProfile:
+    """What `kafka.profile` sets where the keys are not set explicitly (README, Performance, has the trade-off)."""
+
+    linger_ms: int  # how long a publish round waits for more records, from its oldest record's receipt
+    max_batch_bytes: int  # bytes per partition per round
+    round_records: int  # records per round (buffer.max_batch_records)
+
+
+PROFILES = {
+    # Each round goes as soon as the previous one is acknowledged: the lowest receive→ack latency, at the cost
+    # of more, smaller rounds (CPU per record); smaller rounds also bound how long a backlog's head waits.
+    "latency": KafkaProfile(linger_ms=0, max_batch_bytes=131_072, round_records=1_000),
+    # Rounds linger for more records: fewer, larger produce requests, a few milliseconds more latency.
+    "throughput": KafkaProfile(linger_ms=5, max_batch_bytes=524_288, round_records=10_000),
+}
+
+
 class KafkaSettings(_Section):
     """The Kafka cluster and topics the bridge publishes to."""
 
@@ -258,8 +277,21 @@ class KafkaSettings(_Section):
         description="Idempotent producer (no duplicates on retries); needs a broker that supports it.",
     )
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    linger_ms: int = Field(default=5, ge=0, le=60_000)
-    max_batch_bytes: int = Field(default=524_288, ge=1024, description="Bytes per partition per publish round.")
+    profile: Literal["latency", "throughput"] = Field(
+        default="throughput",
+        description="Defaults of linger_ms, max_batch_bytes and buffer.max_batch_records: latency (0 ms, 128 KiB, "
+        "1,000 records) or throughput (5 ms, 512 KiB, 10,000 records).",
+    )
+    linger_ms: int | None = Field(
+        default=None,
+        ge=0,
+        le=60_000,
+        description="How long a publish round waits for more records, from its oldest record's receipt (unset: "
+        "the profile's).",
+    )
+    max_batch_bytes: int | None = Field(
+        default=None, ge=1024, description="Bytes per partition per publish round (unset: the profile's)."
+    )
     request_timeout_ms: int = Field(default=30_000, ge=1000)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
@@ -365,6 +397,16 @@ class KafkaSettings(_Section):
         return self
 
     @property
+    def linger_seconds(self) -> float:
+        """linger_ms, or the profile's, in seconds."""
+        return (PROFILES[self.profile].linger_ms if self.linger_ms is None else self.linger_ms) / 1000
+
+    @property
+    def batch_bytes(self) -> int:
+        """max_batch_bytes, or the profile's."""
+        return PROFILES[self.profile].max_batch_bytes if self.max_batch_bytes is None else self.max_batch_bytes
+
+    @property
     def topics(self) -> list[str]:
         """Every topic the bridge writes: updates, dead letters, and the latest-state and raw topics when on."""
         return [
@@ -384,7 +426,9 @@ class BufferSettings(_Section):
     capacity_records: int = Field(
         default=100_000, ge=1, description="conflate: records in memory before conflation starts."
     )
-    max_batch_records: int = Field(default=10_000, ge=1, description="Records per publish round.")
+    max_batch_records: int | None = Field(
+        default=None, ge=1, description="Records per publish round (unset: kafka.profile's)."
+    )
     suppress_duplicates: bool = Field(
         default=False, description="Drop a snapshot whose market data equals the contract's previous one."
     )
@@ -491,6 +535,12 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: PositiveSeconds = Field(
         default=20.0, description="Budget for an orderly stop: close sockets, drain, flush."
     )
+
+    @property
+    def round_records(self) -> int:
+        """Records per publish round: buffer.max_batch_records, or kafka.profile's."""
+        explicit = self.buffer.max_batch_records
+        return PROFILES[self.kafka.profile].round_records if explicit is None else explicit
 
     @classmethod
     def settings_customise_sources(

@@ -18,7 +18,11 @@ from prometheus_client.registry import Collector
 
 # Exchange lag spans clock skew and quiet markets; publish latency is a local round trip.
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Millisecond steps up to 8 ms, so that a p99 of a few milliseconds (the latency profile's) can be read.
+LATENCY_BUCKETS = (
+    *(0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.015, 0.02, 0.025, 0.05),
+    *(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)
 
 
 class HotHistogram(Collector):
@@ -96,6 +100,11 @@ class Metrics:
             "ime_bridge_messages_published_total",
             "Records acknowledged by Kafka.",
             ["topic"],
+            registry=r,
+        )
+        self.publish_rounds = Counter(
+            "ime_bridge_publish_rounds_total",
+            "Publish rounds sent to Kafka (records acknowledged / rounds = the round size).",
             registry=r,
         )
         self.state_records_published = Counter(

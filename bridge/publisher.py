@@ -59,12 +59,15 @@ class Publisher:
         metrics: Metrics,
         *,
         max_batch_records: int,
+        linger: float = 0.0,
         retry_backoff: Backoff | None = None,
     ) -> None:
+        """`linger` (seconds): how long a round may wait for more records (see DeliveryBuffer.take)."""
         self.buffer = buffer
         self.sink = sink
         self.metrics = metrics
         self.max_batch_records = max_batch_records
+        self.linger = linger
         self.in_flight: Round | None = None
         self.undeliverable = 0
         self.healthy = True
@@ -75,10 +78,11 @@ class Publisher:
     async def run(self) -> None:
         """Publish until cancelled."""
         while True:
-            taken = await self.buffer.take(self.max_batch_records)
+            taken = await self.buffer.take(self.max_batch_records, self.linger)
             self._idle.clear()
             # Cancelled while publishing (shutdown), the round stays in `in_flight` for the buffer to keep.
             self.in_flight = taken
+            self.metrics.publish_rounds.inc()
             outcomes = await self._publish(taken.records)
             done, failed = self._account(taken.records, outcomes)
             self.buffer.settle(taken, done)

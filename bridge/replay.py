@@ -140,7 +140,11 @@ class Replay:
             extra_headers=[(HEADER_REPLAY, self.summary.session_id.encode())],
         )
         self._publisher = Publisher(
-            self._buffer, sink, self.metrics, max_batch_records=settings.buffer.max_batch_records
+            self._buffer,
+            sink,
+            self.metrics,
+            max_batch_records=settings.round_records,
+            linger=settings.kafka.linger_seconds,
         )
         # Without a marker (a capture that began mid-connection), a connection's contracts are the config's plan.
         self._planned = {
@@ -168,7 +172,7 @@ class Replay:
         await start_sink(self.sink)
         publishing = asyncio.create_task(self._publisher.run(), name="replay-publisher")
         summary = self.summary
-        high_water = self.settings.buffer.max_batch_records
+        high_water = self.settings.round_records
         started: tuple[float, int] | None = None  # (monotonic, receive time) of the first frame, for --pace
         try:
             async for item in frames:

@@ -236,8 +236,8 @@ class KafkaSink:
             acks="all",
             enable_idempotence=settings.enable_idempotence,
             compression_type=None if settings.compression == "none" else settings.compression,
-            linger_ms=settings.linger_ms,
-            max_batch_size=settings.max_batch_bytes,
+            linger_ms=0,  # the publisher lingers, per round (batches are sent closed, so this would not apply)
+            max_batch_size=settings.batch_bytes,
         )
         try:
             await producer.start()
@@ -351,6 +351,10 @@ class KafkaSink:
         for (topic, partition), batch in slots:
             if not batch.indices:
                 continue
+            # The round is complete: a closed batch is ready at once. An open one would wait out aiokafka's
+            # linger, measured per batch, so a round's batches fell due microseconds apart and went out as
+            # two produce requests, the second only after the first was acknowledged.
+            batch.builder.close()
             try:
                 future = await producer.send_batch(batch.builder, topic, partition=partition)
                 pending.append((future, batch.indices, topic == state_topic))
@@ -376,7 +380,7 @@ class KafkaSink:
 
     def _raw_batch(self) -> BatchBuilder:
         """A batch of the raw topic: compressed with kafka.raw_compression whatever the producer's own setting."""
-        return BatchBuilder(self._settings.max_batch_bytes, self._raw_codec, is_transactional=False)
+        return BatchBuilder(self._settings.batch_bytes, self._raw_codec, is_transactional=False)
 
     def _update_partitions(self, key: bytes) -> tuple[int, int]:
         """The partitions of an update's key on the updates and the state topic (cached)."""

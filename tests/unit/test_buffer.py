@@ -6,6 +6,7 @@ import asyncio
 import io
 import itertools
 import shutil
+import time
 from pathlib import Path
 
 from fastavro import schemaless_reader
@@ -382,3 +383,22 @@ async def test_raw_frames_are_never_conflated_and_bounded_in_bytes_apart_from_de
     assert [record.kind for record in taken.records] == [RecordKind.RAW] * 10 + [RecordKind.DEAD_LETTER]
     buffer.add_record(raw(100_000))  # taken ones no longer count
     assert len(buffer) == 1
+
+
+async def test_a_lingering_round_waits_for_its_oldest_record_to_have_waited_and_takes_what_came_meanwhile() -> None:
+    buffer = DeliveryBuffer(BufferSettings(), metrics=Metrics())
+    buffer.add_update(update("A", 1), [], time.time())
+    asyncio.get_running_loop().call_later(0.01, lambda: buffer.add_update(update("B", 1), [], time.time()))
+    started = time.monotonic()
+    taken = await asyncio.wait_for(buffer.take(1000, linger=0.1), timeout=5)
+    assert time.monotonic() - started >= 0.08
+    assert [decoded(record)[:2] for record in taken.records] == [("A", 1), ("B", 1)]
+
+
+async def test_a_round_whose_oldest_record_waited_long_enough_or_that_is_full_does_not_linger() -> None:
+    buffer = DeliveryBuffer(BufferSettings(), metrics=Metrics())
+    buffer.add_update(update("A", 1), [], time.time() - 20)  # waited longer than the linger already
+    assert len((await asyncio.wait_for(buffer.take(1000, linger=10), timeout=5)).records) == 1
+    for contract in "ABC":
+        buffer.add_update(update(contract, 2), [], time.time())
+    assert len((await asyncio.wait_for(buffer.take(3, linger=10), timeout=5)).records) == 3  # a full round

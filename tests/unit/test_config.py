@@ -35,6 +35,29 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("profile", "linger_seconds", "batch_bytes", "round_records"),
+    [("", 0.005, 524_288, 10_000), ("throughput", 0.005, 524_288, 10_000), ("latency", 0.0, 131_072, 1_000)],
+)
+def test_the_kafka_profile_sets_linger_batch_and_round_sizes(
+    tmp_path: Path, profile: str, linger_seconds: float, batch_bytes: int, round_records: int
+) -> None:
+    settings = load_settings(write(tmp_path, MINIMAL + (f"kafka:\n  profile: {profile}\n" if profile else "")))
+    assert settings.kafka.linger_seconds == linger_seconds
+    assert settings.kafka.batch_bytes == batch_bytes
+    assert settings.round_records == round_records
+
+
+def test_explicit_keys_override_the_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = MINIMAL + "kafka:\n  profile: latency\n  linger_ms: 2\nbuffer:\n  max_batch_records: 300\n"
+    monkeypatch.setenv("IME_BRIDGE_KAFKA__MAX_BATCH_BYTES", "65536")
+    settings = load_settings(write(tmp_path, text))
+    assert (settings.kafka.linger_seconds, settings.kafka.batch_bytes, settings.round_records) == (0.002, 65536, 300)
+    # Explicitly zero is zero, not "unset".
+    settings = load_settings(write(tmp_path, MINIMAL + "kafka:\n  linger_ms: 0\n"))
+    assert settings.kafka.linger_seconds == 0.0
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         (MINIMAL + "  contract_nmes: [x]\n", "ime.contract_nmes: unknown key"),
@@ -49,6 +72,9 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
         ),
         (MINIMAL + "kafka:\n  raw_compression: brotli\n", "kafka.raw_compression: Input should be"),
         (MINIMAL + "buffer:\n  raw_memory_bytes: 10\n", "buffer.raw_memory_bytes: Input should be greater than"),
+        (MINIMAL + "kafka:\n  profile: fast\n", "kafka.profile: Input should be 'latency' or 'throughput'"),
+        (MINIMAL + "kafka:\n  linger_ms: -1\n", "kafka.linger_ms: Input should be greater than or equal to 0"),
+        (MINIMAL + "buffer:\n  max_batch_records: 0\n", "buffer.max_batch_records: Input should be greater"),
         (MINIMAL + "metrics:\n  port: 70000\n", "metrics.port: Input should be less than or equal to 65535"),
         (MINIMAL + "  naive_timezone: Mars/Olympus\n", "ime.naive_timezone: unknown time zone 'Mars/Olympus'"),
         (MINIMAL.replace("wss", "") + "  ws_url: https://x\n", "ime.ws_url: URL scheme should be 'ws' or 'wss'"),

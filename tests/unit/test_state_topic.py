@@ -38,6 +38,9 @@ class FakeProducer:
         return RecordingBatch(self.batch_bytes)
 
     async def send_batch(self, batch: RecordingBatch, topic: str, partition: int) -> asyncio.Future[None]:
+        # Sent closed: aiokafka would hold an open batch for its linger, and a round's batches, falling due
+        # microseconds apart, would go out as two produce requests, one after the other.
+        assert batch.builder.closed(), "a round's batches are sent closed"
         self.sent.append((topic, partition, batch.records))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if topic in self.failing:
@@ -62,6 +65,9 @@ class RecordingBatch:
         if taken is not None:
             self.records.append((key, value))
         return taken
+
+    def close(self) -> None:
+        self.builder.close()
 
 
 def kafka_sink(producer: FakeProducer, state_copies: list[int] | None = None, **settings: Any) -> KafkaSink:
