@@ -16,19 +16,21 @@ start); dead letters stay raw frames.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError, UnknownError
 from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
 from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
+from bridge.logs import log_event
 from bridge.records import (
     NOT_SENT,
     Failed,
@@ -41,6 +43,8 @@ from bridge.records import (
     TooLarge,
 )
 from bridge.registry import SchemaRegistry, wire_prefix
+
+logger = logging.getLogger(__name__)
 
 _TOPIC_ALREADY_EXISTS = 36
 # The latest-state topic keeps the newest record per key; older ones are compacted away.
@@ -342,7 +346,7 @@ class KafkaSink:
             if outcome is not None:
                 outcomes[index] = outcome
 
-        pending: list[tuple[asyncio.Future[Any], list[int], bool]] = []
+        pending: list[tuple[asyncio.Future[Any], list[int], str]] = []
         slots = [
             *(((updates_topic, partition), batch) for partition, batch in updates.items()),
             *(((state_topic, partition), batch) for partition, batch in states.items() if state_topic is not None),
@@ -357,26 +361,35 @@ class KafkaSink:
             batch.builder.close()
             try:
                 future = await producer.send_batch(batch.builder, topic, partition=partition)
-                pending.append((future, batch.indices, topic == state_topic))
+                pending.append((future, batch.indices, topic))
             except KafkaError as exc:
                 for index in batch.indices:
                     outcomes[index] = _failed(exc)
             except Exception as exc:
                 raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
         state_copies = 0
-        for future, sent, state_copy in pending:
+        for future, sent, topic in pending:
             try:
                 await future
             except KafkaError as exc:
+                if topic == self._topics[RecordKind.RAW]:
+                    self._raw_batch_failed(exc)
                 for index in sent:
                     outcomes[index] = _failed(exc)
             except Exception as exc:
                 raise SinkUnavailable(f"the producer failed: {exc!r}") from exc
             else:
-                state_copies += len(sent) if state_copy else 0
+                state_copies += len(sent) if topic == state_topic else 0
         if state_copies and self._on_state_published is not None:
             self._on_state_published(state_copies)
         return outcomes
+
+    def _raw_batch_failed(self, exc: KafkaError) -> None:
+        """A broker without zstd (before Kafka 2.1) refuses such batches with UNSUPPORTED_COMPRESSION_TYPE, which
+        aiokafka knows only as UnknownError: the raw topic's batches then go uncompressed (and are sent again)."""
+        if isinstance(exc, UnknownError) and self._raw_codec == DefaultRecordBatch.CODEC_ZSTD:
+            self._raw_codec = int(DefaultRecordBatch.CODEC_NONE)
+            log_event(logger, logging.WARNING, "raw_compression_refused", compression="zstd", now="none")
 
     def _raw_batch(self) -> BatchBuilder:
         """A batch of the raw topic: compressed with kafka.raw_compression whatever the producer's own setting."""
