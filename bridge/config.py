@@ -333,7 +333,9 @@ class KafkaSettings(_Section):
         description="Every frame as received, before parsing, for replay (bridge/raw.py); empty: off.",
     )
     raw_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
-        default="zstd", description="Compression of the raw topic's batches (zstd needs Kafka 2.1 or later)."
+        default="zstd",
+        description="Compression of the raw topic's batches; zstd needs Kafka 2.1 or later (a broker refusing it gets "
+        "them uncompressed).",
     )
 
     @field_validator("bootstrap_servers")
