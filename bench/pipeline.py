@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.devtools.broker import EmbeddedBroker, free_port, stop_process
 from bridge.devtools.demo import quantile
+from bridge.devtools.simulator.replay import CapturedMarket
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def run_phase(
     executable = str(Path(sys.executable).parent / "ime-bridge")
     sim_port, metrics_port = free_port(), free_port()
     count = contracts or args.contracts
-    contract_ids = [str(1001 + n) for n in range(count)]
+    contract_ids = [str(1001 + n) for n in range(count)] if args.capture is None else args.capture_contracts
     config = {
         "ime": {
             "base_url": f"http://127.0.0.1:{sim_port}",
@@ -167,7 +168,10 @@ def run_phase(
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(count)]
-    simulator_command += ["--rate", str(rate), "--prerender", "--bad-frame-ratio", str(bad_frame_ratio)]
+    if args.capture is None:
+        simulator_command += ["--rate", str(rate), "--prerender", "--bad-frame-ratio", str(bad_frame_ratio)]
+    else:  # a real session as the load: as fast as the bridge reads it, or at its own pace for paced phases
+        simulator_command += ["--replay", str(args.capture), "--replay-loop", "--replay-speed", "1" if rate else "0"]
     logs = (workdir / f"{name}-simulator.log", workdir / f"{name}-bridge.log")
     with (
         process(simulator_command, logs[0]),
@@ -224,6 +228,12 @@ def main() -> None:
     """Run the selected phases and print one table."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--contracts", type=int, default=64)
+    parser.add_argument(
+        "--capture",
+        type=Path,
+        help="play this capture (ime-bridge capture) as the load, looped, instead of the generated market: the "
+        "full-speed phases as fast as the bridge reads, the paced ones at the captured pace",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--paced-rate", type=float, default=5000.0)
@@ -233,6 +243,8 @@ def main() -> None:
         "--phases", default=",".join(PHASES), help=f"comma-separated phases to run, of {', '.join(PHASES)}"
     )
     args = parser.parse_args()
+    if args.capture is not None:
+        args.capture_contracts = [contract.id for contract in CapturedMarket.load(args.capture).contracts]
     selected = args.phases.split(",")
     if unknown := [phase for phase in selected if phase not in PHASES]:
         parser.error(f"unknown phases: {', '.join(unknown)}")
@@ -267,7 +279,12 @@ def main() -> None:
         }
         args.broker = broker.bootstrap_servers
         results = {phases[key][0]: phases[key][1]() for key in PHASES if key in selected}
-    print(f"\nime-bridge bench: {args.contracts} contracts, {args.seconds:g}s windows, {os.cpu_count()} cores")
+    load = (
+        f"{args.contracts} contracts"
+        if args.capture is None
+        else f"the capture {args.capture} ({len(args.capture_contracts)} contracts; paced phases at its pace)"
+    )
+    print(f"\nime-bridge bench: {load}, {args.seconds:g}s windows, {os.cpu_count()} cores")
     print(
         f"{'phase':<18}{'msgs/s':>9}{'CPU µs/msg':>11}{'CPU share':>10}{'p50 ms':>8}{'p99 ms':>8}{'p999 ms':>8}"
         f"{'peak RSS MB':>12}{'records/round':>14}"
