@@ -37,7 +37,7 @@ class RecordKind(enum.Enum):
 
 @dataclass(slots=True)
 class OutgoingRecord:
-    """One record on its way to Kafka. `received` is the monotonic time its frame arrived."""
+    """One record on its way to Kafka. `received` is when its frame arrived (seconds since the epoch)."""
 
     kind: RecordKind
     key: bytes | None
