@@ -28,6 +28,7 @@ from bridge.signals import install_stop_signals
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
 EXIT_SOFTWARE = 70
+EXIT_INTERRUPTED = 130  # interrupted (SIGINT), as a shell reports it
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,8 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         print(json.dumps(asyncio.run(replay())))
     except (OSError, NotCaptured, SinkFatal) as exc:
         return _fatal(f"replay: {exc}", EXIT_FATAL)
+    except KeyboardInterrupt:
+        return _fatal("replay: interrupted; what was acknowledged so far stays published", EXIT_INTERRUPTED)
     return 0
 
 

@@ -70,9 +70,9 @@ async def frames_from_topic(kafka: KafkaSettings, topic: str) -> AsyncIterator[C
     consumer = AIOKafkaConsumer(**client_options(kafka), enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
-        partitions = [TopicPartition(topic, number) for number in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not partitions:
+        if topic not in await consumer.topics():  # also loads the topic's metadata
             raise NotCaptured(f"topic {topic!r} does not exist")
+        partitions = [TopicPartition(topic, number) for number in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
