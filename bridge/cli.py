@@ -21,14 +21,13 @@ from bridge import __version__
 from bridge.config import ConfigError, SchemaRegistrySettings, Settings, load_settings
 from bridge.logs import configure_logging
 from bridge.registry import MISSING_CLIENT, client_installed
-from bridge.signals import install_stop_signals
+from bridge.signals import EXIT_INTERRUPTED, install_stop_signals
 
 # Exit codes of `ime-bridge run` (README, Commands): 0 stopped by a signal, 1 a fatal runtime error (the
 # orchestrator restarts the process), 2 a configuration refused, 70 an unexpected exception (EX_SOFTWARE, a bug).
 EXIT_FATAL = 1
 EXIT_CONFIG = 2
 EXIT_SOFTWARE = 70
-EXIT_INTERRUPTED = 130  # interrupted (SIGINT), as a shell reports it
 
 logger = logging.getLogger(__name__)
 
