@@ -1,7 +1,7 @@
 """The simulated IME market: a contract catalogue, a seeded market generator and frame rendering.
 
-Pure and synchronous: nothing here does I/O or reads the clock; the caller passes `now`. The simulator
-(bridge/devtools/simulator/server.py) paces the generator and sends what it returns, so everything here is tested by
+Pure and synchronous: nothing here does I/O or reads the clock; the caller passes `now`. The simulator's feed
+(bridge/devtools/simulator/feed.py) paces the generator and sends what it returns, so everything here is tested by
 feeding values.
 
 Catalogue: `build_catalogue(n)` cycles through seven families, numbering within each family, so names

@@ -1,6 +1,7 @@
-"""The IME simulator, a faithful fake of the HT Data Engine service on one aiohttp port: `Simulator` (server.py,
-with the live WebSocket part), its token part (tokens.py), static lookups (static.py) and admin endpoints
-(admin.py); `ime-bridge simulate` (cli.py).
+"""The IME simulator, a faithful fake of the HT Data Engine service on one aiohttp port: `Simulator` (server.py:
+lifecycle, fault API, app wiring), its token part (tokens.py), static lookups (static.py), live WebSockets and
+their connections (live.py), admin endpoints (admin.py), the market feed that makes and queues the frames
+(feed.py; a capture as the market: replay.py), its vocabulary (model.py); `ime-bridge simulate` (cli.py).
 
 Every test, the demo and the benchmark talk to this instead of the real service. It serves:
 

@@ -23,7 +23,6 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_GOING_AWAY = 1001
 # Pre-rendered frames kept in memory at most (about 800 bytes each): bounds the benchmark's footprint.
 PRERENDER_BUDGET = 65_536
-# With rate 0, the generator pauses while a connection has more than this many frames queued.
 GarbageKind = Literal["text", "binary", "missing_fields", "wrong_types"]
 GARBAGE_KINDS: tuple[GarbageKind, ...] = ("text", "binary", "missing_fields", "wrong_types")
 
