@@ -34,6 +34,10 @@ class RecordKind(enum.Enum):
     DEAD_LETTER = "dead_letter"
     RAW = "raw"  # a frame as received (or a subscription marker), for capture and replay: bridge/raw.py
 
+    # Members are singletons compared by identity: hash them by identity too, in C. Enum's own __hash__ is Python
+    # code, and the buffer, the publisher and the sink look records' kinds up in dicts for every record.
+    __hash__ = object.__hash__
+
 
 @dataclass(slots=True)
 class OutgoingRecord:
