@@ -32,12 +32,7 @@ class RawFakeProducer(FakeProducer):
         assert topic == RAW
         assert batch.closed(), "a round's batches are sent closed"
         self.raw_batches.append(batch)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if topic in self.failing:
-            future.set_exception(self.failing[topic])
-        else:
-            future.set_result(None)
-        return future
+        return self.outcome(topic)
 
 
 def raw(key: bytes | None, value: bytes) -> OutgoingRecord:

@@ -42,6 +42,10 @@ class FakeProducer:
         # microseconds apart, would go out as two produce requests, one after the other.
         assert batch.builder.closed(), "a round's batches are sent closed"
         self.sent.append((topic, partition, batch.records))
+        return self.outcome(topic)
+
+    def outcome(self, topic: str) -> asyncio.Future[None]:
+        """A send's future: failed with `failing[topic]`, else acknowledged."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if topic in self.failing:
             future.set_exception(self.failing[topic])
