@@ -15,7 +15,6 @@ from typing import Protocol
 from aiohttp import WSMsgType
 
 from bridge.devtools.market import (
-    Contract,
     FramePayload,
     FrameRenderer,
     MarketGenerator,
@@ -26,6 +25,7 @@ from bridge.devtools.simulator.live import Changes, LiveConnection, LiveSwitches
 from bridge.devtools.simulator.model import (
     CLOSE_INTERNAL_ERROR,
     PRERENDER_BUDGET,
+    Catalogue,
     GarbageKind,
     SimulatorConfig,
     SimulatorCounters,
@@ -90,7 +90,7 @@ class MarketFeed:
         switches: LiveSwitches,
         audience: Audience,
         *,
-        contracts: list[Contract],
+        catalogue: Catalogue,
         generator: MarketGenerator,
         renderer: FrameRenderer,
         captured: CapturedMarket | None,
@@ -100,8 +100,7 @@ class MarketFeed:
         self._changes = changes
         self._switches = switches
         self._audience = audience
-        self._contracts = contracts
-        self._by_id = {contract.id: contract for contract in contracts}
+        self._catalogue = catalogue
         self._generator = generator
         self._renderer = renderer
         self._captured = captured
@@ -110,8 +109,8 @@ class MarketFeed:
 
     def prerender(self) -> None:
         """Render the frames to cycle through (with `prerender`), a `bad_frame_ratio` share of them spoiled."""
-        variants = max(2, min(self._config.prerender_variants, PRERENDER_BUDGET // len(self._contracts)))
-        self._prerendered = prerender(self._generator, self._contracts, variants, datetime.now(UTC))
+        variants = max(2, min(self._config.prerender_variants, PRERENDER_BUDGET // len(self._catalogue.contracts)))
+        self._prerendered = prerender(self._generator, self._catalogue.contracts, variants, datetime.now(UTC))
         if self._config.bad_frame_ratio:
             self._prerendered = _spoiled(self._prerendered, self._config.bad_frame_ratio)
 
@@ -135,7 +134,7 @@ class MarketFeed:
         timestamp = self._renderer.timestamp(datetime.now(UTC))
         if kind == "missing_fields":
             return json.dumps({"channel": CHANNEL, "timestamp": timestamp}).encode(), WSMsgType.TEXT
-        contract = self._by_id[min(connection.info.contract_ids)]
+        contract = self._catalogue.by_id[min(connection.info.contract_ids)]
         key = self._renderer.identifier_field(connection.info.endpoint)
         wrong = {
             "channel": CHANNEL,

@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from bridge.devtools.market import Contract
 from bridge.devtools.simulator.model import (
     CLOSE_INTERNAL_ERROR,
     POLICY_CLOSE_MESSAGE,
+    Catalogue,
     PolicyCause,
     SentFrame,
     ServerConnection,
@@ -114,7 +114,7 @@ class LiveEndpoints:
         changes: Changes,
         switches: LiveSwitches,
         *,
-        contracts: list[Contract],
+        catalogue: Catalogue,
         invalid: set[str],
         heads: Mapping[Endpoint, dict[str, bytes]],
         authority: TokenAuthority,
@@ -125,8 +125,7 @@ class LiveEndpoints:
         self._counters = counters
         self._changes = changes
         self._switches = switches
-        self._by_id = {contract.id: contract for contract in contracts}
-        self._by_name = {contract.name: contract for contract in contracts}
+        self._catalogue = catalogue
         self._invalid = invalid  # the simulator's set, changed by invalidate_contracts
         self._heads = heads
         self._authority = authority
@@ -208,7 +207,7 @@ class LiveEndpoints:
         identifiers = [value for param in endpoint.query_params for value in request.query.getall(param, [])]
         if not identifiers:
             return [], PolicyCause.NO_CONTRACTS
-        lookup = self._by_id if endpoint is Endpoint.ID else self._by_name
+        lookup = self._catalogue.by(endpoint)
         contracts = [lookup.get(identifier) for identifier in identifiers]
         if any(contract is None for contract in contracts):
             return [], PolicyCause.UNKNOWN_CONTRACT
@@ -270,7 +269,7 @@ class LiveEndpoints:
         identifiers: list[str],
         token: Claims | None,
     ) -> None:
-        lookup = self._by_id if endpoint is Endpoint.ID else self._by_name
+        lookup = self._catalogue.by(endpoint)
         contract_ids = frozenset(lookup[identifier].id for identifier in identifiers)
         connection = LiveConnection(
             self._next_connection_id,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from bridge.devtools.market import (
+    Contract,
     Dialect,
 )
 from bridge.protocol import (
@@ -83,6 +84,28 @@ class SimulatorConfig:
     max_queue: int = 65_536  # frames queued per connection before it is closed as too slow
     close_timeout: float = 5.0  # how long a close waits for the client's close frame
     jwt_secret: str = "ime-bridge-simulator"
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """The simulated market's contracts, and each by id and by name: what lookups and subscriptions resolve."""
+
+    contracts: list[Contract]
+    by_id: dict[str, Contract]
+    by_name: dict[str, Contract]
+
+    @classmethod
+    def of(cls, contracts: list[Contract]) -> Catalogue:
+        """The catalogue of `contracts`."""
+        return cls(
+            contracts,
+            {contract.id: contract for contract in contracts},
+            {contract.name: contract for contract in contracts},
+        )
+
+    def by(self, endpoint: Endpoint) -> dict[str, Contract]:
+        """The contracts by the identifier `endpoint` subscribes with."""
+        return self.by_id if endpoint is Endpoint.ID else self.by_name
 
 
 @dataclass

@@ -22,6 +22,7 @@ from bridge.devtools.simulator.model import (
     CLOSE_INTERNAL_ERROR,
     GARBAGE_KINDS,
     POLICY_CLOSE_MESSAGE,
+    Catalogue,
     GarbageKind,
     PolicyCause,
     SentFrame,
@@ -46,9 +47,8 @@ class Simulator:
         self.config = config if config is not None else SimulatorConfig()
         self.counters = SimulatorCounters()
         captured = CapturedMarket.load(self.config.replay) if self.config.replay is not None else None
-        self._contracts = captured.contracts if captured else build_catalogue(self.config.contracts)
-        self._by_id = {contract.id: contract for contract in self._contracts}
-        self._by_name = {contract.name: contract for contract in self._contracts}
+        self._catalogue = Catalogue.of(captured.contracts if captured else build_catalogue(self.config.contracts))
+        self._contracts = self._catalogue.contracts
         zone = _zone(self.config.naive_zone)
         generator = MarketGenerator(self._contracts, seed=self.config.seed, zone=zone)
         renderer = FrameRenderer(self.config.dialect, zone)
@@ -71,7 +71,7 @@ class Simulator:
             self.counters,
             self._changes,
             self._switches,
-            contracts=self._contracts,
+            catalogue=self._catalogue,
             invalid=self._invalid,
             heads=heads,
             authority=self._token_endpoint.authority,
@@ -84,7 +84,7 @@ class Simulator:
             self._changes,
             self._switches,
             self._live,
-            contracts=self._contracts,
+            catalogue=self._catalogue,
             generator=generator,
             renderer=renderer,
             captured=captured,
@@ -370,7 +370,7 @@ class Simulator:
     def _resolve_any(self, identifiers: Iterable[str]) -> set[str]:
         ids = set()
         for identifier in identifiers:
-            contract = self._by_id.get(identifier) or self._by_name.get(identifier)
+            contract = self._catalogue.by_id.get(identifier) or self._catalogue.by_name.get(identifier)
             if contract is None:
                 raise ValueError(f"unknown contract {identifier!r}")
             ids.add(contract.id)
@@ -388,6 +388,6 @@ class Simulator:
             app.router.add_get(endpoint.path, handler)
             app.router.add_get(endpoint.legacy_path, handler)
         app.router.add_post(TOKEN_PATH, self._token_endpoint.handle)
-        StaticLookups(self._contracts, self._delisted, self._authorize).add_routes(app)
+        StaticLookups(self._catalogue, self._delisted, self._authorize).add_routes(app)
         AdminEndpoints(self).add_routes(app)
         return app

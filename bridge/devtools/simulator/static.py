@@ -12,7 +12,7 @@ from aiohttp import web
 from bridge.devtools.market import (
     Contract,
 )
-from bridge.devtools.simulator.model import PolicyCause
+from bridge.devtools.simulator.model import Catalogue, PolicyCause
 from bridge.protocol import (
     MARKETS,
     STATIC_BY_ID_PATH,
@@ -27,13 +27,11 @@ class StaticLookups:
 
     def __init__(
         self,
-        contracts: list[Contract],
+        catalogue: Catalogue,
         delisted: set[str],
         authorize: Callable[[str], PolicyCause | None],
     ) -> None:
-        self._contracts = contracts
-        self._by_id = {contract.id: contract for contract in contracts}
-        self._by_name = {contract.name: contract for contract in contracts}
+        self._catalogue = catalogue
         self._delisted = delisted  # the simulator's set, changed by invalidate_contracts(delist=True)
         self._authorize = authorize
 
@@ -68,15 +66,15 @@ class StaticLookups:
             return web.json_response({"detail": detail}, status=422)
         return self._static_items(
             contract
-            for contract in self._contracts
+            for contract in self._catalogue.contracts
             if (market is None or contract.market == market) and contract.id not in self._delisted
         )
 
     async def _static_by_name(self, request: web.Request) -> web.Response:
-        return self._static_lookup(request, Endpoint.NAME, self._by_name)
+        return self._static_lookup(request, Endpoint.NAME, self._catalogue.by_name)
 
     async def _static_by_id(self, request: web.Request) -> web.Response:
-        return self._static_lookup(request, Endpoint.ID, self._by_id)
+        return self._static_lookup(request, Endpoint.ID, self._catalogue.by_id)
 
     def _static_lookup(self, request: web.Request, endpoint: Endpoint, lookup: dict[str, Contract]) -> web.Response:
         refused = self._static_check(request)
