@@ -48,12 +48,11 @@ class Simulator:
         self.counters = SimulatorCounters()
         captured = CapturedMarket.load(self.config.replay) if self.config.replay is not None else None
         self._catalogue = Catalogue.of(captured.contracts if captured else build_catalogue(self.config.contracts))
-        self._contracts = self._catalogue.contracts
         zone = _zone(self.config.naive_zone)
-        generator = MarketGenerator(self._contracts, seed=self.config.seed, zone=zone)
+        generator = MarketGenerator(self._catalogue.contracts, seed=self.config.seed, zone=zone)
         renderer = FrameRenderer(self.config.dialect, zone)
         heads = {
-            endpoint: {contract.id: renderer.head(contract, endpoint) for contract in self._contracts}
+            endpoint: {contract.id: renderer.head(contract, endpoint) for contract in self._catalogue.contracts}
             for endpoint in Endpoint
         }
         self._changes = Changes()
@@ -160,7 +159,7 @@ class Simulator:
     @property
     def contracts(self) -> list[Contract]:
         """The catalogue, in id order."""
-        return list(self._contracts)
+        return list(self._catalogue.contracts)
 
     @property
     def connections(self) -> list[ServerConnection]:
