@@ -172,7 +172,8 @@ class Replay:
         await start_sink(self.sink)
         publishing = asyncio.create_task(self._publisher.run(), name="replay-publisher")
         summary = self.summary
-        high_water = self.settings.round_records
+        # Never let the buffer reach conflation: wait for a round's worth, or for what it holds before conflating.
+        high_water = min(self.settings.round_records, self._buffer.capacity)
         started: tuple[float, int] | None = None  # (monotonic, receive time) of the first frame, for --pace
         try:
             async for item in frames:
@@ -196,7 +197,7 @@ class Replay:
                         await asyncio.sleep(wait)
                 self._intake.on_frame(item.value, item.receive_time, self._connection(item))
                 summary.frames += 1
-                if len(self._buffer) >= high_water:  # never let the buffer reach conflation
+                if len(self._buffer) >= high_water:
                     await self._drained(publishing)
             await self._drained(publishing)
         finally:

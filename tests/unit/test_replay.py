@@ -90,3 +90,12 @@ def test_a_replay_publishes_to_its_own_topic_and_never_to_the_state_or_raw_topic
         "",
     )
     assert replay_kafka_settings(SETTINGS.kafka, None).topic == SETTINGS.kafka.topic
+
+
+async def test_a_replay_never_conflates_even_with_a_small_buffer() -> None:
+    settings = SETTINGS.model_copy(update={"buffer": SETTINGS.buffer.model_copy(update={"capacity_records": 1})})
+    sink = MemorySink()
+    summary = await Replay(settings, sink).run(frames(session()))
+    updates = [decode(record) for record in sink.records if record.kind is RecordKind.UPDATE]
+    assert summary.published == len(updates) == 2
+    assert [update["skipped"] for update in updates] == [0, 0]
