@@ -21,8 +21,6 @@ from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
 from bridge.raw import connection_headers, frame_key, raw_frame, subscription_marker
 from bridge.records import (
-    HEADER_CONNECTION,
-    HEADER_ENDPOINT,
     HEADER_FINGERPRINT,
     HEADER_RECEIVE_TIME,
     HEADER_SCHEMA,
@@ -67,8 +65,6 @@ class Intake:
         ]
         self.capture_raw = capture_raw
         self.normalize = normalize
-        self._raw_connection: ConnectionInfo | None = None
-        self._raw_headers: Headers = []
         self.suppress_duplicates = suppress_duplicates
         self._sequences: dict[str, int] = {}
         self._headers: dict[str, tuple[str, Headers]] = {}
@@ -88,10 +84,11 @@ class Intake:
         # A flood of bad frames must not cost a log line each: the first few per reason, then a summary
         # (ime_bridge_messages_rejected_total still counts every frame).
         self._rejection_log = RateLimitedLog(logger, logging.WARNING, "frame_rejected", key_field="reason")
-        # Per reason: its counter's inc; per connection: its two headers (built once, not per frame).
+        # Per reason: its counter's inc; per connection: its endpoint and connection headers (built once, not per
+        # frame), which raw records and dead letters carry.
         self._count_rejected: dict[str, Callable[[], None]] = {}
-        self._dead_letter_connection: ConnectionInfo | None = None
-        self._dead_letter_headers: Headers = []
+        self._labelled: ConnectionInfo | None = None
+        self._labels: Headers = []
 
     def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
         """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
@@ -161,9 +158,13 @@ class Intake:
         return contract_id
 
     def _capture(self, raw: bytes, receive_time: int, connection: ConnectionInfo, key: bytes | None) -> None:
-        if connection is not self._raw_connection:
-            self._raw_connection, self._raw_headers = connection, connection_headers(connection)
-        self.buffer.add_record(raw_frame(raw, receive_time, self._raw_headers, key))
+        self.buffer.add_record(raw_frame(raw, receive_time, self._labels_of(connection), key))
+
+    def _labels_of(self, connection: ConnectionInfo) -> Headers:
+        """`connection`'s endpoint and connection headers, built once per connection switch."""
+        if connection is not self._labelled:
+            self._labelled, self._labels = connection, connection_headers(connection)
+        return self._labels
 
     def on_connection_open(self, connection: ConnectionInfo) -> None:
         """A connection opened: with raw capture, its subscription marker goes before its frames."""
@@ -220,11 +221,7 @@ class Intake:
         return False
 
     def _connection_headers(self, connection: ConnectionInfo) -> Headers:
-        headers = [
-            *self._schema_headers,
-            (HEADER_ENDPOINT, connection.subscription.endpoint.value.encode()),
-            (HEADER_CONNECTION, connection.label.encode()),
-        ]
+        headers = [*self._schema_headers, *connection_headers(connection)]
         self._headers[connection.subscription.name] = (connection.label, headers)
         return headers
 
@@ -244,14 +241,8 @@ class Intake:
                 detail=rejected.detail[:300],
                 bytes=len(rejected.raw),
             )
-        if connection is not self._dead_letter_connection:
-            self._dead_letter_connection = connection
-            self._dead_letter_headers = [
-                (HEADER_ENDPOINT, connection.subscription.endpoint.value.encode()),
-                (HEADER_CONNECTION, connection.label.encode()),
-                *self._extra_headers,
-            ]
-        headers = [*self._dead_letter_headers, (HEADER_RECEIVE_TIME, str(receive_time).encode())]
+        labels = self._labels_of(connection)
+        headers = [*labels, *self._extra_headers, (HEADER_RECEIVE_TIME, str(receive_time).encode())]
         key = rejected.contract_id.encode() if rejected.contract_id else None
         raw = rejected.raw[: self.dead_letter_raw_bytes]
         record = dead_letter(reason, raw, key=key, received=received, headers=headers, detail=rejected.detail)
