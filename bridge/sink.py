@@ -10,7 +10,8 @@ Updates also go to the latest-state topic (compacted, same key, value and header
 update of every publish round, under the same one-batch-per-partition rule, so per-contract order holds on
 both topics, and that update counts as delivered only once both topics acknowledged it. With a schema
 registry, update values are framed in Confluent's wire format (bridge/registry.py registers the schemas at
-start); dead letters stay raw frames.
+start); dead letters stay raw frames. Raw records (kafka.raw_topic) go in batches of their own compression
+(kafka.raw_compression), whatever the producer's; a round's batches are sent closed, as one produce request.
 """
 
 from __future__ import annotations
