@@ -21,11 +21,13 @@ import yaml
 
 from tests.unit.test_helm import (  # noqa: F401 (fixtures the tests here take)
     KUBE_VERSION,
+    REPLICAS,
     RULES,
     Manifest,
     _missing,
     all_enabled_values,
     helm,
+    merged,
     one,
     render,
     variant,
@@ -77,6 +79,21 @@ def test_manifests_validate_strictly_against_kubernetes_1_30(
             f"{resource} was not validated:\n{output}"
         )
     assert "WARN" not in output, output
+
+
+def test_replicas_with_their_budget_and_spread_validate(helm: ModuleType, tmp_path: Path) -> None:
+    """replicaCount 3, as a Deployment and as a StatefulSet: the workload, its PodDisruptionBudget and the spread
+    constraint the chart adds pass kubernetes-validate --strict."""
+    for values in (REPLICAS, merged(all_enabled_values(), {"topologySpreadConstraints": []})):
+        manifests = [m for m in render(helm, values) if m["kind"] not in CRD_KINDS]
+        assert workload(manifests)["spec"]["replicas"] == 3
+        assert workload(manifests)["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        budget = one(manifests, "PodDisruptionBudget")
+        code, output = _kubernetes_validate(manifests, tmp_path)
+        assert code == 0, output
+        for manifest in (workload(manifests), budget):
+            resource = f"{manifest['kind'].lower()}/{manifest['metadata']['name']}"
+            assert re.search(rf"passed for resource {re.escape(resource)} against version 1\.30", output), output
 
 
 def test_kubernetes_validate_strict_rejects_an_unknown_field(helm: ModuleType, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ import yaml
 from bridge.config import (
     BufferSettings,
     ConfigError,
+    CoordinationSettings,
     ImeSettings,
     KafkaSettings,
     LogSettings,
@@ -166,6 +167,11 @@ VARIANTS = {
     "deployment-with-credentials": {
         "credentials": {"imeToken": "header.payload.signature"},
         "config": {"ime": {"contract_ids": ["1001"]}},
+    },
+    "replicas": {
+        "replicaCount": 3,
+        "credentials": {"imeToken": "header.payload.signature"},
+        "config": {"ime": {"contract_ids": ["1001", "1002", "1003"]}},
     },
 }
 
@@ -948,6 +954,7 @@ def _schema() -> dict[str, Any]:
         ("kafka", KafkaSettings, {"sasl_password", "sasl_oauth_client_secret", "ssl_key_password"}),
         ("buffer", BufferSettings, {"spool_dir"}),
         ("metrics", MetricsSettings, set()),
+        ("coordination", CoordinationSettings, set()),
         ("log", LogSettings, set()),
     ],
 )
@@ -1049,6 +1056,202 @@ def test_pod_disruption_budget_selects_the_pod(helm: ModuleType) -> None:
     default_budget = one(render(helm, {"podDisruptionBudget": {"enabled": True}}), "PodDisruptionBudget")["spec"]
     assert default_budget["maxUnavailable"] == 1
     assert "minAvailable" not in default_budget
+
+
+# --- replicas: the contracts shared through a consumer group (config.coordination) --------------------
+
+GROUP_ID = f"{NAMESPACE}-{FULLNAME}"  # what the chart derives: <namespace>-<fullname>
+SURGE_FIRST = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+REPLICAS = {
+    "replicaCount": 3,
+    "credentials": {"imePassword": "p"},
+    "config": {"ime": {"username": "u", "contract_ids": ["1001", "1002", "1003"]}},
+}
+
+
+def selector_labels() -> dict[str, str]:
+    """The labels that select the release's bridge pods."""
+    return {"app.kubernetes.io/name": "ime-bridge", "app.kubernetes.io/instance": RELEASE}
+
+
+def test_replicas_share_the_contracts_through_a_group_named_after_the_release(
+    helm: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """replicaCount 3: three replicas, coordination on with the release's group id (the bridge accepts the file),
+    a budget letting one replica go at a time, a soft spread over nodes, and a surge-first rollout."""
+    manifests = render(helm, REPLICAS)
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == SURGE_FIRST
+    config = yaml.safe_load(config_text(manifests))
+    assert config["coordination"] == {"group_id": GROUP_ID}
+    settings = _settings_from(manifests, tmp_path, monkeypatch)
+    assert settings.coordination.group_id == GROUP_ID
+    assert settings.coordination.enabled
+    assert settings.coordination.shards == type(settings.coordination).model_fields["shards"].default
+    budget = one(manifests, "PodDisruptionBudget")["spec"]
+    assert budget == {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels()}}
+    assert budget["selector"] == deployment["spec"]["selector"]
+    (spread,) = pod_spec(manifests)["topologySpreadConstraints"]
+    assert spread == {
+        "maxSkew": 1,
+        "topologyKey": "kubernetes.io/hostname",
+        "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": selector_labels()},
+    }
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert spread["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    with helm.Chart.load(CHART) as chart:  # another release, another namespace: another group
+        other = chart.render(REPLICAS, name="md-east", namespace="market-data-east")
+    other_config = yaml.safe_load(yaml.safe_load(other["ime-bridge/templates/configmap.yaml"])["data"]["config.yaml"])
+    assert other_config["coordination"] == {"group_id": "market-data-east-md-east-ime-bridge"}
+
+
+def test_replicas_in_a_statefulset_get_a_spool_claim_each(helm: ModuleType) -> None:
+    """Spool mode with several replicas: one StatefulSet of three, each pod with its own claim, in the group."""
+    manifests = render(helm, all_enabled_values())
+    statefulset = one(manifests, "StatefulSet")
+    assert statefulset["spec"]["replicas"] == all_enabled_values()["replicaCount"] == 3
+    assert [claim["metadata"]["name"] for claim in statefulset["spec"]["volumeClaimTemplates"]] == ["spool"]
+    coordination = yaml.safe_load(config_text(manifests))["coordination"]
+    assert coordination == {"group_id": GROUP_ID, "shards": 32, "handover_timeout_seconds": 15}
+
+
+def test_one_replica_has_no_group_and_the_previous_defaults(helm: ModuleType) -> None:
+    """replicaCount 1 (the default): no coordination section, no budget, no spread, the same config file."""
+    manifests = render(helm)
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == SURGE_FIRST
+    assert list(yaml.safe_load(config_text(manifests))) == [
+        "ime",
+        "kafka",
+        "buffer",
+        "metrics",
+        "log",
+        "shutdown_timeout_seconds",
+    ]
+    assert "coordination" not in config_text(manifests)
+    assert not [m for m in manifests if m["kind"] == "PodDisruptionBudget"]
+    assert "topologySpreadConstraints" not in pod_spec(manifests)
+    assert "topologySpreadConstraints" not in pod_spec(render(helm, {"replicaCount": 1, "replicaSpread": {}}))
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"config": {"coordination": {"group_id": "md-bridges"}}}, {"group_id": "md-bridges"}),
+        ({"replicaCount": 3, "config": {"coordination": {"group_id": "md-bridges"}}}, {"group_id": "md-bridges"}),
+        ({"coordination": {"enabled": True}}, {"group_id": GROUP_ID}),
+        (
+            {"replicaCount": 2, "config": {"coordination": {"shards": 16, "handover_timeout_seconds": 5.0}}},
+            {"group_id": GROUP_ID, "shards": 16, "handover_timeout_seconds": 5.0},
+        ),
+        ({"config": {"coordination": {"topic": "md.coordination"}}}, {"topic": "md.coordination"}),
+    ],
+    ids=["explicit-one-replica", "explicit-replicas", "enabled-one-replica", "tuned-replicas", "tuned-off"],
+)
+def test_coordination_settings_reach_the_config_file(
+    helm: ModuleType, values: dict[str, Any], expected: dict[str, Any]
+) -> None:
+    """An explicit group id wins over the derived one; coordination.enabled turns it on for one replica; the other
+    coordination keys pass through (without a group id coordination stays off, as the bridge reads it)."""
+    assert yaml.safe_load(config_text(render(helm, values)))["coordination"] == expected
+
+
+def test_config_checksum_follows_the_derived_group_id(helm: ModuleType) -> None:
+    """Scaling from one replica to several changes the config file (the group id), so the pods roll into the group;
+    scaling between several does not."""
+
+    def checksum(values: dict[str, Any]) -> str:
+        annotations: dict[str, str] = workload(render(helm, values))["spec"]["template"]["metadata"]["annotations"]
+        return annotations["checksum/config"]
+
+    one_replica, three, five = checksum({}), checksum({"replicaCount": 3}), checksum({"replicaCount": 5})
+    assert one_replica != three
+    assert three == five
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"replicaCount": 3, "coordination": {"enabled": False}}, r"replicaCount: 3 needs coordination"),
+        (
+            {"coordination": {"enabled": False}, "config": {"coordination": {"group_id": "md-bridges"}}},
+            r"config\.coordination\.group_id is set but coordination\.enabled is false",
+        ),
+    ],
+    ids=["replicas-without-coordination", "group-id-while-disabled"],
+)
+def test_replicas_without_coordination_fail_the_render(helm: ModuleType, values: dict[str, Any], error: str) -> None:
+    """Several replicas that would each publish every contract are refused, as is a contradictory group id."""
+    with pytest.raises(helm.HelmRenderError, match=error):
+        render(helm, values)
+    assert yaml.safe_load(config_text(render(helm, {"coordination": {"enabled": False}})))  # alone it is fine
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"replicaCount": 0},
+        {"replicaCount": 1.5},
+        {"replicaCount": "3"},
+        {"coordination": {"enabled": "yes"}},
+        {"coordination": {"groupId": "x"}},
+        {"replicaSpread": {"whenUnsatisfiable": "Sometimes"}},
+        {"replicaSpread": {"maxSkew": 0}},
+        {"config": {"coordination": {"shards": 0}}},
+        {"config": {"coordination": {"unknown": 1}}},
+    ],
+    ids=lambda bad: json.dumps(bad),
+)
+def test_schema_rejects_bad_replica_values(helm: ModuleType, bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render(helm, bad)
+
+
+def test_replica_spread_can_be_tuned_replaced_or_turned_off(helm: ModuleType) -> None:
+    """replicaSpread's fields reach the constraint; a given constraint on the same key replaces it; off: none."""
+    tuned = {"topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule", "maxSkew": 2}
+    (spread,) = pod_spec(render(helm, {"replicaCount": 3, "replicaSpread": tuned}))["topologySpreadConstraints"]
+    assert spread == {**tuned, "labelSelector": {"matchLabels": selector_labels()}}
+    own = {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}
+    (kept,) = pod_spec(render(helm, {"replicaCount": 3, "topologySpreadConstraints": [own]}))[
+        "topologySpreadConstraints"
+    ]
+    assert kept == {**own, "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "ime-bridge"}}}
+    zone = {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"}
+    both = pod_spec(render(helm, {"replicaCount": 3, "topologySpreadConstraints": [zone]}))["topologySpreadConstraints"]
+    assert [c["topologyKey"] for c in both] == ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    off = pod_spec(render(helm, {"replicaCount": 3, "replicaSpread": {"enabled": False}}))
+    assert "topologySpreadConstraints" not in off
+
+
+def test_pod_disruption_budget_follows_the_replicas_unless_told(helm: ModuleType) -> None:
+    """enabled null: a budget with several replicas only; true or false decides; minAvailable still wins."""
+
+    def budget(values: dict[str, Any]) -> dict[str, Any] | None:
+        found = [m for m in render(helm, values) if m["kind"] == "PodDisruptionBudget"]
+        return found[0]["spec"] if found else None
+
+    assert budget({}) is None
+    assert budget({"replicaCount": 2}) == {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels()}}
+    assert budget({"replicaCount": 2, "podDisruptionBudget": {"enabled": False}}) is None
+    assert budget({"podDisruptionBudget": {"enabled": True}}) is not None
+    tuned = budget({"replicaCount": 5, "podDisruptionBudget": {"minAvailable": 3}})
+    assert tuned == {"minAvailable": 3, "selector": {"matchLabels": selector_labels()}}
+
+
+def test_notes_name_the_group_and_warn_of_idle_replicas_and_blocked_evictions(helm: ModuleType) -> None:
+    notes = render_files(helm, REPLICAS)["ime-bridge/templates/NOTES.txt"]
+    assert f"Kafka consumer group {GROUP_ID}" in notes
+    assert "(64 shards" in notes
+    assert "WARNING: replicaCount" not in notes
+    assert "Kafka consumer group" not in render_files(helm)["ime-bridge/templates/NOTES.txt"]
+    crowded = merged(REPLICAS, {"config": {"coordination": {"shards": 2}}, "podDisruptionBudget": {"minAvailable": 3}})
+    notes = render_files(helm, crowded)["ime-bridge/templates/NOTES.txt"]
+    assert "WARNING: replicaCount (3) is more than config.coordination.shards (2)" in notes
+    assert "WARNING: podDisruptionBudget.minAvailable (3) is not below replicaCount (3)" in notes
 
 
 # --- documentation -----------------------------------------------------------------------------------

@@ -129,9 +129,70 @@ buffer:
   {{- end }}
 metrics:
   {{- include "ime-bridge.compact" (pick $c.metrics "host" "port") | nindent 2 }}
+{{- $coordination := omit ($c.coordination | default dict) "group_id" }}
+{{- with include "ime-bridge.coordinationGroupId" . }}
+{{- $_ := set $coordination "group_id" . }}
+{{- end }}
+{{- $coordination = include "ime-bridge.compact" $coordination }}
+{{- if ne $coordination "{}" }}
+coordination:
+  {{- $coordination | nindent 2 }}
+{{- end }}
 log:
   {{- include "ime-bridge.compact" $c.log | nindent 2 }}
 shutdown_timeout_seconds: {{ $c.shutdown_timeout_seconds }}
+{{- end }}
+
+{{/*
+The bridge's coordination.group_id, empty when the replicas do not coordinate (one process owns every contract):
+config.coordination.group_id when set, else `<namespace>-<fullname>` when coordination.enabled is true, or null
+with replicaCount > 1. Rendering fails when coordination.enabled is false with several replicas (each would
+publish every contract) or with a group id set.
+*/}}
+{{- define "ime-bridge.coordinationGroupId" -}}
+{{- $explicit := (.Values.config.coordination | default dict).group_id | default "" -}}
+{{- $enabled := (.Values.coordination | default dict).enabled -}}
+{{- $replicas := int .Values.replicaCount -}}
+{{- if and (kindIs "bool" $enabled) (not $enabled) -}}
+{{- if gt $replicas 1 -}}
+{{- fail (printf "replicaCount: %d needs coordination, but coordination.enabled is false: without a consumer group every replica would subscribe and publish every contract; set coordination.enabled to null (or true), or replicaCount to 1" $replicas) -}}
+{{- end -}}
+{{- if $explicit -}}
+{{- fail "config.coordination.group_id is set but coordination.enabled is false: leave one of them out" -}}
+{{- end -}}
+{{- else if $explicit -}}
+{{- $explicit -}}
+{{- else if or $enabled (gt $replicas 1) -}}
+{{- printf "%s-%s" .Release.Namespace (include "ime-bridge.fullname" .) -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+The topology spread constraints of the pod: topologySpreadConstraints (one without labelSelector selects every
+ime-bridge pod of the namespace), and with replicaCount > 1 replicaSpread's over the release's own pods unless a
+given constraint has its topologyKey. A YAML list, empty when there are none.
+*/}}
+{{- define "ime-bridge.topologySpreadConstraints" -}}
+{{- $constraints := list -}}
+{{- $keys := dict -}}
+{{- range $constraint := .Values.topologySpreadConstraints -}}
+{{- if not (hasKey $constraint "labelSelector") -}}
+{{- $constraint = merge (dict "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/name" (include "ime-bridge.name" $)))) $constraint -}}
+{{- end -}}
+{{- $constraints = append $constraints $constraint -}}
+{{- $_ := set $keys (toString $constraint.topologyKey) true -}}
+{{- end -}}
+{{- $spread := .Values.replicaSpread -}}
+{{- if and $spread.enabled (gt (int .Values.replicaCount) 1) (not (hasKey $keys $spread.topologyKey)) -}}
+{{- $constraints = append $constraints (dict
+  "maxSkew" (int $spread.maxSkew)
+  "topologyKey" $spread.topologyKey
+  "whenUnsatisfiable" $spread.whenUnsatisfiable
+  "labelSelector" (dict "matchLabels" (include "ime-bridge.selectorLabels" . | fromYaml))) -}}
+{{- end -}}
+{{- if $constraints -}}
+{{- toYaml $constraints -}}
+{{- end -}}
 {{- end }}
 
 {{/*
@@ -304,14 +365,9 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with .Values.topologySpreadConstraints }}
+  {{- with include "ime-bridge.topologySpreadConstraints" . }}
   topologySpreadConstraints:
-    {{- range $constraint := . }}
-    {{- if not (hasKey $constraint "labelSelector") }}
-    {{- $constraint = merge (dict "labelSelector" (dict "matchLabels" (dict "app.kubernetes.io/name" (include "ime-bridge.name" $)))) $constraint }}
-    {{- end }}
-    - {{- toYaml $constraint | nindent 6 }}
-    {{- end }}
+    {{- . | nindent 4 }}
   {{- end }}
 {{- end }}
 
