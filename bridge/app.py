@@ -25,7 +25,9 @@ from bridge.auth import IssuedToken, StaticToken, TokenProvider
 from bridge.buffer import DeliveryBuffer
 from bridge.catalog import ContractCatalog, HttpContractCatalog
 from bridge.config import ConfigError, Settings, load_settings
+from bridge.coordination import KafkaShardGroup, ShardGroup, SoleOwner
 from bridge.encode import load_schema
+from bridge.handover import ShardKeeper
 from bridge.health import HealthServer
 from bridge.intake import Intake
 from bridge.logs import log_event
@@ -56,6 +58,8 @@ class _Running:
     publisher_task: asyncio.Task[None]
     source: WebSocketSource
     manager: SubscriptionManager
+    keeper: ShardKeeper
+    keeper_task: asyncio.Task[None]
     spool_task: asyncio.Task[None] | None  # spool mode only
 
 
@@ -92,6 +96,7 @@ class Bridge:
             "buffer_records": len(running.buffer),
             "spool_full": running.buffer.spool_full,
             "quarantined": running.manager.status(),
+            "shards": running.keeper.status(),
         }
 
     def _ready(self) -> tuple[bool, bool, int]:
@@ -99,7 +104,8 @@ class Bridge:
         running = self._running
         kafka = self._sink_started and (running is None or running.publisher.healthy)
         up = running.source.connections_up if running is not None else 0
-        ready = running is not None and kafka and up > 0
+        # A replica of a group may own no contract while the others serve them all: ready, and /readyz says so.
+        ready = running is not None and kafka and (up > 0 or running.keeper.serves_nothing())
         self.metrics.ready.set(1 if ready else 0)
         return ready, kafka, up
 
@@ -243,12 +249,31 @@ class Bridge:
             on_open=intake.on_connection_open,
             metrics=self.metrics,
         )
+        manager = SubscriptionManager(ime, catalog, source, self.metrics, contracts=contracts)
+        coordination = settings.coordination
+        group: ShardGroup = (
+            KafkaShardGroup(coordination, settings.kafka, claim=lambda: keeper.claim())
+            if coordination.enabled
+            else SoleOwner(coordination.shards)
+        )
+        keeper = ShardKeeper(
+            coordination,
+            group,
+            manager,
+            intake,
+            buffer,
+            publisher,
+            self.metrics,
+            owned=frozenset() if coordination.enabled else frozenset(range(coordination.shards)),
+        )
         self._running = running = _Running(
             buffer=buffer,
             publisher=publisher,
             publisher_task=asyncio.create_task(publisher.run(), name="publisher"),
             source=source,
-            manager=SubscriptionManager(ime, catalog, source, self.metrics, contracts=contracts),
+            manager=manager,
+            keeper=keeper,
+            keeper_task=asyncio.create_task(supervised("shards", keeper.run, metrics=self.metrics), name="shards"),
             spool_task=spool_task,
         )
         await running.manager.start()
@@ -342,17 +367,26 @@ class Bridge:
         """Stop intake, drain within `drain_seconds`, stop the publisher; the records left undelivered."""
         try:
             async with asyncio.timeout(drain_seconds):
+                # Replicas of a group first hand their shards over, so that the others serve them without a gap.
+                try:
+                    async with asyncio.timeout(drain_seconds / 2):
+                        await running.keeper.leave()
+                except TimeoutError:
+                    log_event(logger, logging.WARNING, "handover_at_stop_incomplete", owned=len(running.keeper.owned))
                 await running.manager.stop()
                 await running.source.stop()
                 if not running.publisher_task.done():
                     await running.publisher.wait_drained()
         except TimeoutError:
             log_event(logger, logging.ERROR, "shutdown_timeout", timeout_seconds=drain_seconds)
-        for task in (running.publisher_task, running.spool_task):
+        for task in (running.publisher_task, running.spool_task, running.keeper_task):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(max(1.0, drain_seconds / 4)):
+                await running.keeper.group.stop()  # leave the group: the others take what is left
         return running.buffer.close(running.publisher.in_flight) + running.publisher.undeliverable
 
 

@@ -29,7 +29,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from bridge.config import BufferSettings
@@ -435,6 +435,15 @@ class DeliveryBuffer:
         if self.spool is not None:
             self._stop_spooling_if_drained()
         return len(retry) + retry_spooled
+
+    def pending(self, keys: Collection[bytes], in_flight: Round | None) -> int:
+        """Records with one of `keys` not yet acknowledged (a shard's contracts, in a handover). Spooled records
+        are not read back to look: while the spool holds any, they all count."""
+        waiting = sum(1 for entry in self._memory if entry.record.key in keys)
+        waiting += sum(1 for key in self._held if key in keys)
+        if in_flight is not None:
+            waiting += sum(1 for record in in_flight.records if record.key in keys)
+        return waiting + (self.spool.records if self.spool is not None else 0)
 
     def close(self, in_flight: Round | None) -> int:
         """At shutdown: returns how many records are undelivered. In spool mode they stay in the spool.

@@ -468,6 +468,45 @@ class BufferSettings(_Section):
         return self
 
 
+class CoordinationSettings(_Section):
+    """Replicas sharing the contracts through a Kafka consumer group (docs/scaling.md); off by default."""
+
+    group_id: str = Field(
+        default="",
+        max_length=249,
+        description="Consumer group of the replicas that share the contracts; empty: this process owns them all.",
+    )
+    topic: str = Field(
+        default="ime-bridge.coordination",
+        min_length=1,
+        max_length=249,
+        description="Control topic, one partition per shard: assignments and release markers.",
+    )
+    shards: int = Field(
+        default=64, ge=1, le=4096, description="Shards the contracts map to (by a stable hash of the contract id)."
+    )
+    handover_timeout_seconds: PositiveSeconds = Field(
+        default=10.0,
+        description="A released shard's records are delivered within this bound; its new owner waits at most this "
+        "long for the release.",
+    )
+    session_timeout_ms: int = Field(
+        default=10_000, ge=1000, le=300_000, description="Group session timeout: how soon a dead replica is noticed."
+    )
+    heartbeat_interval_ms: int = Field(default=3000, ge=100, description="Group heartbeat period.")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether replicas share the contracts (a group id is set)."""
+        return bool(self.group_id)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_session(self) -> CoordinationSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("coordination.heartbeat_interval_ms must be at most a third of session_timeout_ms")
+        return self
+
+
 class MetricsSettings(_Section):
     """The HTTP endpoint serving /metrics, /healthz and /readyz."""
 
@@ -530,6 +569,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     buffer: BufferSettings = Field(default_factory=BufferSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    coordination: CoordinationSettings = Field(default_factory=CoordinationSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     schema_registry: SchemaRegistrySettings | None = Field(
         default=None, description="Frame update values in the Confluent wire format; unset: plain Avro + headers."

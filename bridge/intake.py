@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 
 from bridge.buffer import DeliveryBuffer
 from bridge.encode import Schema
@@ -71,6 +72,9 @@ class Intake:
         # Per subscription: the attempt seen last, and the contracts seen on it since it opened.
         self._subscribed: dict[str, tuple[int, set[str]]] = {}
         self._last_state: dict[str, tuple[object, ...]] = {}
+        # Contracts of shards being taken over: their updates, held until the previous owner's release.
+        self._holding: dict[str, list[tuple[ContractUpdate, Headers, float, int]]] = {}
+        self._last_published: dict[str, ContractUpdate] = {}
         self._carry_first: set[str] = set()  # a suppressed first-after-subscribe passes its flag on
         self._current: ConnectionInfo | None = None
         self._current_seen: set[str] = set()
@@ -142,20 +146,67 @@ class Intake:
         if contract_id not in seen:
             seen.add(contract_id)
             result.first_after_subscribe = True
-        if self.suppress_duplicates and self._is_repeat(result):
+        if self._holding and contract_id in self._holding:
+            self._holding[contract_id].append((result, self._current_headers, received, receive_time))
             return contract_id
+        self._accept(result, self._current_headers, received, receive_time)
+        return contract_id
+
+    def _accept(self, update: ContractUpdate, headers: Headers, received: float, receive_time: int) -> None:
+        """Sequence a subscribed contract's update and queue it (unless it repeats the previous one)."""
+        if self.suppress_duplicates and self._is_repeat(update):
+            return
+        contract_id = update.contract_id
         sequence = self._sequences.get(contract_id, 0) + 1
         self._sequences[contract_id] = sequence
-        result.sequence = sequence
-        lag = (receive_time - result.exchange_time) / 1e6
+        update.sequence = sequence
+        lag = (receive_time - update.exchange_time) / 1e6
         self._observe_lag(lag)
         # A snapshot resent on (re)subscription may carry the time of its last change: not a sample.
-        if self.normalizer.timestamp_was_naive and not result.first_after_subscribe:
+        if self.normalizer.timestamp_was_naive and not update.first_after_subscribe:
             warning = self._zone_check.observe(lag, received)
             if warning is not None:
                 log_event(logger, logging.WARNING, "naive_timestamps_lag", **warning.fields())
-        self.buffer.add_update(result, self._current_headers, received)
-        return contract_id
+        self._last_published[contract_id] = update
+        self.buffer.add_update(update, headers, received)
+
+    def hold(self, contract_ids: Iterable[str]) -> None:
+        """Keep these contracts' updates back (a shard taken over) until `release`: the previous owner may still
+        be delivering them."""
+        for contract_id in contract_ids:
+            self._holding.setdefault(contract_id, [])
+
+    def release(self, contract_ids: Iterable[str], published: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
+        """Queue what was held of these contracts, dropping each snapshot the previous owner already published
+        (`published`: its last exchange time and fingerprint per contract, from its release marker) or that is
+        older than its last; (queued, dropped)."""
+        queued = dropped = 0
+        for contract_id in contract_ids:
+            held = self._holding.pop(contract_id, [])
+            last = published.get(contract_id)
+            carry_first = False
+            for update, headers, received, receive_time in held:
+                if last is not None and (
+                    update.exchange_time < last[0]
+                    or (update.exchange_time == last[0] and snapshot_fingerprint(update) == last[1])
+                ):
+                    dropped += 1
+                    carry_first = carry_first or update.first_after_subscribe
+                    continue
+                if carry_first:
+                    update.first_after_subscribe, carry_first = True, False
+                self._accept(update, headers, received, receive_time)
+                queued += 1
+        return queued, dropped
+
+    def last_published(self, contract_ids: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """Per contract, the exchange time and fingerprint of the last update queued (for a release marker)."""
+        found = {}
+        for contract_id in contract_ids:
+            update = self._last_published.get(contract_id)
+            if update is not None:
+                found[contract_id] = (update.exchange_time, snapshot_fingerprint(update))
+        return found
 
     def _capture(self, raw: bytes, receive_time: int, connection: ConnectionInfo, key: bytes | None) -> None:
         self.buffer.add_record(raw_frame(raw, receive_time, self._labels_of(connection), key))
@@ -247,6 +298,12 @@ class Intake:
         raw = rejected.raw[: self.dead_letter_raw_bytes]
         record = dead_letter(reason, raw, key=key, received=received, headers=headers, detail=rejected.detail)
         self.buffer.add_record(record)
+
+
+def snapshot_fingerprint(update: ContractUpdate) -> int:
+    """A checksum of a snapshot's market data, the same in every process (for handovers' duplicate checks)."""
+    state = (update.best_limit, update.aggregate, update.allowed_price_range, update.contract_info)
+    return zlib.crc32(repr(state).encode())
 
 
 def _as_bytes(raw: str | bytes) -> bytes:

@@ -11,7 +11,7 @@ import bisect
 import itertools
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -23,6 +23,9 @@ LATENCY_BUCKETS = (
     *(0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.015, 0.02, 0.025, 0.05),
     *(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+
+# A handover takes a round trip to Kafka at best, the handover timeout at worst.
+HANDOVER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class HotHistogram(Collector):
@@ -266,5 +269,39 @@ class Metrics:
         self.undelivered_at_shutdown = Gauge(
             "ime_bridge_undelivered_at_shutdown",
             "Records received but not acknowledged when the last shutdown finished.",
+            registry=r,
+        )
+        self.owned_shards = Gauge(
+            "ime_bridge_owned_shards",
+            "Shards this replica owns now (coordination.shards when coordination is off).",
+            registry=r,
+        )
+        self.coordination_shards = Gauge(
+            "ime_bridge_coordination_shards",
+            "coordination.shards when replicas share the contracts through a group, else 0.",
+            registry=r,
+        )
+        self.rebalances = Counter(
+            "ime_bridge_rebalances_total",
+            "Group rebalances this replica took part in (each new assignment of shards).",
+            registry=r,
+        )
+        self.handover_seconds = Histogram(
+            "ime_bridge_handover_seconds",
+            "Time to hand a shard over, by direction: release (close its connections, deliver what is held for its "
+            "contracts, write the release marker) or acquire (from assignment until its records flow).",
+            ["direction"],
+            buckets=HANDOVER_BUCKETS,
+            registry=r,
+        )
+        self.handover_undelivered_records = Gauge(
+            "ime_bridge_handover_undelivered_records",
+            "Records of released contracts still undelivered when the last release ran out of "
+            "coordination.handover_timeout_seconds (0 normally).",
+            registry=r,
+        )
+        self.handover_duplicates_dropped = Counter(
+            "ime_bridge_handover_duplicates_dropped_total",
+            "Snapshots an acquiring replica dropped because the previous owner had already published them.",
             registry=r,
         )

@@ -22,6 +22,7 @@ class Subscription:
     name: str
     endpoint: Endpoint
     contracts: tuple[str, ...]
+    group: str = ""  # the contracts' shard when replicas share them: a shard's connections change alone
 
     def url(self, ws_base_url: str) -> str:
         """The subscription URL of this connection."""
@@ -48,8 +49,10 @@ def plan_subscriptions(
     *,
     max_contracts: int,
     max_url_length: int,
+    group: str = "",
 ) -> list[Subscription]:
-    """Split ids and names into subscriptions of at most `max_contracts` and `max_url_length` each."""
+    """Split ids and names into subscriptions of at most `max_contracts` and `max_url_length` each, named
+    `<endpoint>-<n>` (`<endpoint>-<group>-<n>` in a group)."""
     plan: list[Subscription] = []
     for endpoint, contracts in ((Endpoint.ID, contract_ids), (Endpoint.NAME, contract_names)):
         bare_length = len(live_url(ws_base_url, endpoint, []))
@@ -66,7 +69,8 @@ def plan_subscriptions(
             chunks[-1].append(contract)
             length += 1 + added
         plan.extend(
-            Subscription(f"{endpoint.value}-{number}", endpoint, tuple(chunk)) for number, chunk in enumerate(chunks)
+            Subscription(_name(endpoint, group, number), endpoint, tuple(chunk), group)
+            for number, chunk in enumerate(chunks)
         )
     return plan
 
@@ -79,6 +83,7 @@ def replan(
     *,
     max_contracts: int,
     max_url_length: int,
+    group: str = "",
 ) -> list[Subscription]:
     """A plan for the wanted contracts that changes as few connections of `current` as possible.
 
@@ -92,7 +97,7 @@ def replan(
         kept: list[tuple[str, list[str], bool]] = []
         placed: set[str] = set()
         for subscription in current:
-            if subscription.endpoint is not endpoint:
+            if subscription.endpoint is not endpoint or subscription.group != group:
                 continue
             contracts = [contract for contract in subscription.contracts if contract in wanted_set]
             placed.update(contracts)
@@ -105,9 +110,9 @@ def replan(
                 if len(live_url(ws_base_url, endpoint, [*contracts, new[0]])) > max_url_length:
                     break
                 contracts.append(new.pop(0))
-        plan.extend(Subscription(name, endpoint, tuple(contracts)) for name, contracts, _ in kept)
+        plan.extend(Subscription(name, endpoint, tuple(contracts), group) for name, contracts, _ in kept)
         used = {name for name, _, _ in kept}
-        numbers = (n for n in itertools.count() if f"{endpoint.value}-{n}" not in used)
+        numbers = (n for n in itertools.count() if _name(endpoint, group, n) not in used)
         for chunk in plan_subscriptions(
             ws_base_url,
             new if endpoint is Endpoint.ID else [],
@@ -115,8 +120,12 @@ def replan(
             max_contracts=max_contracts,
             max_url_length=max_url_length,
         ):
-            plan.append(Subscription(f"{endpoint.value}-{next(numbers)}", endpoint, chunk.contracts))
+            plan.append(Subscription(_name(endpoint, group, next(numbers)), endpoint, chunk.contracts, group))
     return plan
+
+
+def _name(endpoint: Endpoint, group: str, number: int) -> str:
+    return f"{endpoint.value}-{group}-{number}" if group else f"{endpoint.value}-{number}"
 
 
 async def find_invalid(

@@ -68,6 +68,11 @@ class SubscriptionManager:
     contracts: ContractDirectory = field(default_factory=ContractDirectory)
     quarantine: dict[tuple[Endpoint, str], Quarantined] = field(default_factory=dict)
     clock: Callable[[], float] = time.time
+    # Whether this replica serves a configured contract (bridge/handover.py); a lone bridge serves them all.
+    owns: Callable[[Endpoint, str], bool] = lambda endpoint, identifier: True
+    # The connection group of a contract: contracts of different groups never share a connection, so a group
+    # (a replica's shard) changes hands without reopening the connections of the others.
+    group_of: Callable[[Endpoint, str], str] = lambda endpoint, identifier: ""
     _bisecting: set[str] = field(default_factory=set)
     # Contracts of a refused subscription not yet known valid or invalid: out of the plan until found.
     _suspects: set[tuple[Endpoint, str]] = field(default_factory=set)
@@ -101,24 +106,48 @@ class SubscriptionManager:
         return await self.reconcile()
 
     def wanted(self) -> tuple[list[str], list[str]]:
-        """(ids, names) to subscribe to now: configured, resolved, neither quarantined nor suspect."""
+        """(ids, names) to subscribe to now: configured, owned (a replica's shards), resolved, neither quarantined
+        nor suspect."""
         left_out = self.quarantine.keys() | self._suspects
-        ids = [c for c in self.settings.contract_ids if (Endpoint.ID, c) not in left_out]
-        names = [n for n in self.settings.contract_names if (Endpoint.NAME, n) not in left_out]
+        owns = self.owns
+        ids = [c for c in self.settings.contract_ids if (Endpoint.ID, c) not in left_out and owns(Endpoint.ID, c)]
+        names = [
+            n for n in self.settings.contract_names if (Endpoint.NAME, n) not in left_out and owns(Endpoint.NAME, n)
+        ]
         return ids, names
+
+    def contract_ids(self, owned: Callable[[str], bool]) -> set[str]:
+        """The ids of the configured contracts for which `owned(contract id)` holds (names by their resolved id)."""
+        ids = {contract_id for contract_id in self.settings.contract_ids if owned(contract_id)}
+        for name in self.settings.contract_names:
+            contract_id = self.contracts.id_of(name)
+            if contract_id is not None and owned(contract_id):
+                ids.add(contract_id)
+        return ids
 
     async def reconcile(self) -> set[str]:
         """Bring the connections in line with what is wanted; only changed connections reopen."""
         async with self._lock:
             ids, names = self.wanted()
-            plan = replan(
-                self.source.subscriptions,
-                str(self.settings.ws_url),
-                ids,
-                names,
-                max_contracts=self.settings.max_contracts_per_connection,
-                max_url_length=self.settings.max_url_length,
-            )
+            groups: dict[str, tuple[list[str], list[str]]] = {}
+            group_of = self.group_of
+            for contract_id in ids:
+                groups.setdefault(group_of(Endpoint.ID, contract_id), ([], []))[0].append(contract_id)
+            for name in names:
+                groups.setdefault(group_of(Endpoint.NAME, name), ([], []))[1].append(name)
+            plan = [
+                subscription
+                for group, (group_ids, group_names) in sorted(groups.items())
+                for subscription in replan(
+                    self.source.subscriptions,
+                    str(self.settings.ws_url),
+                    group_ids,
+                    group_names,
+                    max_contracts=self.settings.max_contracts_per_connection,
+                    max_url_length=self.settings.max_url_length,
+                    group=group,
+                )
+            ]
             opened = await self.source.apply(plan)
             self._export()
         if opened:

@@ -1,0 +1,314 @@
+"""The replicas' group: which shards this process owns, decided by a Kafka consumer group, and the release
+markers of handovers, on the control topic (one partition per shard).
+
+Membership, failure detection and rebalancing are the group coordinator's (aiokafka's consumer); the only
+thing of ours in it is the assignor, `ShardAssignor`, which runs bridge/shards.py's `assign_shards` when this
+member leads: members say in their join which shards they serve (and whether they are leaving), and each
+gets its shards with the handovers it takes part in. A giver writes a `ReleaseMarker` to the shard's partition
+once it has delivered what it held for the shard; every member reads the partitions it is assigned, so the
+taker sees the marker. `SoleOwner` is the group of one used when `coordination.group_id` is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.cluster import ClusterMetadata
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+from aiokafka.errors import KafkaError
+
+from bridge.config import CoordinationSettings, KafkaSettings
+from bridge.logs import log_event
+from bridge.shards import MemberClaim, MemberPlan, assign_shards
+from bridge.sink import client_options
+
+logger = logging.getLogger(__name__)
+
+# Markers matter only during a handover: an hour of them is plenty.
+CONTROL_TOPIC_CONFIG = {"retention.ms": "3600000", "cleanup.policy": "delete"}
+_TOPIC_ALREADY_EXISTS = 36
+# Markers read before anyone waits for them (the giver can be faster than the taker's assignment).
+_EARLY_MARKERS = 4096
+
+
+class CoordinationUnavailable(Exception):
+    """The group or its control topic cannot be used (Kafka unreachable, a topic with the wrong partitions)."""
+
+
+@dataclass(frozen=True)
+class ReleaseMarker:
+    """A giver's word that it delivered everything it held of `shard`'s contracts: per contract, the exchange
+    time (µs) and fingerprint of the last snapshot it published, so that the taker drops what it repeats."""
+
+    shard: int
+    token: str
+    last: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        """The marker as a control-topic record value."""
+        last = {contract: list(seen) for contract, seen in self.last.items()}
+        return json.dumps({"shard": self.shard, "token": self.token, "last": last}, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> ReleaseMarker | None:
+        """A marker, or None for a value that is not one (the control topic is ours, but bytes are bytes)."""
+        try:
+            document = json.loads(value or b"")
+            last = {str(contract): (int(seen[0]), int(seen[1])) for contract, seen in document["last"].items()}
+            return cls(int(document["shard"]), str(document["token"]), last)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+
+
+class ShardGroup(Protocol):
+    """Which shards this process owns, as a stream of plans, and the handover markers."""
+
+    plans: asyncio.Queue[MemberPlan]
+
+    async def start(self) -> None:
+        """Join (raises CoordinationUnavailable when the group cannot be used)."""
+
+    async def leave(self) -> None:
+        """Rejoin as leaving, so that the others take the shards through handovers (a SIGTERM's first step)."""
+
+    async def stop(self) -> None:
+        """Leave the group."""
+
+    async def publish_release(self, marker: ReleaseMarker) -> None:
+        """Write a release marker (raises CoordinationUnavailable when Kafka does not take it)."""
+
+    async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
+        """The giver's marker with `token` (the caller bounds the wait)."""
+
+
+@dataclass
+class SoleOwner:
+    """The group of one: this process owns every shard from the start, and hands nothing over."""
+
+    shards: int
+    plans: asyncio.Queue[MemberPlan] = field(default_factory=asyncio.Queue)
+
+    async def start(self) -> None:
+        """Own everything."""
+        self.plans.put_nowait(MemberPlan(frozenset(range(self.shards))))
+
+    async def leave(self) -> None:
+        """Nobody to hand over to."""
+
+    async def stop(self) -> None:
+        """Nothing to leave."""
+
+    async def publish_release(self, marker: ReleaseMarker) -> None:
+        """Nobody reads it."""
+
+    async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
+        """There are no handovers in a group of one: nothing ever comes."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
+    """The group protocol's assignor: claims from `claim()` in the join, bridge/shards.py's plan as the leader."""
+
+    name = "ime-bridge-shards"
+    version = 0
+
+    def __init__(self, topic: str, shards: int, claim: Callable[[], MemberClaim]) -> None:
+        self.topic = topic
+        self.shards = shards
+        self.claim = claim
+        self.plan = MemberPlan(frozenset())
+
+    def metadata(self, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        """This member's join: its topics and its claim."""
+        return ConsumerProtocolMemberMetadata(self.version, sorted(topics), self.claim().encode())
+
+    def assign(
+        self, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        """As the leader: every member's shards and handovers."""
+        claims = {member: MemberClaim.decode(metadata.user_data) for member, metadata in members.items()}
+        plans = assign_shards(self.shards, claims, lambda: uuid.uuid4().hex[:16])
+        log_event(
+            logger,
+            logging.INFO,
+            "shards_assigned",
+            members=len(plans),
+            handovers=sum(len(plan.acquire) for plan in plans.values()),
+        )
+        return {
+            member: ConsumerProtocolMemberAssignment(self.version, [(self.topic, sorted(plan.shards))], plan.encode())
+            for member, plan in plans.items()
+        }
+
+    def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
+        """This member's plan, read before the listener hears of the partitions."""
+        shards = [shard for topic, partitions in assignment.assignment for shard in partitions if topic == self.topic]
+        self.plan = MemberPlan.decode(shards, assignment.user_data)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, on_assigned: Callable[[], None]) -> None:
+        self._on_assigned = on_assigned
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # Eager rebalancing revokes everything every time: the plan that follows says what really moves.
+        pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self._on_assigned()
+
+
+class KafkaShardGroup:
+    """A member of `coordination.group_id`; see the module docstring."""
+
+    def __init__(self, settings: CoordinationSettings, kafka: KafkaSettings, claim: Callable[[], MemberClaim]) -> None:
+        self._settings = settings
+        self._kafka = kafka
+        self._claim = claim
+        self._leaving = False
+        self.assignor = ShardAssignor(settings.topic, settings.shards, self._current_claim)
+        self.plans: asyncio.Queue[MemberPlan] = asyncio.Queue()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._waiting: dict[str, asyncio.Future[ReleaseMarker]] = {}
+        self._early: OrderedDict[str, ReleaseMarker] = OrderedDict()
+        self._reader: asyncio.Task[None] | None = None
+
+    def _current_claim(self) -> MemberClaim:
+        claim = self._claim()
+        return MemberClaim(claim.owned, leaving=self._leaving)
+
+    async def start(self) -> None:
+        """Make sure the control topic exists with one partition per shard, then join."""
+        settings = self._settings
+        try:
+            await self._ensure_topic()
+            options = client_options(self._kafka)
+            self._producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=False)
+            await self._producer.start()
+            self._consumer = AIOKafkaConsumer(
+                **options,
+                group_id=settings.group_id,
+                partition_assignment_strategy=(self.assignor,),
+                session_timeout_ms=settings.session_timeout_ms,
+                heartbeat_interval_ms=settings.heartbeat_interval_ms,
+                # A member must rejoin within this: ours do at once (the listener only queues the plan).
+                rebalance_timeout_ms=max(settings.session_timeout_ms, int(settings.handover_timeout_seconds * 1000)),
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            await self._consumer.start()
+        except KafkaError as exc:
+            await self.stop()
+            raise CoordinationUnavailable(f"cannot join group {settings.group_id!r}: {exc!r}") from exc
+        self._consumer.subscribe([settings.topic], listener=_Listener(self._assigned))
+        self._reader = asyncio.create_task(self._read_markers(), name="coordination")
+
+    async def _ensure_topic(self) -> None:
+        settings = self._settings
+        admin = AIOKafkaAdminClient(**client_options(self._kafka))
+        try:
+            await admin.start()
+            if settings.topic not in set(await admin.list_topics()):
+                topic = NewTopic(
+                    settings.topic,
+                    settings.shards,
+                    self._kafka.replication_factor,
+                    topic_configs=CONTROL_TOPIC_CONFIG,
+                )
+                response = await admin.create_topics([topic])
+                for name, code, message in response.topic_errors:
+                    if code not in (0, _TOPIC_ALREADY_EXISTS):
+                        raise CoordinationUnavailable(f"cannot create topic {name!r}: error {code}: {message}")
+            described = await admin.describe_topics([settings.topic])
+            partitions = len(described[0]["partitions"]) if described else 0
+            if partitions != settings.shards:
+                raise CoordinationUnavailable(
+                    f"coordination.topic {settings.topic!r} has {partitions} partitions, coordination.shards is "
+                    f"{settings.shards}: they must be equal (a new topic, or the same shards)"
+                )
+        finally:
+            await admin.close()
+
+    def _assigned(self) -> None:
+        self.plans.put_nowait(self.assignor.plan)
+
+    async def _read_markers(self) -> None:
+        """Read the assigned partitions (this also keeps the member polling); hand markers to their waiters."""
+        assert self._consumer is not None
+        while True:
+            try:
+                batches = await self._consumer.getmany(timeout_ms=500)
+            except KafkaError as exc:
+                log_event(logger, logging.WARNING, "coordination_read_failed", error=repr(exc))
+                await asyncio.sleep(1.0)
+                continue
+            for records in batches.values():
+                for record in records:
+                    marker = ReleaseMarker.decode(record.value)
+                    if marker is not None:
+                        self._arrived(marker)
+
+    def _arrived(self, marker: ReleaseMarker) -> None:
+        waiter = self._waiting.pop(marker.token, None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(marker)
+            return
+        self._early[marker.token] = marker
+        while len(self._early) > _EARLY_MARKERS:
+            self._early.popitem(last=False)
+
+    async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
+        """The giver's marker with `token` (the caller bounds the wait)."""
+        early = self._early.pop(token, None)
+        if early is not None:
+            return early
+        waiter: asyncio.Future[ReleaseMarker] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = waiter
+        try:
+            return await waiter
+        finally:
+            self._waiting.pop(token, None)
+
+    async def publish_release(self, marker: ReleaseMarker) -> None:
+        """Write `marker` to its shard's partition, acknowledged by all in-sync replicas."""
+        assert self._producer is not None
+        try:
+            await self._producer.send_and_wait(
+                self._settings.topic, marker.encode(), key=str(marker.shard).encode(), partition=marker.shard
+            )
+        except KafkaError as exc:
+            raise CoordinationUnavailable(f"cannot write the release of shard {marker.shard}: {exc!r}") from exc
+
+    async def leave(self) -> None:
+        """Rejoin as leaving: the leader gives this member nothing, and the others take its shards by handover."""
+        if self._consumer is None:
+            return
+        self._leaving = True
+        # A new subscription (to the same topic) makes the member rejoin, with the claim read afresh.
+        self._consumer.subscribe([self._settings.topic], listener=_Listener(self._assigned))
+
+    async def stop(self) -> None:
+        """Leave the group and close the clients."""
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                with contextlib.suppress(KafkaError, OSError):
+                    await client.stop()
+        self._consumer = self._producer = None

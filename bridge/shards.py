@@ -1,0 +1,108 @@
+"""Shards: which replica subscribes which contracts, pure arithmetic (docs/scaling.md).
+
+A contract belongs to shard `crc32(contract id) mod shards`, the same in every process and every version.
+Replicas own shards; the group leader decides who owns what with `assign_shards`, which keeps every member's
+shards up to its fair share (so a member joining or leaving moves as few shards as possible), and names a
+handover token for every shard that moves from one live member to another: the giver writes a release
+marker with that token once it has delivered what it held, and the taker publishes only after reading it.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+
+def shard_of(contract_id: str, shards: int) -> int:
+    """The shard of a contract: stable across processes, restarts and versions."""
+    return zlib.crc32(contract_id.encode("utf-8")) % shards
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """One member's part of an assignment: its shards, and the handovers it takes part in (shard → token)."""
+
+    shards: frozenset[int]
+    acquire: Mapping[int, str] = field(default_factory=dict)  # wait for the giver's marker with this token
+    release: Mapping[int, str] = field(default_factory=dict)  # deliver, then write the marker with this token
+
+    def encode(self) -> bytes:
+        """The handovers as the assignment's user data (the shards travel as the assigned partitions)."""
+        return json.dumps({"acquire": self.acquire, "release": self.release}, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, shards: Collection[int], user_data: bytes) -> MemberPlan:
+        """The plan of a member assigned `shards` with `user_data`; data that does not parse means no handover."""
+        try:
+            document = json.loads(user_data) if user_data else {}
+            acquire = {int(shard): str(token) for shard, token in document.get("acquire", {}).items()}
+            release = {int(shard): str(token) for shard, token in document.get("release", {}).items()}
+        except (ValueError, TypeError, AttributeError):
+            acquire, release = {}, {}
+        return cls(frozenset(shards), acquire, release)
+
+
+@dataclass(frozen=True)
+class MemberClaim:
+    """What a member says when it joins: the shards it serves now, and whether it is leaving (a SIGTERM)."""
+
+    owned: frozenset[int] = frozenset()
+    leaving: bool = False
+
+    def encode(self) -> bytes:
+        """The claim as the join's user data."""
+        return json.dumps({"owned": sorted(self.owned), "leaving": self.leaving}).encode()
+
+    @classmethod
+    def decode(cls, user_data: bytes) -> MemberClaim:
+        """A member's claim; data that does not parse claims nothing."""
+        try:
+            document = json.loads(user_data) if user_data else {}
+            return cls(frozenset(int(shard) for shard in document.get("owned", [])), bool(document.get("leaving")))
+        except (ValueError, TypeError, AttributeError):
+            return cls()
+
+
+def assign_shards(shards: int, claims: Mapping[str, MemberClaim], token: Callable[[], str]) -> dict[str, MemberPlan]:
+    """Every shard to exactly one member not leaving (a leaving member gets none), as evenly as possible
+    (shares differ by at most one), each keeping as many of its claimed shards as its share allows.
+
+    A shard claimed by a live member and given to another is a handover: both get the same `token()`. A shard
+    nobody alive claims (its owner died) is given without one, so its new owner starts at once.
+    """
+    staying = sorted(member for member, claim in claims.items() if not claim.leaving)
+    if not staying:
+        return {member: MemberPlan(frozenset()) for member in claims}
+    owner: dict[int, str] = {}
+    for member in sorted(claims):  # a shard two members claim (a zombie's) goes to the first; the other releases
+        for shard in sorted(claims[member].owned):
+            if 0 <= shard < shards:
+                owner.setdefault(shard, member)
+    held = {member: sorted(s for s, m in owner.items() if m == member) for member in staying}
+    base, extra = divmod(shards, len(staying))
+    # The larger shares go to those who hold the most already: fewer shards move.
+    by_holding = sorted(staying, key=lambda member: (-len(held[member]), member))
+    share = {member: base + (1 if rank < extra else 0) for rank, member in enumerate(by_holding)}
+    kept = {member: held[member][: share[member]] for member in staying}
+    taken = {shard for shards_kept in kept.values() for shard in shards_kept}
+    free = iter(shard for shard in range(shards) if shard not in taken)
+    assigned = {member: set(kept[member]) for member in staying}
+    for member in staying:
+        while len(assigned[member]) < share[member]:
+            assigned[member].add(next(free))
+    acquire: dict[str, dict[int, str]] = {member: {} for member in claims}
+    release: dict[str, dict[int, str]] = {member: {} for member in claims}
+    for member, mine in assigned.items():
+        for shard in mine:
+            giver = owner.get(shard)
+            if giver is not None and giver != member:
+                acquire[member][shard] = release[giver][shard] = token()
+    for member, claim in claims.items():  # a second claimant of a shard releases it too, to the same taker
+        for shard in claim.owned:
+            if shard in owner and owner[shard] != member and shard not in release[member] and 0 <= shard < shards:
+                release[member][shard] = token()
+    return {
+        member: MemberPlan(frozenset(assigned.get(member, ())), acquire[member], release[member]) for member in claims
+    }
