@@ -102,6 +102,48 @@ def test_session_unit_tests_catch_an_alert_that_ignores_the_calendar(tmp_path: P
     assert "quiet on a holiday" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("original", "mutation", "failing_case"),
+    [
+        (
+            "sum by (job, namespace, service) (ime_bridge_owned_shards",
+            "sum by (job) (ime_bridge_owned_shards",
+            "fires when a replica vanished",
+        ),
+        (
+            "< max by (job, namespace, service) (ime_bridge_coordination_shards",
+            "<= max by (job, namespace, service) (ime_bridge_coordination_shards",
+            "silent while the owned shards add up",
+        ),
+        (
+            'ime_bridge_coordination_shards{job="ime-bridge"} > 0)',
+            'ime_bridge_coordination_shards{job="ime-bridge"} + 1)',
+            "silent when coordination is off",
+        ),
+        (
+            '(increase(ime_bridge_rebalances_total{job="ime-bridge"}[1h]) > 0)',
+            '(ime_bridge_rebalances_total{job="ime-bridge"} > 0)',
+            "clears an hour after the rebalance",
+        ),
+    ],
+    ids=["sums-across-groups", "fires-when-equal", "ignores-coordination-off", "never-clears"],
+)
+def test_coordination_unit_tests_catch_a_broken_rule(
+    tmp_path: Path, original: str, mutation: str, failing_case: str
+) -> None:
+    """The promtool cases of ImeBridgeShardsUnowned and ImeBridgeHandoverUndelivered fail for a rule that sums
+    several groups together, fires when every shard is owned, ignores coordination being off or never clears."""
+    rules = RULES.read_text("utf-8")
+    assert rules.count(original) == 1, original
+    (tmp_path / RULES.name).write_text(rules.replace(original, mutation), "utf-8")
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    result = subprocess.run(
+        [_promtool(), "test", "rules", RULE_TESTS.name], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0
+    assert failing_case in result.stdout + result.stderr
+
+
 def test_chart_rules_tuned_from_values_pass_promtool(tmp_path: Path) -> None:
     """The chart's PrometheusRule with every marked threshold, `for`, the job and the links changed is still
     valid for Prometheus."""
@@ -128,7 +170,8 @@ def _free_port() -> int:
 
 
 def populate(metrics: Metrics) -> None:
-    """Give every metric a series, as a bridge in spool mode that has seen some traffic would."""
+    """Give every metric a series, as a bridge in spool mode that has seen some traffic would (one of two
+    coordinated replicas, past a rebalance)."""
     now = time.time()
     metrics.build_info.info({"version": "0.1.0", "session_id": "test"})
     for endpoint in ("id", "name"):
@@ -168,6 +211,13 @@ def populate(metrics: Metrics) -> None:
     metrics.ready.set(1)
     metrics.trading_session_open.set(1)
     metrics.undelivered_at_shutdown.set(0)
+    metrics.owned_shards.set(32)
+    metrics.coordination_shards.set(64)
+    metrics.rebalances.inc(2)
+    for direction, seconds in (("release", 0.3), ("acquire", 0.4)):
+        metrics.handover_seconds.labels(direction).observe(seconds)
+    metrics.handover_undelivered_records.set(0)
+    metrics.handover_duplicates_dropped.inc(3)
 
 
 class PrometheusServer:

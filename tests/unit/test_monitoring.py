@@ -42,6 +42,9 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "ime-bridge-dashboard.json"
 AWAITED_METRICS: dict[str, str] = {}
 # Bridge metrics deliberately on no panel, with why.
 NOT_CHARTED: dict[str, str] = {}
+# Alerts about no single instance, whose dashboard link therefore names none: no target at all, or a group of
+# coordinated replicas (summed over them).
+NOT_PER_INSTANCE = {"ImeBridgeNotScraped", "ImeBridgeShardsUnowned"}
 
 
 # --- tools -------------------------------------------------------------------------------------------
@@ -297,7 +300,7 @@ def test_every_alert_links_its_runbook_section_and_a_dashboard_panel() -> None:
         url = annotations["dashboard_url"]
         assert url.startswith(DASHBOARD_BASE + "var-job=ime-bridge"), alert
         assert url.rsplit("viewPanel=", 1)[1] in panel_ids, f"{alert}: {url} names no panel"
-        assert ("var-instance={{ $labels.instance }}" in url) == (alert != "ImeBridgeNotScraped"), alert
+        assert ("var-instance={{ $labels.instance }}" in url) == (alert not in NOT_PER_INSTANCE), alert
 
 
 def test_anchor_reader_follows_github() -> None:
@@ -307,6 +310,34 @@ def test_anchor_reader_follows_github() -> None:
         "imebridgedown",
         "what-it-means-and-why",
     }
+
+
+def test_coordination_alerts_and_panels() -> None:
+    """Issue 14: unowned shards page (summed per group of replicas, only with coordination on), undelivered
+    handover records warn, and the dashboard charts shards per replica and against the configured count,
+    rebalances, the p99 handover time by direction, undelivered records and dropped duplicates."""
+    rules = {rule["alert"]: rule for group in _rules()["groups"] for rule in group["rules"] if "alert" in rule}
+    unowned = rules["ImeBridgeShardsUnowned"]
+    assert (unowned["labels"]["severity"], unowned["for"]) == ("critical", "1m")
+    assert "sum by (job, namespace, service) (ime_bridge_owned_shards" in unowned["expr"]
+    assert 'ime_bridge_coordination_shards{job="ime-bridge"} > 0' in unowned["expr"]
+    assert "instance" not in unowned["expr"]
+    undelivered = rules["ImeBridgeHandoverUndelivered"]
+    assert undelivered["labels"]["severity"] == "warning"
+    assert "ime_bridge_handover_undelivered_records" in undelivered["expr"]
+    by_title = {panel["title"]: " ".join(t["expr"] for t in panel.get("targets", [])) for panel in panels()}
+    assert "sum by (instance) (ime_bridge_owned_shards" in by_title["Owned shards by replica"]
+    against = by_title["Owned shards against configured"]
+    assert "sum(ime_bridge_owned_shards" in against
+    assert "max(ime_bridge_coordination_shards" in against
+    assert "ime_bridge_rebalances_total" in by_title["Rebalances"]
+    assert by_title["Handover time p99 by direction"].startswith(
+        "histogram_quantile(0.99, sum by (le, direction) (rate(ime_bridge_handover_seconds_bucket"
+    )
+    assert "ime_bridge_handover_undelivered_records" in by_title["Undelivered records at handover"]
+    assert "ime_bridge_handover_duplicates_dropped_total" in by_title["Handover duplicates dropped"]
+    panel_ids = {panel["title"]: str(panel["id"]) for panel in panels()}
+    assert unowned["annotations"]["dashboard_url"].endswith(f"viewPanel={panel_ids['Owned shards against configured']}")
 
 
 def test_session_alerts_ask_the_bridge_calendar_not_the_clock() -> None:
