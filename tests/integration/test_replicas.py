@@ -1,0 +1,254 @@
+"""Replicas sharing the contracts through a Kafka consumer group (issue 14), as separate processes.
+
+Three (then four) `ime-bridge run` processes with the same group, one broker, the simulator's market of 48
+contracts. What every consumer of the updates topic must be able to rely on is read back from the topic: each
+contract published by one session at a time, never A, B, A; after a kill -9 the dead replica's contracts
+flow again from the others; through a graceful handover nothing is lost, reordered or repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import ConsumerRecord
+
+from bridge.devtools.simulator import SentFrame, Simulator, SimulatorConfig
+from tests.support.broker import BrokerInfo, consume
+from tests.support.checker import Identity, frame_identity, record_identity
+from tests.support.harness import BridgeProcess, bridge_config, decode_value
+from tests.support.waiting import wait_for
+
+pytestmark = pytest.mark.integration
+
+CONTRACTS = 48
+SHARDS = 12
+RATE = 240.0  # snapshots per second over the market: five per contract
+ROUND_RECORDS = 100
+
+
+def replica_config(simulator: Simulator, broker: BrokerInfo, group: str, topics: dict[str, Any]) -> dict[str, Any]:
+    """One replica's configuration: the shared group and topics, its own metrics port."""
+    config = bridge_config(
+        simulator,
+        broker,
+        ime={"contract_ids": [contract.id for contract in simulator.contracts]},
+        kafka=topics,
+        buffer={"max_batch_records": ROUND_RECORDS},
+        coordination={
+            "group_id": group,
+            "topic": f"{group}-control",
+            "shards": SHARDS,
+            "session_timeout_ms": 6000,
+            "heartbeat_interval_ms": 1000,
+            "handover_timeout_seconds": 5,
+        },
+    )
+    config["shutdown_timeout_seconds"] = 20  # room for the handover before the drain
+    return config
+
+
+class Replicas:
+    """Bridge processes of one group, started and stopped by PID."""
+
+    def __init__(self, simulator: Simulator, broker: BrokerInfo, directory: Path) -> None:
+        self.simulator = simulator
+        self.broker = broker
+        self.directory = directory
+        self.group = f"replicas-{uuid.uuid4().hex[:8]}"
+        suffix = uuid.uuid4().hex[:8]
+        self.topics = {"topic": f"updates-{suffix}", "dlq_topic": f"dead-{suffix}", "state_topic": f"state-{suffix}"}
+        self.processes: list[BridgeProcess] = []
+
+    def start_one(self) -> BridgeProcess:
+        process = BridgeProcess(replica_config(self.simulator, self.broker, self.group, self.topics), self.directory)
+        process.start()
+        self.processes.append(process)
+        return process
+
+    async def owned(self, processes: Sequence[BridgeProcess]) -> list[float]:
+        return [await process.metric("ime_bridge_owned_shards") for process in processes]
+
+    async def settled(self, processes: Sequence[BridgeProcess]) -> bool:
+        """Every shard owned, by these processes only, each owning some, and every contract subscribed once."""
+        owned = await self.owned(processes)
+        if sum(owned) != SHARDS or min(owned) == 0:
+            return False
+        subscribed = [c for connection in self.simulator.connections for c in connection.contract_ids]
+        return len(subscribed) == CONTRACTS and len(set(subscribed)) == CONTRACTS
+
+    async def flowing(self, processes: Sequence[BridgeProcess]) -> None:
+        """Wait until each of `processes` has published again since now (its takeovers are done)."""
+        name = "ime_bridge_messages_published_total"
+        topic = self.topics["topic"]
+        before = [await process.metric(name, topic=topic) for process in processes]
+
+        async def all_published() -> bool:
+            now = [await process.metric(name, topic=topic) for process in processes]
+            return all(after >= start + 50 for start, after in zip(before, now, strict=True))
+
+        await wait_for(all_published, within=30, interval=0.25, what="every replica publishing")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- replica {n}\n{process.log()[-6000:]}" for n, process in enumerate(self.processes))
+
+
+@asynccontextmanager
+async def replicas(broker: BrokerInfo, directory: Path) -> AsyncIterator[Replicas]:
+    config = SimulatorConfig(contracts=CONTRACTS, rate=RATE, record_sent=True)
+    async with Simulator(config) as simulator:
+        group = Replicas(simulator, broker, directory)
+        try:
+            yield group
+        finally:
+            for process in group.processes:
+                process.stop()
+
+
+def by_contract(records: list[ConsumerRecord[Any, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Decoded values per contract, in topic order (one contract's records share a partition)."""
+    found: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        value = decode_value(record)
+        found[value["contract_id"]].append(value)
+    return found
+
+
+def sessions_interleaved(values: list[dict[str, Any]]) -> bool:
+    """Whether a session publishes the contract again after another one did (A, B, A)."""
+    runs = [values[0]["session_id"]] if values else []
+    for value in values[1:]:
+        if value["session_id"] != runs[-1]:
+            runs.append(value["session_id"])
+    return len(runs) != len(set(runs))
+
+
+def market(sent: list[SentFrame]) -> dict[str, list[Identity]]:
+    """Per contract, the snapshots the simulator made, in order, once each (a snapshot goes to every connection
+    subscribed to its contract, so two replicas subscribed at once both receive it)."""
+    made: dict[str, list[Identity]] = defaultdict(list)
+    seen: set[tuple[str, Identity]] = set()
+    for frame in sent:
+        if frame.contract_id is None:
+            continue
+        contract, identity = frame_identity(frame.payload)
+        if (contract, identity) not in seen:
+            seen.add((contract, identity))
+            made[contract].append(identity)
+    return made
+
+
+async def test_three_replicas_own_every_contract_once_and_a_kill_9_is_covered_within_15s(
+    kafka_broker: BrokerInfo, tmp_path: Path
+) -> None:
+    async with replicas(kafka_broker, tmp_path) as group:
+        processes = [group.start_one() for _ in range(3)]
+        await wait_for(lambda: group.settled(processes), within=90, interval=0.5, what="12 shards over 3 replicas")
+        await group.flowing(processes)
+        victim = processes[1]
+        victim_shards = await victim.metric("ime_bridge_owned_shards")
+        victim_session = _session_of(victim)
+        assert victim.process is not None
+        victim.process.kill()  # kill -9: no handover, no leave
+        killed_at = time.time()
+        survivors = [processes[0], processes[2]]
+        await wait_for(lambda: group.settled(survivors), within=30, interval=0.25, what="the survivors own all")
+        covered_after = time.time() - killed_at
+        # Ten more seconds of traffic after the takeover, then read everything back.
+        flowing_until = time.time() + 10
+        await wait_for(lambda: time.time() > flowing_until, within=15, interval=0.5, what="traffic after takeover")
+        records = await consume(
+            kafka_broker.bootstrap_servers,
+            group.topics["topic"],
+            until=lambda got: any(decode_value(r)["receive_time"].timestamp() > flowing_until for r in got[-50:]),
+            within=60,
+        )
+    values = by_contract(records)
+    assert set(values) == {contract.id for contract in group.simulator.contracts}, group.logs()
+    interleaved = [contract for contract, vs in values.items() if sessions_interleaved(vs)]
+    assert not interleaved, f"A, B, A sessions for {interleaved}"
+    victims = [c for c, vs in values.items() if any(v["session_id"] == victim_session for v in vs)]
+    assert victims, "the killed replica had published contracts"
+    gaps = []
+    for contract in victims:
+        after = [v["receive_time"].timestamp() for v in values[contract] if v["session_id"] != victim_session]
+        after = [moment for moment in after if moment > killed_at]
+        assert after, f"contract {contract} did not flow again after the kill"
+        gaps.append(min(after) - killed_at)
+    assert max(gaps) <= 15, f"worst contract back after {max(gaps):.1f}s"
+    print(
+        f"\nkill -9 of a replica owning {victim_shards:.0f}/{SHARDS} shards ({len(victims)} contracts): survivors own "
+        f"all after {covered_after:.1f}s; first records of its contracts from the others after "
+        f"{min(gaps):.1f}-{max(gaps):.1f}s"
+    )
+
+
+async def test_graceful_handovers_lose_reorder_and_repeat_nothing(kafka_broker: BrokerInfo, tmp_path: Path) -> None:
+    async with replicas(kafka_broker, tmp_path) as group:
+        processes = [group.start_one() for _ in range(3)]
+        await wait_for(lambda: group.settled(processes), within=90, interval=0.5, what="12 shards over 3 replicas")
+        leaving = processes[0]
+        assert leaving.process is not None
+        leaving.process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(leaving.process.wait, 40)
+        assert code == 0, leaving.log()
+        staying = processes[1:]
+        await wait_for(lambda: group.settled(staying), within=30, interval=0.25, what="two replicas own all")
+        joining = group.start_one()
+        await wait_for(
+            lambda: group.settled([*staying, joining]), within=60, interval=0.25, what="the fourth takes its share"
+        )
+        rebalances = [await p.metric("ime_bridge_rebalances_total") for p in (*staying, joining)]
+        dropped = sum([await p.metric("ime_bridge_handover_duplicates_dropped_total") for p in (*staying, joining)])
+        await group.simulator.stall_and_settle()
+        sent = group.simulator.sent_frames()
+        made = market(sent)
+        last_made = {contract: identities[-1] for contract, identities in made.items()}
+
+        def complete(got: list[ConsumerRecord[Any, Any]]) -> bool:
+            latest = {decode_value(r)["contract_id"]: record_identity(decode_value(r)) for r in got}
+            return all(latest.get(contract) == identity for contract, identity in last_made.items())
+
+        records = await consume(
+            kafka_broker.bootstrap_servers, group.topics["topic"], until=complete, within=90, quiet_for=2.0
+        )
+    assert "undelivered=0" in leaving.log(), leaving.log()[-3000:]
+    assert "handover_at_stop_incomplete" not in leaving.log()
+    lost: dict[str, int] = {}
+    duplicated = reordered = 0
+    values = by_contract(records)
+    for contract, identities in made.items():
+        position = {identity: index for index, identity in enumerate(identities)}
+        delivered = [position[record_identity(value)] for value in values[contract]]
+        duplicated += len(delivered) - len(set(delivered))
+        reordered += sum(1 for a, b in itertools.pairwise(delivered) if b < a)
+        first = delivered[0]
+        missing = set(range(first, len(identities))) - set(delivered)
+        if missing:
+            lost[contract] = len(missing)
+        assert not sessions_interleaved(values[contract]), f"A, B, A sessions for {contract}"
+    assert not lost, f"snapshots lost per contract: {lost}\n{group.logs()}"
+    assert reordered == 0
+    assert duplicated <= ROUND_RECORDS, f"{duplicated} duplicates, more than one round"
+    handed = sum(1 for vs in values.values() if len({v["session_id"] for v in vs}) > 1)
+    print(
+        f"\ngraceful handovers (SIGTERM of 1 of 3, then a 4th joining): {sum(len(i) for i in made.values())} "
+        f"snapshots, {handed} contracts changed hands, lost 0, reordered 0, duplicates {duplicated}, "
+        f"repeats dropped by takers {dropped:.0f}, rebalances seen {rebalances}"
+    )
+
+
+def _session_of(process: BridgeProcess) -> str:
+    for line in process.log().splitlines():
+        if "event=starting" in line and "session_id=" in line:
+            return line.split("session_id=")[1].split()[0]
+    raise AssertionError("no session id in the log")
