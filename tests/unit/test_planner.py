@@ -57,6 +57,24 @@ def test_replan_keeps_unchanged_subscriptions_and_reopens_only_changed_ones() ->
     assert sorted(c for s in plan for c in s.contracts) == sorted(wanted)
 
 
+def test_a_groups_connections_are_named_by_it_and_a_replan_of_one_group_leaves_the_others_alone() -> None:
+    current = [
+        *plan_subscriptions(WS, ["1", "2", "3"], [], max_contracts=2, max_url_length=4000, group="s0"),
+        *plan_subscriptions(WS, ["4", "5"], [], max_contracts=2, max_url_length=4000, group="s1"),
+    ]
+    assert [(s.name, s.contracts) for s in current] == [
+        ("id-s0-0", ("1", "2")),
+        ("id-s0-1", ("3",)),
+        ("id-s1-0", ("4", "5")),
+    ]
+    plan = replan(current, WS, ["1", "2", "3", "6"], [], max_contracts=2, max_url_length=4000, group="s0")
+    assert [(s.name, s.contracts, s.group) for s in plan] == [
+        ("id-s0-0", ("1", "2"), "s0"),
+        ("id-s0-1", ("3",), "s0"),
+        ("id-s0-2", ("6",), "s0"),
+    ], "only s0's connections are planned; id-s1-0 is not touched (nor taken over)"
+
+
 def test_replan_drops_emptied_subscriptions() -> None:
     current = plan_subscriptions(WS, ["1", "2", "3"], [], max_contracts=2, max_url_length=4000)
     assert [s.name for s in replan(current, WS, ["1", "2"], [], max_contracts=2, max_url_length=4000)] == ["id-0"]
