@@ -3,21 +3,28 @@ the markers, claims and plans read back whatever bytes the control topic holds."
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.buffer import DeliveryBuffer
-from bridge.config import BufferSettings
+from bridge.config import BufferSettings, CoordinationSettings
 from bridge.coordination import ReleaseMarker
 from bridge.encode import load_schema
+from bridge.handover import ShardKeeper
 from bridge.intake import Intake, snapshot_fingerprint
 from bridge.metrics import Metrics
 from bridge.normalize import ContractDirectory, ContractUpdate, Normalizer
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
+from bridge.publisher import Publisher
+from bridge.records import MemorySink
 from bridge.shards import MemberClaim, MemberPlan
+from bridge.subscriptions import SubscriptionManager
+from tests.support.harness import ime_settings
+from tests.support.waiting import wait_for
 
 TAKER = ConnectionInfo(Subscription("id-s3-0", Endpoint.ID, ("1001", "1002"), "s3"), attempt=1)
 
@@ -120,3 +127,111 @@ def test_json_of_the_wrong_shape_reads_as_nothing_rather_than_raising(document: 
     ReleaseMarker.decode(value)
     MemberClaim.decode(value)
     MemberPlan.decode(set(), value)
+
+
+class FakeSource:
+    """What the manager asks of the source: the subscriptions kept, and a new plan to keep."""
+
+    def __init__(self) -> None:
+        self.subscriptions: list[Subscription] = []
+
+    async def apply(self, plan: list[Subscription]) -> set[str]:
+        opened = {s.name for s in plan} - {s.name for s in self.subscriptions}
+        self.subscriptions = list(plan)
+        return opened
+
+
+class FakeGroup:
+    """A ShardGroup whose plans and markers the test hands over."""
+
+    def __init__(self) -> None:
+        self.plans: asyncio.Queue[MemberPlan] = asyncio.Queue()
+        self.released: list[ReleaseMarker] = []
+        self.markers: dict[str, asyncio.Future[ReleaseMarker]] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def leave(self) -> None:
+        self.plans.put_nowait(MemberPlan(frozenset(), release=dict.fromkeys(range(SHARDS), "bye")))
+
+    async def stop(self) -> None:
+        pass
+
+    async def publish_release(self, marker: ReleaseMarker) -> None:
+        self.released.append(marker)
+
+    async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
+        return await self.markers.setdefault(token, asyncio.get_running_loop().create_future())
+
+
+SHARDS = 4  # with 4 shards: 1005 → 0, 1001 → 1, 1004 → 2, 1002 → 3
+
+
+def make_keeper(contract_ids: list[str]) -> tuple[ShardKeeper, FakeGroup, FakeSource]:
+    intake = make_intake()
+    metrics = intake.metrics
+    source = FakeSource()
+    manager = SubscriptionManager(
+        ime_settings("http://127.0.0.1:9", contract_ids=contract_ids),
+        None,
+        source,
+        metrics,
+    )
+    group = FakeGroup()
+    keeper = ShardKeeper(
+        CoordinationSettings(group_id="g", shards=SHARDS, handover_timeout_seconds=5),
+        group,
+        manager,
+        intake,
+        intake.buffer,
+        Publisher(intake.buffer, MemorySink(), metrics, max_batch_records=100),
+        metrics,
+    )
+    return keeper, group, source
+
+
+async def test_the_keeper_subscribes_its_shards_releases_after_delivery_and_takes_over_after_the_marker() -> None:
+    keeper, group, source = make_keeper(["1001", "1002", "1004", "1005"])
+    keeper.joined = True
+    await keeper.apply(MemberPlan(frozenset({0, 1})))
+    assert sorted((s.name, s.contracts) for s in source.subscriptions) == [
+        ("id-s0-0", ("1005",)),
+        ("id-s1-0", ("1001",)),
+    ]
+    assert keeper.metrics.registry.get_sample_value("ime_bridge_owned_shards") == 2
+
+    # Shard 1 goes (token "t1") and shard 3 comes from a live member (token "t3"); a record of 1001 is pending.
+    keeper.intake.on_frame(snapshot("1001", 1), 1, ConnectionInfo(source.subscriptions[1], 1))
+    handover = asyncio.create_task(keeper.apply(MemberPlan(frozenset({0, 3}), {3: "t3"}, {1: "t1"})))
+    await wait_for(
+        lambda: sorted(s.name for s in source.subscriptions) == ["id-s0-0", "id-s3-0"], what="1001's connection closed"
+    )
+    assert not group.released, "not before 1001's record is acknowledged"
+    taken = await keeper.intake.buffer.take(10)
+    keeper.intake.buffer.settle(taken, [True])
+    await wait_for(lambda: bool(group.released), within=5, what="the release marker")
+    assert [(m.shard, m.token, list(m.last)) for m in group.released] == [(1, "t1", ["1001"])]
+
+    keeper.intake.on_frame(snapshot("1002", 4), 2, ConnectionInfo(source.subscriptions[1], 1))
+    assert len(keeper.intake.buffer) == 0, "held until the giver's marker"
+    group.markers["t3"].set_result(ReleaseMarker(3, "t3", {}))
+    await handover
+    assert len(keeper.intake.buffer) == 1
+    assert not keeper.serves_nothing()
+
+
+async def test_a_replica_owning_no_configured_contract_serves_nothing_and_leaving_hands_everything_over() -> None:
+    keeper, group, source = make_keeper(["1005"])  # shard 0 only
+    assert not keeper.serves_nothing(), "not before it joined"
+    keeper.joined = True
+    await keeper.apply(MemberPlan(frozenset({2, 3})))
+    assert keeper.serves_nothing()
+    assert keeper.status()["serves_nothing"] is True
+    await keeper.apply(MemberPlan(frozenset({0})))
+    assert source.subscriptions
+    runner = asyncio.create_task(keeper.run())
+    await asyncio.wait_for(keeper.leave(), 5)
+    runner.cancel()
+    assert not source.subscriptions
+    assert [(m.shard, m.token) for m in group.released] == [(0, "bye")]
