@@ -198,14 +198,17 @@ class KafkaShardGroup:
             options = client_options(self._kafka)
             self._producer = AIOKafkaProducer(**options, acks="all", enable_idempotence=False)
             await self._producer.start()
+            # A member must rejoin within this: ours do at once (the listener only queues the plan).
+            rebalance_timeout_ms = max(settings.session_timeout_ms, int(settings.handover_timeout_seconds * 1000))
+            # A JoinGroup answer can take the whole rebalance: no request may time out before it.
+            options["request_timeout_ms"] = max(options["request_timeout_ms"], rebalance_timeout_ms + 5000)
             self._consumer = AIOKafkaConsumer(
                 **options,
                 group_id=settings.group_id,
                 partition_assignment_strategy=(self.assignor,),
                 session_timeout_ms=settings.session_timeout_ms,
                 heartbeat_interval_ms=settings.heartbeat_interval_ms,
-                # A member must rejoin within this: ours do at once (the listener only queues the plan).
-                rebalance_timeout_ms=max(settings.session_timeout_ms, int(settings.handover_timeout_seconds * 1000)),
+                rebalance_timeout_ms=rebalance_timeout_ms,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
             )

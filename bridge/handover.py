@@ -51,7 +51,7 @@ class ShardKeeper:
     publisher: Publisher
     metrics: Metrics
     owned: frozenset[int] = frozenset()
-    joined: bool = False  # the group answered once
+    joined: bool = False  # a plan of the group was applied
     _handed_over: asyncio.Event = field(default_factory=asyncio.Event)  # owns nothing, and no release is running
 
     def __post_init__(self) -> None:
@@ -94,12 +94,12 @@ class ShardKeeper:
                 log_event(logger, logging.ERROR, "coordination_unavailable", error=str(exc), retry_seconds=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-        self.joined = True
         while True:
             plan = await self.group.plans.get()
             self._handed_over.clear()
             try:
                 await self.apply(plan)
+                self.joined = True
             finally:
                 if not self.owned and self.group.plans.empty():
                     self._handed_over.set()
