@@ -188,7 +188,7 @@ class KafkaShardGroup:
 
     def _current_claim(self) -> MemberClaim:
         claim = self._claim()
-        return MemberClaim(claim.owned, leaving=self._leaving)
+        return MemberClaim(claim.owned, leaving=self._leaving, epoch=claim.epoch)
 
     async def start(self) -> None:
         """Make sure the control topic exists with one partition per shard, then join."""

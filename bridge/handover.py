@@ -51,6 +51,7 @@ class ShardKeeper:
     publisher: Publisher
     metrics: Metrics
     owned: frozenset[int] = frozenset()
+    epoch: int = 0  # of the plan that gave `owned`
     joined: bool = False  # a plan of the group was applied
     _handed_over: asyncio.Event = field(default_factory=asyncio.Event)  # owns nothing, and no release is running
 
@@ -62,8 +63,8 @@ class ShardKeeper:
         self.metrics.coordination_shards.set(self.settings.shards if self.settings.enabled else 0)
 
     def claim(self) -> MemberClaim:
-        """What this member says when it joins: the shards of its latest plan."""
-        return MemberClaim(self.owned)
+        """What this member says when it joins: the shards of its latest plan, and that plan's epoch."""
+        return MemberClaim(self.owned, epoch=self.epoch)
 
     def shard(self, endpoint: Endpoint, identifier: str) -> int:
         """A configured contract's shard (a name's by its resolved id; an unresolved name's by itself)."""
@@ -110,6 +111,7 @@ class ShardKeeper:
         gained = plan.shards - self.owned
         if self.settings.enabled:
             self.metrics.rebalances.inc()
+        self.epoch = plan.epoch
         if not lost and not gained:
             return
         taken_over = {shard: token for shard, token in plan.acquire.items() if shard in gained}

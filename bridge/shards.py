@@ -22,15 +22,18 @@ def shard_of(contract_id: str, shards: int) -> int:
 
 @dataclass(frozen=True)
 class MemberPlan:
-    """One member's part of an assignment: its shards, and the handovers it takes part in (shard → token)."""
+    """One member's part of an assignment: its shards, the handovers it takes part in (shard → token), and the
+    assignment's epoch (one more than any claim's, so that a later claim always says which plan it holds)."""
 
     shards: frozenset[int]
     acquire: Mapping[int, str] = field(default_factory=dict)  # wait for the giver's marker with this token
     release: Mapping[int, str] = field(default_factory=dict)  # deliver, then write the marker with this token
+    epoch: int = 0
 
     def encode(self) -> bytes:
         """The handovers as the assignment's user data (the shards travel as the assigned partitions)."""
-        return json.dumps({"acquire": self.acquire, "release": self.release}, sort_keys=True).encode()
+        document = {"acquire": self.acquire, "release": self.release, "epoch": self.epoch}
+        return json.dumps(document, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, shards: Collection[int], user_data: bytes) -> MemberPlan:
@@ -39,28 +42,32 @@ class MemberPlan:
             document = json.loads(user_data) if user_data else {}
             acquire = {int(shard): str(token) for shard, token in document.get("acquire", {}).items()}
             release = {int(shard): str(token) for shard, token in document.get("release", {}).items()}
+            epoch = int(document.get("epoch", 0))
         except (ValueError, TypeError, AttributeError):
-            acquire, release = {}, {}
-        return cls(frozenset(shards), acquire, release)
+            acquire, release, epoch = {}, {}, 0
+        return cls(frozenset(shards), acquire, release, epoch)
 
 
 @dataclass(frozen=True)
 class MemberClaim:
-    """What a member says when it joins: the shards it serves now, and whether it is leaving (a SIGTERM)."""
+    """What a member says when it joins: the shards it serves now, the epoch of the plan that gave them, and
+    whether it is leaving (a SIGTERM)."""
 
     owned: frozenset[int] = frozenset()
     leaving: bool = False
+    epoch: int = 0
 
     def encode(self) -> bytes:
         """The claim as the join's user data."""
-        return json.dumps({"owned": sorted(self.owned), "leaving": self.leaving}).encode()
+        return json.dumps({"owned": sorted(self.owned), "leaving": self.leaving, "epoch": self.epoch}).encode()
 
     @classmethod
     def decode(cls, user_data: bytes) -> MemberClaim:
         """A member's claim; data that does not parse claims nothing."""
         try:
             document = json.loads(user_data) if user_data else {}
-            return cls(frozenset(int(shard) for shard in document.get("owned", [])), bool(document.get("leaving")))
+            owned = frozenset(int(shard) for shard in document.get("owned", []))
+            return cls(owned, bool(document.get("leaving")), int(document.get("epoch", 0)))
         except (ValueError, TypeError, AttributeError):
             return cls()
 
@@ -70,13 +77,16 @@ def assign_shards(shards: int, claims: Mapping[str, MemberClaim], token: Callabl
     (shares differ by at most one), each keeping as many of its claimed shards as its share allows.
 
     A shard claimed by a live member and given to another is a handover: both get the same `token()`. A shard
-    nobody alive claims (its owner died) is given without one, so its new owner starts at once.
+    nobody alive claims (its owner died) is given without one, so its new owner starts at once. A shard two
+    members claim belongs to the claim of the later epoch: the other member was expelled (a pause longer than
+    the session timeout) while the shard went on without it, so it releases the shard rather than taking it back.
     """
+    epoch = max((claim.epoch for claim in claims.values()), default=0) + 1
     staying = sorted(member for member, claim in claims.items() if not claim.leaving)
     if not staying:
-        return {member: MemberPlan(frozenset()) for member in claims}
+        return {member: MemberPlan(frozenset(), epoch=epoch) for member in claims}
     owner: dict[int, str] = {}
-    for member in sorted(claims):  # a shard two members claim (a zombie's) goes to the first; the other releases
+    for member in sorted(claims, key=lambda member: (-claims[member].epoch, member)):
         for shard in sorted(claims[member].owned):
             if 0 <= shard < shards:
                 owner.setdefault(shard, member)
@@ -104,5 +114,6 @@ def assign_shards(shards: int, claims: Mapping[str, MemberClaim], token: Callabl
             if shard in owner and owner[shard] != member and shard not in release[member] and 0 <= shard < shards:
                 release[member][shard] = token()
     return {
-        member: MemberPlan(frozenset(assigned.get(member, ())), acquire[member], release[member]) for member in claims
+        member: MemberPlan(frozenset(assigned.get(member, ())), acquire[member], release[member], epoch)
+        for member in claims
     }

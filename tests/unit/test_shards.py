@@ -51,10 +51,20 @@ def test_a_leaving_member_hands_everything_over_and_the_dead_hand_over_nothing()
     assert not alone["a"].acquire
 
 
+def test_an_expelled_member_that_rejoins_releases_what_went_on_without_it() -> None:
+    # a was paused past the session timeout; b took shard 0 in epoch 5; a comes back claiming it from epoch 4
+    plans = assign(2, {"a": MemberClaim(frozenset({0, 1}), epoch=4), "b": MemberClaim(frozenset({0}), epoch=5)})
+    assert 0 in plans["b"].shards
+    assert 0 not in plans["a"].shards
+    assert 0 in plans["a"].release, "a stops and drains what it still had of shard 0"
+    assert 0 not in plans["b"].acquire, "b goes on serving it without waiting"
+    assert {plan.epoch for plan in plans.values()} == {6}
+
+
 def test_plans_and_claims_read_back_and_garbage_reads_as_nothing() -> None:
-    plan = MemberPlan(frozenset({1, 2}), {1: "x"}, {7: "y"})
+    plan = MemberPlan(frozenset({1, 2}), {1: "x"}, {7: "y"}, epoch=3)
     assert MemberPlan.decode({1, 2}, plan.encode()) == plan
-    claim = MemberClaim(frozenset({3}), leaving=True)
+    claim = MemberClaim(frozenset({3}), leaving=True, epoch=9)
     assert MemberClaim.decode(claim.encode()) == claim
     for garbage in (b"", b"\xff", b"[]", b'{"owned": "x"}', b'{"acquire": 3}', b"null"):
         assert MemberClaim.decode(garbage).owned == frozenset()
@@ -65,7 +75,7 @@ def test_plans_and_claims_read_back_and_garbage_reads_as_nothing() -> None:
     shards=st.integers(1, 40),
     claims=st.dictionaries(
         st.text("abcdef", min_size=1, max_size=3),
-        st.builds(MemberClaim, st.frozensets(st.integers(-2, 45), max_size=12), st.booleans()),
+        st.builds(MemberClaim, st.frozensets(st.integers(-2, 45), max_size=12), st.booleans(), st.integers(0, 3)),
         max_size=6,
     ),
 )
@@ -86,8 +96,13 @@ def test_every_shard_has_exactly_one_staying_owner_and_shares_differ_by_at_most_
         for shard, token in plans[member].acquire.items():
             assert shard in plans[member].shards
             assert any(plans[giver].release.get(shard) == token for giver in claims if giver != member)
-    # A member keeps its claimed shards up to its share
+    # A member keeps the shards it wins (it claims them from the latest epoch) up to its share
     for member in staying:
         valid = {s for s in claims[member].owned if 0 <= s < shards}
-        unique = {s for s in valid if min(m for m in claims if s in claims[m].owned) == member}
-        assert len(plans[member].shards & unique) == min(len(unique), len(plans[member].shards))
+        won = {
+            s
+            for s in valid
+            if min((m for m in claims if s in claims[m].owned), key=lambda m: (-claims[m].epoch, m)) == member
+        }
+        assert len(plans[member].shards & won) == min(len(won), len(plans[member].shards))
+    assert all(plan.epoch > claim.epoch for plan in plans.values() for claim in claims.values())
