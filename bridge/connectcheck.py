@@ -1,8 +1,9 @@
 """`check-config --connect`: reach each service the configuration names, once, and say how it went.
 
 The IME token endpoint (one token request with the configured credentials; a static `ime.token` is not
-checked), Kafka (the bootstrap servers with the configured TLS and SASL, then whether the topics exist)
-and the schema registry (when configured: its subjects, which needs the credentials). Each check is bounded
+checked), Kafka (the bootstrap servers with the configured TLS and SASL, then whether the topics exist),
+the replicas' control topic (with `coordination.group_id`: one partition per shard) and the schema
+registry (when configured: its subjects, which needs the credentials). Each check is bounded
 by a deadline and reported on its own, so one failure does not hide the others.
 """
 
@@ -18,6 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from bridge.auth import IssuedToken, jwt_expiry
 from bridge.config import Settings
+from bridge.coordination import control_topic_partitions, partitions_problem
 from bridge.protocol import TOKEN_PATH
 from bridge.registry import MISSING_CLIENT, SchemaRegistry, client_installed
 from bridge.sink import client_options
@@ -61,6 +63,22 @@ async def _kafka(settings: Settings) -> str:
     )
 
 
+async def _coordination(settings: Settings) -> str:
+    coordination = settings.coordination
+    admin = AIOKafkaAdminClient(**client_options(settings.kafka))
+    try:
+        await admin.start()
+        partitions = await control_topic_partitions(admin, coordination)
+    finally:
+        await admin.close()
+    problem = partitions_problem(coordination, partitions)
+    if problem is not None:
+        raise RuntimeError(problem)
+    if partitions is None:
+        return f"group {coordination.group_id}: control topic to be created at start, {coordination.shards} partitions"
+    return f"group {coordination.group_id}: control topic has {partitions} partitions, one per shard"
+
+
 async def _registry(settings: Settings) -> str:
     assert settings.schema_registry is not None
     if not client_installed():
@@ -88,7 +106,8 @@ async def _skipped(name: str, target: str, why: str) -> CheckResult:
 
 
 async def check_connections(settings: Settings, seconds: float = 10.0) -> list[CheckResult]:
-    """Try the token endpoint, Kafka and the schema registry (those configured), concurrently, each within `seconds`."""
+    """Try the token endpoint, Kafka, the control topic and the schema registry (those configured), concurrently,
+    each within `seconds`."""
     ime = settings.ime
     checks: list[Awaitable[CheckResult]] = []
     url = str(ime.base_url).rstrip("/") + TOKEN_PATH
@@ -98,6 +117,8 @@ async def check_connections(settings: Settings, seconds: float = 10.0) -> list[C
         checks.append(_skipped("token endpoint", url, "not tried: ime.token is a static token"))
     servers = ",".join(settings.kafka.bootstrap_servers)
     checks.append(_check("kafka", servers, lambda: _kafka(settings), seconds))
+    if settings.coordination.enabled:
+        checks.append(_check("coordination", settings.coordination.topic, lambda: _coordination(settings), seconds))
     if settings.schema_registry is not None:
         url = str(settings.schema_registry.url).rstrip("/")
         checks.append(_check("schema registry", url, lambda: _registry(settings), seconds))

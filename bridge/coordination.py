@@ -71,6 +71,24 @@ class ReleaseMarker:
             return None
 
 
+async def control_topic_partitions(admin: AIOKafkaAdminClient, settings: CoordinationSettings) -> int | None:
+    """The partitions of the control topic, or None when it does not exist yet."""
+    if settings.topic not in set(await admin.list_topics()):
+        return None
+    described = await admin.describe_topics([settings.topic])
+    return len(described[0]["partitions"]) if described else 0
+
+
+def partitions_problem(settings: CoordinationSettings, partitions: int | None) -> str | None:
+    """Why a control topic with `partitions` cannot serve `coordination.shards` shards, or None."""
+    if partitions is None or partitions == settings.shards:
+        return None
+    return (
+        f"coordination.topic {settings.topic!r} has {partitions} partitions, coordination.shards is "
+        f"{settings.shards}: they must be equal (a new topic, or the same shards)"
+    )
+
+
 class ShardGroup(Protocol):
     """Which shards this process owns, as a stream of plans, and the handover markers."""
 
@@ -224,7 +242,7 @@ class KafkaShardGroup:
         admin = AIOKafkaAdminClient(**client_options(self._kafka))
         try:
             await admin.start()
-            if settings.topic not in set(await admin.list_topics()):
+            if await control_topic_partitions(admin, settings) is None:
                 topic = NewTopic(
                     settings.topic,
                     settings.shards,
@@ -235,13 +253,9 @@ class KafkaShardGroup:
                 for name, code, message in response.topic_errors:
                     if code not in (0, _TOPIC_ALREADY_EXISTS):
                         raise CoordinationUnavailable(f"cannot create topic {name!r}: error {code}: {message}")
-            described = await admin.describe_topics([settings.topic])
-            partitions = len(described[0]["partitions"]) if described else 0
-            if partitions != settings.shards:
-                raise CoordinationUnavailable(
-                    f"coordination.topic {settings.topic!r} has {partitions} partitions, coordination.shards is "
-                    f"{settings.shards}: they must be equal (a new topic, or the same shards)"
-                )
+            problem = partitions_problem(settings, await control_topic_partitions(admin, settings))
+            if problem is not None:
+                raise CoordinationUnavailable(problem)
         finally:
             await admin.close()
 

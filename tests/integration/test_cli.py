@@ -8,11 +8,13 @@ import os
 import re
 import signal
 import sys
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from bridge import cli
 from bridge.config import load_settings
@@ -193,6 +195,33 @@ async def test_check_config_connect_reaches_everything(kafka_broker: BrokerInfo,
     assert " OK: token issued" in lines[1]
     assert lines[2].startswith(f"kafka           {kafka_broker.bootstrap_servers}  OK: connected; topics to be created")
     assert len(lines) == 3
+
+
+async def test_check_config_connect_checks_the_replicas_control_topic(kafka_broker: BrokerInfo, tmp_path: Path) -> None:
+    topic = f"control-{uuid.uuid4().hex[:8]}"
+    async with Simulator(SimulatorConfig(contracts=2, rate=1)) as simulator:
+        config = bridge_config(
+            simulator,
+            kafka_broker,
+            ime={"contract_ids": [simulator.contracts[0].id]},
+            coordination={"group_id": "replicas", "topic": topic, "shards": 4},
+        )
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        code, before, err = await run("check-config", "--config", str(path), "--connect", within=60)
+        assert code == 0, before + err
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 3, 1)])
+        finally:
+            await admin.close()
+        code, after, err = await run("check-config", "--config", str(path), "--connect", within=60)
+    assert f"coordination    {topic}  OK: group replicas: control topic to be created at start, 4 partitions" in before
+    assert code != 0, after + err
+    assert (
+        f"coordination    {topic}  FAILED: coordination.topic '{topic}' has 3 partitions, coordination.shards" in after
+    )
 
 
 async def test_demo_summarises_and_stops_in_order_on_ctrl_c() -> None:
