@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from bridge.buffer import DeliveryBuffer
@@ -30,6 +31,7 @@ from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.protocol import Endpoint
 from bridge.publisher import Publisher
+from bridge.retry import Backoff
 from bridge.shards import MemberClaim, MemberPlan, shard_of
 from bridge.subscriptions import SubscriptionManager
 
@@ -81,20 +83,20 @@ class ShardKeeper:
         """`s<shard>`: a shard's contracts get connections of their own, so that it moves alone."""
         return f"s{self.shard(endpoint, identifier)}"
 
-    def _contracts_of(self, shards: frozenset[int] | set[int]) -> set[str]:
+    def _contracts_of(self, shards: Collection[int]) -> set[str]:
         return self.manager.contract_ids(lambda contract_id: shard_of(contract_id, self.settings.shards) in shards)
 
     async def run(self) -> None:
         """Join the group (retrying while Kafka does not answer), then apply its plans as they come."""
-        delay = 1.0
+        backoff = Backoff(1.0, 30.0)
         while True:
             try:
                 await self.group.start()
                 break
             except CoordinationUnavailable as exc:
+                delay = backoff.next_delay()
                 log_event(logger, logging.ERROR, "coordination_unavailable", error=str(exc), retry_seconds=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
         while True:
             plan = await self.group.plans.get()
             self._handed_over.clear()
