@@ -252,7 +252,7 @@ class Bridge:
         manager = SubscriptionManager(ime, catalog, source, self.metrics, contracts=contracts)
         coordination = settings.coordination
         group: ShardGroup = (
-            KafkaShardGroup(coordination, settings.kafka, claim=lambda: keeper.claim())
+            KafkaShardGroup(coordination, settings.kafka, self.metrics, claim=lambda: keeper.claim())
             if coordination.enabled
             else SoleOwner(coordination.shards)
         )

@@ -30,8 +30,10 @@ from aiokafka.errors import KafkaError
 
 from bridge.config import CoordinationSettings, KafkaSettings
 from bridge.logs import log_event
+from bridge.metrics import Metrics
 from bridge.shards import MemberClaim, MemberPlan, assign_shards
 from bridge.sink import client_options
+from bridge.supervise import supervised
 
 logger = logging.getLogger(__name__)
 
@@ -191,8 +193,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 class KafkaShardGroup:
     """A member of `coordination.group_id`; see the module docstring."""
 
-    def __init__(self, settings: CoordinationSettings, kafka: KafkaSettings, claim: Callable[[], MemberClaim]) -> None:
+    def __init__(
+        self,
+        settings: CoordinationSettings,
+        kafka: KafkaSettings,
+        metrics: Metrics,
+        claim: Callable[[], MemberClaim],
+    ) -> None:
         self._settings = settings
+        self._metrics = metrics
         self._kafka = kafka
         self._claim = claim
         self._leaving = False
@@ -235,7 +244,8 @@ class KafkaShardGroup:
             await self.stop()
             raise CoordinationUnavailable(f"cannot join group {settings.group_id!r}: {exc!r}") from exc
         self._consumer.subscribe([settings.topic], listener=_Listener(self._assigned))
-        self._reader = asyncio.create_task(self._read_markers(), name="coordination")
+        reader = supervised("coordination", self._read_markers, metrics=self._metrics)
+        self._reader = asyncio.create_task(reader, name="coordination")
 
     async def _ensure_topic(self) -> None:
         settings = self._settings

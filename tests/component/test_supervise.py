@@ -15,6 +15,7 @@ from bridge.app import Bridge
 from bridge.auth import IssuedToken
 from bridge.buffer import DeliveryBuffer
 from bridge.devtools.simulator import Simulator, SimulatorConfig
+from bridge.handover import ShardKeeper
 from bridge.records import MemorySink
 from bridge.source import WebSocketSource
 from bridge.subscriptions import SubscriptionManager
@@ -60,6 +61,7 @@ TASKS = [
     ("name-refresh", SubscriptionManager, "_refresh_names", {"ime": {"name_refresh_seconds": 0.2}}),
     ("spool-maintenance", DeliveryBuffer, "maintain", {"buffer": {"overflow": "spool"}}),
     ("bisection", SubscriptionManager, "_isolate", {}),
+    ("shards", ShardKeeper, "run", {}),
 ]
 
 
