@@ -67,13 +67,14 @@ class Intake:
         self.capture_raw = capture_raw
         self.normalize = normalize
         self.suppress_duplicates = suppress_duplicates
-        self._sequences: dict[str, int] = {}
         self._headers: dict[str, tuple[str, Headers]] = {}
         # Per subscription: the attempt seen last, and the contracts seen on it since it opened.
         self._subscribed: dict[str, tuple[int, set[str]]] = {}
         self._last_state: dict[str, tuple[object, ...]] = {}
         # Contracts of shards being taken over: their updates, held until the previous owner's release.
         self._holding: dict[str, list[tuple[ContractUpdate, Headers, float, int]]] = {}
+        # Per contract, the last update queued: its sequence is the next one's minus one, and a release marker
+        # carries its time and fingerprint.
         self._last_published: dict[str, ContractUpdate] = {}
         self._carry_first: set[str] = set()  # a suppressed first-after-subscribe passes its flag on
         self._current: ConnectionInfo | None = None
@@ -157,9 +158,8 @@ class Intake:
         if self.suppress_duplicates and self._is_repeat(update):
             return
         contract_id = update.contract_id
-        sequence = self._sequences.get(contract_id, 0) + 1
-        self._sequences[contract_id] = sequence
-        update.sequence = sequence
+        previous = self._last_published.get(contract_id)
+        update.sequence = 1 if previous is None else previous.sequence + 1
         lag = (receive_time - update.exchange_time) / 1e6
         self._observe_lag(lag)
         # A snapshot resent on (re)subscription may carry the time of its last change: not a sample.
@@ -259,7 +259,7 @@ class Intake:
 
     def _is_repeat(self, update: ContractUpdate) -> bool:
         """The same market data as the contract's previous snapshot (a resend, e.g. after a reconnect)."""
-        state = (update.best_limit, update.aggregate, update.allowed_price_range, update.contract_info)
+        state = market_state(update)
         if self._last_state.get(update.contract_id) == state:
             self.metrics.duplicates_suppressed.inc()
             if update.first_after_subscribe:
@@ -300,10 +300,14 @@ class Intake:
         self.buffer.add_record(record)
 
 
+def market_state(update: ContractUpdate) -> tuple[object, ...]:
+    """A snapshot's market data: what a repeat of it has equal (its times, sequence and flags aside)."""
+    return (update.best_limit, update.aggregate, update.allowed_price_range, update.contract_info)
+
+
 def snapshot_fingerprint(update: ContractUpdate) -> int:
     """A checksum of a snapshot's market data, the same in every process (for handovers' duplicate checks)."""
-    state = (update.best_limit, update.aggregate, update.allowed_price_range, update.contract_info)
-    return zlib.crc32(repr(state).encode())
+    return zlib.crc32(repr(market_state(update)).encode())
 
 
 def _as_bytes(raw: str | bytes) -> bytes:

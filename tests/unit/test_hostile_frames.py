@@ -109,7 +109,7 @@ async def test_a_contract_nobody_subscribed_is_a_dead_letter_and_leaves_no_state
     records = (await pipeline.buffer.take(1000)).records
     assert len(records) == 202
     assert {record.dead_letter_reason for record in records} == {"unknown_contract"}
-    assert pipeline._sequences == {}, "no per-contract state grows with ids nobody subscribed"
+    assert pipeline._last_published == {}, "no per-contract state grows with ids nobody subscribed"
     assert (
         metrics.registry.get_sample_value("ime_bridge_messages_rejected_total", {"reason": "unknown_contract"}) == 202
     )
