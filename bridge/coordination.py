@@ -31,15 +31,15 @@ from aiokafka.errors import KafkaError
 from bridge.config import CoordinationSettings, KafkaSettings
 from bridge.logs import log_event
 from bridge.metrics import Metrics
+from bridge.records import SinkUnavailable
 from bridge.shards import MemberClaim, MemberPlan, assign_shards
-from bridge.sink import client_options
+from bridge.sink import client_options, create_topics
 from bridge.supervise import supervised
 
 logger = logging.getLogger(__name__)
 
 # Markers matter only during a handover: an hour of them is plenty.
 CONTROL_TOPIC_CONFIG = {"retention.ms": "3600000", "cleanup.policy": "delete"}
-_TOPIC_ALREADY_EXISTS = 36
 # Markers read before anyone waits for them (the giver can be faster than the taker's assignment).
 _EARLY_MARKERS = 4096
 
@@ -252,18 +252,17 @@ class KafkaShardGroup:
         admin = AIOKafkaAdminClient(**client_options(self._kafka))
         try:
             await admin.start()
-            if await control_topic_partitions(admin, settings) is None:
+            partitions = await control_topic_partitions(admin, settings)
+            if partitions is None:
                 topic = NewTopic(
-                    settings.topic,
-                    settings.shards,
-                    self._kafka.replication_factor,
-                    topic_configs=CONTROL_TOPIC_CONFIG,
+                    settings.topic, settings.shards, self._kafka.replication_factor, topic_configs=CONTROL_TOPIC_CONFIG
                 )
-                response = await admin.create_topics([topic])
-                for name, code, message in response.topic_errors:
-                    if code not in (0, _TOPIC_ALREADY_EXISTS):
-                        raise CoordinationUnavailable(f"cannot create topic {name!r}: error {code}: {message}")
-            problem = partitions_problem(settings, await control_topic_partitions(admin, settings))
+                try:
+                    await create_topics(admin, [topic])
+                except SinkUnavailable as exc:
+                    raise CoordinationUnavailable(str(exc)) from exc
+                partitions = await control_topic_partitions(admin, settings)  # ours, or a faster replica's
+            problem = partitions_problem(settings, partitions)
             if problem is not None:
                 raise CoordinationUnavailable(problem)
         finally:

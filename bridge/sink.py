@@ -267,7 +267,8 @@ class KafkaSink:
             missing = [topic for topic in topics if topic not in existing]
             if not missing:
                 return
-            response = await admin.create_topics(
+            await create_topics(
+                admin,
                 [
                     NewTopic(
                         topic,
@@ -276,11 +277,8 @@ class KafkaSink:
                         topic_configs=STATE_TOPIC_CONFIG if topic == self._state_topic else {},
                     )
                     for topic in missing
-                ]
+                ],
             )
-            for topic, code, message in response.topic_errors:
-                if code not in (0, _TOPIC_ALREADY_EXISTS):
-                    raise SinkUnavailable(f"cannot create topic {topic!r}: error {code}: {message}")
         finally:
             await admin.close()
 
@@ -411,6 +409,15 @@ class KafkaSink:
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()
+
+
+async def create_topics(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> None:
+    """Create `topics`; one that exists already (another process was faster) is fine. Raises SinkUnavailable
+    naming a topic the broker refused."""
+    response = await admin.create_topics(topics)
+    for topic, code, message in response.topic_errors:
+        if code not in (0, _TOPIC_ALREADY_EXISTS):
+            raise SinkUnavailable(f"cannot create topic {topic!r}: error {code}: {message}")
 
 
 def _codec(compression: str) -> int:
