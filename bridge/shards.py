@@ -109,9 +109,10 @@ def assign_shards(shards: int, claims: Mapping[str, MemberClaim], token: Callabl
             giver = owner.get(shard)
             if giver is not None and giver != member:
                 acquire[member][shard] = release[giver][shard] = token()
-    for member, claim in claims.items():  # a second claimant of a shard releases it too, to the same taker
+    # A claimant that lost a shard to a later claim releases it too (it stops and drains); nobody waits for it.
+    for member, claim in claims.items():
         for shard in claim.owned:
-            if shard in owner and owner[shard] != member and shard not in release[member] and 0 <= shard < shards:
+            if shard in owner and owner[shard] != member and shard not in release[member]:
                 release[member][shard] = token()
     return {
         member: MemberPlan(frozenset(assigned.get(member, ())), acquire[member], release[member], epoch)
