@@ -16,6 +16,10 @@ and in order:
   in which the newest snapshot of each contract is held in memory, conflated, and written to the spool
   before anything newer as soon as it has room.
 
+Raw frames (kafka.raw_topic) wait apart, in blocks of one connection's frames (`RawFrames`), bounded in bytes,
+never conflated; a round takes them beside its records. In spool mode each is a record of its own, spooled
+like the others.
+
 A publish round is taken with `take()` and settled with `settle()`: delivered records are done (and
 committed in the spool); the others go back to the head of the queue, in order, to be sent again.
 `maintain()`, called on a timer, spills records that waited too long while no new ones arrive, and fsyncs.
@@ -37,7 +41,7 @@ from bridge.encode import encode_update
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate
-from bridge.records import Headers, OutgoingRecord, RecordKind
+from bridge.records import Headers, OutgoingRecord, RawFrames, RecordKind, raw_frame
 from bridge.spool import Spool, SpooledRecord, SpoolError, SpoolFull
 
 logger = logging.getLogger(__name__)
@@ -80,14 +84,16 @@ class _MemoryBudget:
         size = len(record.value)
         if self.used + size > self.limit:
             self.count_dropped(record)
-            if not self.dropping:
-                self.dropping = True
-                log_event(
-                    logger, logging.ERROR, f"{self.name}_dropped", waiting_bytes=self.used, limit_bytes=self.limit
-                )
+            self.refuse(size)
             return False
         self.used += size
         return True
+
+    def refuse(self, size: int) -> None:
+        """`size` bytes did not fit: log the first refusal of an episode (counting is the caller's)."""
+        if not self.dropping:
+            self.dropping = True
+            log_event(logger, logging.ERROR, f"{self.name}_dropped", waiting_bytes=self.used, limit_bytes=self.limit)
 
     def release(self, size: int) -> None:
         """`size` bytes left memory; below half the limit, new records are admitted again."""
@@ -104,6 +110,7 @@ class Round:
     records: list[OutgoingRecord] = field(default_factory=list)
     entries: list[_Entry] = field(default_factory=list)
     spooled: list[SpooledRecord] = field(default_factory=list)
+    raw: list[RawFrames] = field(default_factory=list)  # published after the records, one outcome per frame
     # The entries' copies in the spool, once they waited too long in flight (all of them, or none).
     persisted: list[SpooledRecord] = field(default_factory=list)
 
@@ -132,6 +139,7 @@ class DeliveryBuffer:
                 settings.raw_memory_bytes, "raw_frames", lambda record: metrics.raw_frames_dropped.inc()
             ),
         }
+        self._raw_budget = self._budgets[RecordKind.RAW]
         self.spool_full = False
         self._spool_failing = ""  # why the last spool operation failed, until one succeeds
         self._synced_at = 0.0
@@ -139,6 +147,8 @@ class DeliveryBuffer:
         self._in_flight_since = 0.0  # receive time of the oldest record of the round in flight, if unpersisted
         self._spooling_since: float | None = None  # monotonic start of the current spool episode
         self._memory: deque[_Entry] = deque()
+        self._raw: deque[RawFrames] = deque()  # conflate mode's raw frames, oldest block first
+        self._raw_frames = 0
         # Newest pending memory entry per contract key: kept only while conflation can happen (from capacity
         # down to half of it), so the common path does no per-record index work.
         self._latest: dict[bytes, _Entry] = {}
@@ -150,14 +160,15 @@ class DeliveryBuffer:
         if spool is not None and spool.records > 0:
             self._start_spooling("replay")
         metrics.buffer_capacity.set(capacity)
-        metrics.buffer_records.set_function(lambda: len(self._memory) + len(self._held))
+        metrics.buffer_records.set_function(lambda: len(self._memory) + len(self._held) + self._raw_frames)
         if spool is not None:
             metrics.spool_records.set_function(lambda: spool.records)
             metrics.spool_bytes.set_function(lambda: spool.bytes)
 
     def __len__(self) -> int:
         """Records waiting, in memory and in the spool."""
-        return len(self._memory) + len(self._held) + (self.spool.records if self.spool is not None else 0)
+        spooled = self.spool.records if self.spool is not None else 0
+        return len(self._memory) + len(self._held) + self._raw_frames + spooled
 
     def add_update(self, update: ContractUpdate, headers: Headers, received: float) -> None:
         """Queue a normalized snapshot (its key is its contract id)."""
@@ -188,6 +199,33 @@ class DeliveryBuffer:
             return
         self._memory.append(_Entry(record))
         self._available.set()
+
+    def add_raw(self, frame: bytes, key: bytes | None, receive_time: int, labels: Headers) -> None:
+        """Queue a frame as received (µs since the epoch) for the raw topic; `labels` are its connection's headers,
+        the same object for all of a connection's frames (bridge/raw.py)."""
+        if self.overflow is Overflow.SPOOL:
+            self.add_record(raw_frame(frame, receive_time, labels, key))
+            return
+        budget = self._raw_budget
+        size = len(frame)
+        if budget.used + size > budget.limit:
+            self.metrics.raw_frames_dropped.inc()
+            budget.refuse(size)
+            return
+        budget.used += size
+        pending = self._raw
+        if not pending:
+            block = RawFrames(labels)
+            pending.append(block)
+            self._available.set()
+        else:
+            block = pending[-1]
+            if block.labels is not labels:
+                block = RawFrames(labels)
+                pending.append(block)
+        block.frames.append((frame, key, receive_time))
+        block.size += size
+        self._raw_frames += 1
 
     def _admit(self, record: OutgoingRecord) -> bool:
         """Count a finished record against its kind's memory budget; False (dropped, counted) when over it."""
@@ -343,8 +381,9 @@ class DeliveryBuffer:
         per partition). The round is in flight until `settle()`.
         """
         while True:
-            if linger and self._memory and not self._spooling and len(self._memory) < max_records:
-                delay = self._memory[0].record.received + linger - time.time()
+            if linger and not self._spooling and len(self._memory) < max_records and self._raw_frames < max_records:
+                oldest = self._oldest_waiting()
+                delay = oldest + linger - time.time() if oldest is not None else 0.0
                 if delay > 0:
                     await asyncio.sleep(delay)
             taken = Round()
@@ -362,6 +401,8 @@ class DeliveryBuffer:
             if indexed and len(self._memory) < self.capacity // 2:
                 self._latest.clear()
                 self._indexed = False
+            if self._raw:
+                self._take_raw(taken, max_records)
             read_failed = False
             if self._spooling and len(taken.records) < max_records:
                 spooled = self._read_spool(max_records - len(taken.records))
@@ -371,7 +412,7 @@ class DeliveryBuffer:
                 assert self.spool is not None
                 if not read_failed and not self.spool.unread and not self._held:
                     self._spooling = False  # the backlog is taken: new records go to memory again
-            if taken.records:
+            if taken.records or taken.raw:
                 self._in_flight = taken
                 self._in_flight_since = taken.entries[0].record.received if taken.entries else 0.0
                 return taken
@@ -380,6 +421,26 @@ class DeliveryBuffer:
                 continue
             self._available.clear()
             await self._available.wait()
+
+    def _oldest_waiting(self) -> float | None:
+        """The receive time (seconds since the epoch) of the oldest record or raw frame in memory, if any."""
+        oldest = self._memory[0].record.received if self._memory else None
+        if self._raw:
+            raw = self._raw[0].frames[0][2] / 1e6
+            oldest = raw if oldest is None else min(oldest, raw)
+        return oldest
+
+    def _take_raw(self, taken: Round, max_records: int) -> None:
+        """Move up to `max_records` raw frames, oldest first, into the round."""
+        pending, room = self._raw, max_records
+        while pending and room:
+            block = pending[0] if len(pending[0]) <= room else pending[0].split(room)
+            if block is pending[0]:
+                pending.popleft()
+            taken.raw.append(block)
+            room -= len(block)
+            self._raw_frames -= len(block)
+            self._raw_budget.release(block.size)
 
     def _read_spool(self, max_records: int) -> list[SpooledRecord] | None:
         """The next spooled records, after any held ones; None when the disk fails (the spool-full state)."""
@@ -399,10 +460,13 @@ class DeliveryBuffer:
     def settle(self, taken: Round, delivered: list[bool]) -> int:
         """Finish a round: delivered records are done, the others are queued again at the head, in order.
 
-        Returns how many were queued again.
+        `delivered` has a flag per record of the round, then one per raw frame. Returns how many were queued again.
         """
         self._in_flight = None
         self._in_flight_since = 0.0
+        retry_raw = self._settle_raw(taken.raw, delivered[len(taken.records) :]) if taken.raw else 0
+        if taken.raw:
+            delivered = delivered[: len(taken.records)]
         if taken.persisted:  # the round's memory records are in the spool too: settled there
             retry: list[_Entry] = []
             spooled, outcomes = taken.persisted, delivered
@@ -430,19 +494,41 @@ class DeliveryBuffer:
             key = entry.record.key
             if self._indexed and entry.update is not None and key is not None and key not in self._latest:
                 self._latest[key] = entry
-        if retry or retry_spooled:
+        if retry or retry_spooled or retry_raw:
             self._available.set()
         if self.spool is not None:
             self._stop_spooling_if_drained()
-        return len(retry) + retry_spooled
+        return len(retry) + retry_spooled + retry_raw
+
+    def _settle_raw(self, blocks: list[RawFrames], delivered: list[bool]) -> int:
+        """Queue a round's undelivered raw frames again at the head, in order; how many."""
+        if all(delivered):
+            return 0
+        retry: list[RawFrames] = []
+        start = 0
+        for block in blocks:
+            flags = delivered[start : start + len(block)]
+            start += len(block)
+            if all(flags):
+                continue
+            undelivered = [frame for frame, done in zip(block.frames, flags, strict=True) if not done]
+            retry.append(RawFrames.of(block.labels, undelivered))
+        for block in reversed(retry):
+            self._raw.appendleft(block)
+            self._raw_frames += len(block)
+            self._raw_budget.used += block.size  # back in memory: counted again, never dropped (admitted once)
+        return sum(len(block) for block in retry)
 
     def pending(self, keys: Collection[bytes], in_flight: Round | None) -> int:
         """Records with one of `keys` not yet acknowledged (a shard's contracts, in a handover). Spooled records
         are not read back to look: while the spool holds any, they all count."""
         waiting = sum(1 for entry in self._memory if entry.record.key in keys)
         waiting += sum(1 for key in self._held if key in keys)
+        raw = list(self._raw)
         if in_flight is not None:
             waiting += sum(1 for record in in_flight.records if record.key in keys)
+            raw += in_flight.raw
+        waiting += sum(1 for block in raw for _, key, _ in block.frames if key in keys)
         return waiting + (self.spool.records if self.spool is not None else 0)
 
     def close(self, in_flight: Round | None) -> int:
@@ -460,6 +546,8 @@ class DeliveryBuffer:
             entry.encode()
         held = [entry.record for entry in self._held.values()]
         undelivered = len(older) + len(newer) + len(held) + (self.spool.records if self.spool is not None else 0)
+        # Raw frames wait in memory in conflate mode only (spool mode spools them as records): lost here.
+        undelivered += self._raw_frames + (sum(len(block) for block in in_flight.raw) if in_flight is not None else 0)
         if self.spool is not None:
             for record in [entry.record for entry in newer] + held:  # newest of all: after the spool, if it has room
                 try:
@@ -472,6 +560,8 @@ class DeliveryBuffer:
                 log_event(logger, logging.ERROR, "spool_close_failed", error=str(exc), lost=len(older))
         self._memory.clear()
         self._held.clear()
+        self._raw.clear()
+        self._raw_frames = 0
         for budget in self._budgets.values():
             budget.used = 0
         return undelivered

@@ -19,7 +19,7 @@ import cramjam
 
 from bridge.logs import log_event
 from bridge.raw import CapturedFrame, NotCaptured, from_json_line, to_json_line
-from bridge.records import Failed, Outcome, OutgoingRecord, RecordKind
+from bridge.records import Failed, Outcome, OutgoingRecord, RawFrames, RecordKind
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +66,11 @@ class CaptureFileSink:
         self._written = 0
         log_event(logger, logging.INFO, "capture_file_opened", path=str(path))
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
-        """Append the round's raw records (one zstd frame for a `.zst` file); rotate once past `max_bytes`."""
+    async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
+        """Append the round's raw records and frames (one zstd frame for a `.zst` file); rotate once past
+        `max_bytes`."""
         assert self._file is not None, "publish before start"
+        records = [*records, *(record for block in raw for record in block.records())]
         lines = []
         for record in records:
             if record.kind is RecordKind.RAW:

@@ -20,7 +20,7 @@ from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate, Normalizer, Rejected, RejectReason
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
-from bridge.raw import connection_headers, frame_key, raw_frame, subscription_marker
+from bridge.raw import connection_headers, frame_key, subscription_marker
 from bridge.records import (
     HEADER_FINGERPRINT,
     HEADER_RECEIVE_TIME,
@@ -94,6 +94,7 @@ class Intake:
         self._count_rejected: dict[str, Callable[[], None]] = {}
         self._labelled: ConnectionInfo | None = None
         self._labels: Headers = []
+        self._labels_by_subscription: dict[str, tuple[str, Headers]] = {}
 
     def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
         """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
@@ -209,12 +210,18 @@ class Intake:
         return found
 
     def _capture(self, raw: bytes, receive_time: int, connection: ConnectionInfo, key: bytes | None) -> None:
-        self.buffer.add_record(raw_frame(raw, receive_time, self._labels_of(connection), key))
+        self.buffer.add_raw(raw, key, receive_time, self._labels_of(connection))
 
     def _labels_of(self, connection: ConnectionInfo) -> Headers:
-        """`connection`'s endpoint and connection headers, built once per connection switch."""
+        """`connection`'s endpoint and connection headers: one object per connection (the buffer groups raw frames
+        by it), looked up once per connection switch."""
         if connection is not self._labelled:
-            self._labelled, self._labels = connection, connection_headers(connection)
+            name = connection.subscription.name
+            label, labels = self._labels_by_subscription.get(name) or ("", [])
+            if label != connection.label:
+                labels = connection_headers(connection)
+                self._labels_by_subscription[name] = (connection.label, labels)
+            self._labelled, self._labels = connection, labels
         return self._labels
 
     def on_connection_open(self, connection: ConnectionInfo) -> None:

@@ -21,6 +21,7 @@ from bridge.records import (
     NotSent,
     Outcome,
     OutgoingRecord,
+    RawFrames,
     RecordKind,
     Sink,
     SinkUnavailable,
@@ -83,8 +84,8 @@ class Publisher:
             # Cancelled while publishing (shutdown), the round stays in `in_flight` for the buffer to keep.
             self.in_flight = taken
             self.metrics.publish_rounds.inc()
-            outcomes = await self._publish(taken.records)
-            done, failed = self._account(taken.records, outcomes)
+            outcomes = await self._publish(taken.records, taken.raw)
+            done, failed = self._account(taken.records, taken.raw, outcomes)
             self.buffer.settle(taken, done)
             self.in_flight = None
             if not len(self.buffer):
@@ -97,15 +98,15 @@ class Publisher:
             else:
                 self._backoff.reset()
 
-    async def _publish(self, records: list[OutgoingRecord]) -> list[Outcome]:
+    async def _publish(self, records: list[OutgoingRecord], raw: list[RawFrames]) -> list[Outcome]:
         try:
-            return await self.sink.publish(records)
+            return await self.sink.publish(records, raw)
         except SinkUnavailable as exc:
             # The producer is unusable (its sender died): replace it, and send the round again.
             log_event(logger, logging.ERROR, "producer_unusable", error=str(exc))
             self.metrics.producer_restarts.inc()
             await self._restart_sink()
-            return [Failed(type(exc).__name__)] * len(records)
+            return [Failed(type(exc).__name__)] * (len(records) + sum(len(block) for block in raw))
 
     async def _restart_sink(self) -> None:
         await self.sink.stop()
@@ -117,8 +118,11 @@ class Publisher:
             self._idle.clear()
             await self._idle.wait()
 
-    def _account(self, records: list[OutgoingRecord], outcomes: list[Outcome]) -> tuple[list[bool], int]:
-        """Count outcomes: (True for each record that needs no further send, how many failed)."""
+    def _account(
+        self, records: list[OutgoingRecord], raw: list[RawFrames], outcomes: list[Outcome]
+    ) -> tuple[list[bool], int]:
+        """Count outcomes (of the records, then of the raw frames): (True for each record or frame that needs no
+        further send, how many failed)."""
         now = time.time()
         observe = self.metrics.publish_latency.observe
         if not any(outcomes):  # the usual round: everything acknowledged
@@ -127,9 +131,14 @@ class Publisher:
                     observe(now - record.received)
                 elif record.dead_letter_reason is not None:
                     self.metrics.dead_letters.labels(record.dead_letter_reason).inc()
-            for kind, count in collections.Counter(record.kind for record in records).items():
+            kinds = collections.Counter(record.kind for record in records)
+            if raw:
+                kinds[RecordKind.RAW] += sum(len(block) for block in raw)
+            for kind, count in kinds.items():
                 self.metrics.messages_published.labels(self.sink.topic(kind)).inc(count)
-            return [True] * len(records), 0
+            return [True] * len(outcomes), 0
+        if raw:  # the frames as records of their own: a failed round is no hot path
+            records = [*records, *(record for block in raw for record in block.records())]
         published: dict[RecordKind, int] = {}
         errors: dict[str, int] = {}
         done: list[bool] = []

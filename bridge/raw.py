@@ -32,7 +32,7 @@ from bridge.records import (
     HEADER_RECEIVE_TIME,
     Headers,
     OutgoingRecord,
-    RecordKind,
+    raw_frame,
 )
 
 SUBSCRIBED = "subscribed"
@@ -63,13 +63,6 @@ def connection_headers(connection: ConnectionInfo) -> Headers:
         (HEADER_ENDPOINT, connection.subscription.endpoint.value.encode()),
         (HEADER_CONNECTION, connection.label.encode()),
     ]
-
-
-def raw_frame(frame: bytes, receive_time: int, headers: Headers, key: bytes | None) -> OutgoingRecord:
-    """The raw record of one frame; `headers` from `connection_headers`, `receive_time` in µs since the epoch."""
-    return OutgoingRecord(
-        RecordKind.RAW, key, frame, [*headers, (HEADER_RECEIVE_TIME, str(receive_time).encode())], receive_time / 1e6
-    )
 
 
 def subscription_marker(connection: ConnectionInfo, names: ContractNames, receive_time: int) -> OutgoingRecord:

@@ -51,6 +51,47 @@ class OutgoingRecord:
     dead_letter_reason: str | None = None
 
 
+@dataclass(slots=True)
+class RawFrames:
+    """Frames of one connection as received, oldest first, on their way to the raw topic (bridge/raw.py).
+
+    One buffer entry for many frames: a record and a buffer entry each cost more than capture may add per frame.
+    `labels` are the connection's endpoint and connection headers, the same object for all its frames; each frame
+    is (bytes, key, receive time in µs since the epoch).
+    """
+
+    labels: Headers
+    frames: list[tuple[bytes, bytes | None, int]] = field(default_factory=list)
+    size: int = 0  # bytes of the frames
+
+    def __len__(self) -> int:
+        """How many frames."""
+        return len(self.frames)
+
+    def records(self) -> list[OutgoingRecord]:
+        """The frames as raw records, for sinks that take records one by one."""
+        return [raw_frame(frame, receive_time, self.labels, key) for frame, key, receive_time in self.frames]
+
+    @classmethod
+    def of(cls, labels: Headers, frames: list[tuple[bytes, bytes | None, int]]) -> RawFrames:
+        """A block of these frames of one connection."""
+        return cls(labels, frames, sum(len(frame) for frame, _, _ in frames))
+
+    def split(self, count: int) -> RawFrames:
+        """Remove the first `count` frames from this block and return them as a block of their own."""
+        head = RawFrames.of(self.labels, self.frames[:count])
+        del self.frames[:count]
+        self.size -= head.size
+        return head
+
+
+def raw_frame(frame: bytes, receive_time: int, labels: Headers, key: bytes | None) -> OutgoingRecord:
+    """The raw record of one frame (bridge/raw.py), received at `receive_time` (µs since the epoch): its headers are
+    its connection's `labels` (endpoint, connection), then the receive time."""
+    headers = [*labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
+    return OutgoingRecord(RecordKind.RAW, key, frame, headers, receive_time / 1e6)
+
+
 def dead_letter(
     reason: str, value: bytes, *, key: bytes | None, received: float, headers: Headers, detail: str | None = None
 ) -> OutgoingRecord:
@@ -104,8 +145,9 @@ class Sink(Protocol):
         """Connect; raise SinkUnavailable if Kafka cannot be reached, SinkFatal if retrying cannot help."""
         ...
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
-        """Send `records` in order, per partition; one outcome per record."""
+    async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
+        """Send `records`, then the frames of `raw`, in order per partition; one outcome per record, then one per
+        raw frame."""
         ...
 
     async def stop(self) -> None:
@@ -129,12 +171,13 @@ class MemorySink:
         """Mark started."""
         self.started = True
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
-        """Keep `records`, or fail each with `fail_with`."""
+    async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
+        """Keep `records` and the raw frames as records, or fail each with `fail_with`."""
+        every = [*records, *(record for block in raw for record in block.records())]
         if self.fail_with is not None:
-            return [self.fail_with] * len(records)
-        self.records.extend(records)
-        return [None] * len(records)
+            return [self.fail_with] * len(every)
+        self.records.extend(every)
+        return [None] * len(every)
 
     async def stop(self) -> None:
         """Mark stopped."""

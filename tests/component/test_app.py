@@ -10,7 +10,7 @@ import pytest
 
 from bridge.app import Bridge, PublisherFailed
 from bridge.devtools.simulator import Simulator, SimulatorConfig
-from bridge.records import MemorySink, OutgoingRecord
+from bridge.records import MemorySink, OutgoingRecord, RawFrames
 from bridge.spool import SpoolError
 from tests.support.broker import BrokerInfo
 from tests.support.harness import bridge_settings
@@ -21,7 +21,7 @@ NO_BROKER = BrokerInfo("127.0.0.1:9", "none", supports_idempotence=False)
 class ExplodingSink(MemorySink):
     """A sink with a bug: publish raises something that is not a Kafka error."""
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Exception | None]:
+    async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Exception | None]:
         raise RuntimeError("a bug in the sink")
 
 

@@ -16,7 +16,7 @@ from bridge.config import BufferSettings
 from bridge.encode import load_schema
 from bridge.metrics import Metrics
 from bridge.normalize import ContractInfo, ContractUpdate
-from bridge.records import OutgoingRecord, RecordKind
+from bridge.records import Headers, OutgoingRecord, RecordKind
 from bridge.spool import Spool, SpooledRecord, SpoolError
 
 SCHEMA = load_schema()
@@ -365,24 +365,91 @@ async def test_dead_letters_in_memory_are_bounded_in_bytes_and_the_drops_counted
     assert len(buffer) == 12
 
 
-def raw(size: int) -> OutgoingRecord:
-    return OutgoingRecord(RecordKind.RAW, b"1001", b"x" * size, [], 0.0)
+LABELS_A: Headers = [("endpoint", b"id"), ("connection", b"id-0/1")]
+LABELS_B: Headers = [("endpoint", b"name"), ("connection", b"name-0/1")]
+
+
+def frames_of(taken: Round) -> list[tuple[bytes, bytes | None, int]]:
+    return [frame for block in taken.raw for frame in block.frames]
 
 
 async def test_raw_frames_are_never_conflated_and_bounded_in_bytes_apart_from_dead_letters() -> None:
     metrics = Metrics()
     settings = BufferSettings(capacity_records=5, raw_memory_bytes=1 << 20, dead_letter_memory_bytes=1 << 20)
     buffer = DeliveryBuffer(settings, metrics=metrics)
-    for _ in range(12):
-        buffer.add_record(raw(100_000))  # Kafka is away: they wait, past the conflation capacity
+    for n in range(12):
+        buffer.add_raw(b"x" * 100_000, b"1001", n, LABELS_A)  # Kafka is away: they wait, past the capacity
     assert len(buffer) == 10
     assert metrics.registry.get_sample_value("ime_bridge_raw_frames_dropped_total") == 2
     buffer.add_record(dead_letter(100_000))  # dead letters have their own budget
     assert len(buffer) == 11
+    assert gauge(metrics, "ime_bridge_buffer_records") == 11
     taken = await take(buffer, 20)
-    assert [record.kind for record in taken.records] == [RecordKind.RAW] * 10 + [RecordKind.DEAD_LETTER]
-    buffer.add_record(raw(100_000))  # taken ones no longer count
+    assert [record.kind for record in taken.records] == [RecordKind.DEAD_LETTER]
+    assert [receive_time for _, _, receive_time in frames_of(taken)] == list(range(10))
+    buffer.add_raw(b"x" * 100_000, b"1001", 12, LABELS_A)  # taken ones no longer count
     assert len(buffer) == 1
+
+
+async def test_raw_frames_wait_in_blocks_per_connection_and_a_round_takes_at_most_its_size_of_them() -> None:
+    buffer = DeliveryBuffer(BufferSettings(), metrics=Metrics())
+    for n in range(5):
+        buffer.add_raw(b"a%d" % n, b"1001", n, LABELS_A)
+    buffer.add_raw(b"b", None, 5, LABELS_B)
+    buffer.add_raw(b"a5", b"1002", 6, LABELS_A)
+    add(buffer, "A", 1)
+    first = await take(buffer, 3)
+    assert [block.labels for block in first.raw] == [LABELS_A]
+    assert frames_of(first) == [(b"a0", b"1001", 0), (b"a1", b"1001", 1), (b"a2", b"1001", 2)]
+    assert [decoded(record)[:2] for record in first.records] == [("A", 1)]
+    buffer.settle(first, [True] * 4)
+    second = await take(buffer, 10)
+    assert [block.labels for block in second.raw] == [LABELS_A, LABELS_B, LABELS_A]
+    assert [frame for frame, _, _ in frames_of(second)] == [b"a3", b"a4", b"b", b"a5"]
+    assert [block.size for block in second.raw] == [4, 1, 2]
+
+
+async def test_undelivered_raw_frames_go_back_to_the_head_in_order_and_count_again() -> None:
+    metrics = Metrics()
+    buffer = DeliveryBuffer(BufferSettings(raw_memory_bytes=1 << 20), metrics=metrics)
+    for n in range(4):
+        buffer.add_raw(b"a%d" % n, b"1001", n, LABELS_A)
+    buffer.add_raw(b"b0", None, 4, LABELS_B)
+    add(buffer, "A", 1)
+    taken = await take(buffer)
+    buffer.add_raw(b"a4", b"1001", 5, LABELS_A)  # newer: behind the ones sent again
+    assert buffer.settle(taken, [True, True, False, True, False, False]) == 3
+    assert buffer._raw_budget.used == 2 + 2 + 2 + 2, "the frames back from the round, and a4"
+    assert len(buffer) == 4
+    again = await take(buffer)
+    assert again.records == []
+    assert [frame for frame, _, _ in frames_of(again)] == [b"a1", b"a3", b"b0", b"a4"]
+    assert [block.labels for block in again.raw] == [LABELS_A, LABELS_B, LABELS_A]
+
+
+async def test_only_raw_frames_waiting_linger_too_and_close_counts_them_undelivered() -> None:
+    buffer = DeliveryBuffer(BufferSettings(), metrics=Metrics())
+    buffer.add_raw(b"a0", b"1001", time.time_ns() // 1000, LABELS_A)
+    started = time.monotonic()
+    taken = await asyncio.wait_for(buffer.take(1000, linger=0.05), timeout=5)
+    assert time.monotonic() - started >= 0.04
+    buffer.add_raw(b"a1", b"1001", time.time_ns() // 1000, LABELS_A)
+    assert buffer.pending({b"1001"}, taken) == 2
+    assert buffer.pending({b"1002"}, taken) == 0
+    assert buffer.close(taken) == 2
+
+
+async def test_in_spool_mode_raw_frames_are_spooled_as_records(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    buffer = DeliveryBuffer(spooling(spool, spool_after_records=2), metrics=Metrics(), spool=spool)
+    for n in range(3):
+        buffer.add_raw(b"a%d" % n, b"1001", n, LABELS_A)
+    assert spool.records == 3, "records of their own: past spool_after_records, all of them went to the spool"
+    taken = await take(buffer)
+    assert taken.raw == []
+    assert [(record.kind, record.value) for record in taken.records] == [(RecordKind.RAW, b"a%d" % n) for n in range(3)]
+    assert dict(taken.records[2].headers) == {**dict(LABELS_A), "receive-time-us": b"2"}
 
 
 async def test_a_lingering_round_waits_for_its_oldest_record_to_have_waited_and_takes_what_came_meanwhile() -> None:

@@ -17,8 +17,8 @@ from bridge.devtools.simulator.replay import CapturedMarket
 from bridge.normalize import ContractDirectory
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
-from bridge.raw import CapturedFrame, NotCaptured, connection_headers, raw_frame, subscription_marker
-from bridge.records import OutgoingRecord, RecordKind, dead_letter
+from bridge.raw import CapturedFrame, NotCaptured, connection_headers, subscription_marker
+from bridge.records import OutgoingRecord, RecordKind, dead_letter, raw_frame
 
 CONNECTION = ConnectionInfo(Subscription("id-0", Endpoint.ID, ("1001", "1002")), attempt=1)
 HEADERS = connection_headers(CONNECTION)

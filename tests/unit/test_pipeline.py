@@ -19,7 +19,16 @@ from bridge.normalize import ContractDirectory, Normalizer
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
 from bridge.publisher import Publisher
-from bridge.records import Failed, MemorySink, Outcome, OutgoingRecord, RecordKind, SinkUnavailable, TooLarge
+from bridge.records import (
+    Failed,
+    MemorySink,
+    Outcome,
+    OutgoingRecord,
+    RawFrames,
+    RecordKind,
+    SinkUnavailable,
+    TooLarge,
+)
 from bridge.retry import Backoff
 from bridge.spool import Spool
 
@@ -64,7 +73,9 @@ def make_pipeline(
 
 
 async def take_all(pipeline: Intake) -> list[OutgoingRecord]:
-    return (await pipeline.buffer.take(1000)).records
+    """A round's records, then its raw frames as records."""
+    taken = await pipeline.buffer.take(1000)
+    return [*taken.records, *(record for block in taken.raw for record in block.records())]
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
@@ -105,12 +116,13 @@ async def test_with_raw_capture_each_frame_goes_as_received_keyed_like_its_updat
     pipeline.on_frame(good, 7, BY_ID)
     pipeline.on_frame(b"{broken", 8, BY_ID)
 
-    marker, update, raw_good, broken, raw_broken = await take_all(pipeline)
-    assert [r.kind for r in (marker, update, raw_good, broken, raw_broken)] == [
+    # The raw frames wait apart from the records (after the marker, a record of its own), in order.
+    marker, update, broken, raw_good, raw_broken = await take_all(pipeline)
+    assert [r.kind for r in (marker, update, broken, raw_good, raw_broken)] == [
         RecordKind.RAW,
         RecordKind.UPDATE,
-        RecordKind.RAW,
         RecordKind.DEAD_LETTER,
+        RecordKind.RAW,
         RecordKind.RAW,
     ]
     assert dict(marker.headers)["raw-event"] == b"subscribed"
@@ -214,6 +226,22 @@ async def test_failed_records_are_sent_again_in_order_and_counted() -> None:
     assert sample(metrics, "ime_bridge_messages_published_total", topic="update") == 4
 
 
+async def test_raw_frames_of_a_failed_round_are_sent_again_once_each_in_order_and_counted() -> None:
+    pipeline, metrics = make_pipeline(capture_raw=True)
+    sink = FlakySink(failures=1)
+    publisher = Publisher(pipeline.buffer, sink, metrics, max_batch_records=10_000, retry_backoff=Backoff(0.001, 0.01))
+    task = asyncio.create_task(publisher.run())
+    frames = [frame({"contractId": "1001"}, price).encode() for price in range(4)] + [b"garbage"]
+    for receive_time, sent in enumerate(frames):
+        pipeline.on_frame(sent, receive_time, BY_ID)
+    await asyncio.wait_for(publisher.wait_drained(), timeout=5)
+    task.cancel()
+    assert [record.value for record in sink.records if record.kind is RecordKind.RAW] == frames
+    assert sample(metrics, "ime_bridge_messages_published_total", topic="raw") == 5
+    assert sample(metrics, "ime_bridge_messages_published_total", topic="update") == 4
+    assert sample(metrics, "ime_bridge_produce_errors_total", error="SinkUnavailable") == 4 + 1 + 5
+
+
 class FlakySink(MemorySink):
     """Fails the first `failures` rounds entirely."""
 
@@ -221,11 +249,11 @@ class FlakySink(MemorySink):
         super().__init__()
         self.failures = failures
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
+    async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
         if self.failures:
             self.failures -= 1
-            return [Failed("SinkUnavailable")] * len(records)
-        return await super().publish(records)
+            return [Failed("SinkUnavailable")] * (len(records) + sum(len(block) for block in raw))
+        return await super().publish(records, raw)
 
 
 class BrokenProducerSink(MemorySink):
@@ -241,10 +269,10 @@ class BrokenProducerSink(MemorySink):
         self.broken = False
         await super().start()
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
+    async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
         if self.broken:
             raise SinkUnavailable("the producer failed: RuntimeError('sender died')")
-        return await super().publish(records)
+        return await super().publish(records, raw)
 
 
 async def test_an_unusable_producer_is_replaced_and_the_round_sent_again() -> None:
@@ -263,7 +291,7 @@ async def test_an_unusable_producer_is_replaced_and_the_round_sent_again() -> No
 class TooLargeSink(MemorySink):
     """Kafka refuses records on the updates topic as too large."""
 
-    async def publish(self, records: Sequence[OutgoingRecord]) -> list[Outcome]:
+    async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
         outcomes: list[Outcome] = []
         for record in records:
             if record.kind is RecordKind.UPDATE:

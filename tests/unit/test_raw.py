@@ -19,11 +19,10 @@ from bridge.raw import (
     connection_headers,
     frame_key,
     from_json_line,
-    raw_frame,
     subscription_marker,
     to_json_line,
 )
-from bridge.records import RecordKind
+from bridge.records import RecordKind, raw_frame
 
 NAMES = ContractDirectory({"1001": "GC1405", "1002": "SAFOR04"})
 BY_ID = ConnectionInfo(Subscription("id-0", Endpoint.ID, ("1001", "1002", "1003")), attempt=2)

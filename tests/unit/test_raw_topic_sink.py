@@ -8,11 +8,12 @@ import logging
 
 import pytest
 from aiokafka.errors import UnknownError
+from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
 from bridge.config import KafkaSettings
-from bridge.records import Failed, OutgoingRecord, RecordKind
+from bridge.records import NOT_SENT, Failed, OutgoingRecord, RawFrames, RecordKind
 from bridge.sink import KafkaSink
 from tests.unit.test_state_topic import DEAD, STATE, UPDATES, FakeProducer, update
 
@@ -25,6 +26,7 @@ class RawFakeProducer(FakeProducer):
     def __init__(self, batch_bytes: int) -> None:
         super().__init__(batch_bytes)
         self.raw_batches: list[BatchBuilder] = []
+        self.raw_partitions: list[int] = []
 
     async def send_batch(self, batch: object, topic: str, partition: int) -> asyncio.Future[None]:  # type: ignore[override]
         if not isinstance(batch, BatchBuilder):
@@ -32,7 +34,16 @@ class RawFakeProducer(FakeProducer):
         assert topic == RAW
         assert batch.closed(), "a round's batches are sent closed"
         self.raw_batches.append(batch)
+        self.raw_partitions.append(partition)
         return self.outcome(topic)
+
+    def raw_records(self) -> dict[int, list[tuple[bytes | None, bytes, dict[str, bytes]]]]:
+        """Per partition of the raw topic, the records its batches carried (key, value, headers)."""
+        found: dict[int, list[tuple[bytes | None, bytes, dict[str, bytes]]]] = {}
+        for partition, batch in zip(self.raw_partitions, self.raw_batches, strict=True):
+            for record in DefaultRecordBatch(batch._build()):
+                found.setdefault(partition, []).append((record.key, record.value, dict(record.headers)))
+        return found
 
 
 def raw(key: bytes | None, value: bytes) -> OutgoingRecord:
@@ -77,3 +88,37 @@ async def test_other_failures_keep_the_compression() -> None:
     sink._raw_codec = DefaultRecordBatch.CODEC_LZ4  # only zstd needs a newer broker
     await sink.publish([raw(b"1001", b"frame-1")])
     assert sink._raw_codec == DefaultRecordBatch.CODEC_LZ4
+
+
+LABELS = [("endpoint", b"id"), ("connection", b"id-0/1")]
+
+
+async def test_raw_frames_go_after_the_records_to_their_keys_partitions_with_their_receive_times() -> None:
+    producer = RawFakeProducer(batch_bytes=1 << 16)
+    sink = sink_over(producer)
+    sink._partitions[RAW] = 4
+    frames = [(b"f1", b"1001", 11), (b"f2", b"1002", 12), (b"f3", b"1001", 13), (b"bad", None, 14)]
+    outcomes = await sink.publish([update("1001", b"v1"), raw(None, b"marker")], [RawFrames.of(LABELS, frames)])
+    assert outcomes == [None] * 6
+    by_partition = producer.raw_records()
+    assert sorted(record[1] for records in by_partition.values() for record in records) == [
+        b"bad",
+        b"f1",
+        b"f2",
+        b"f3",
+        b"marker",
+    ]
+    partition = (murmur2(b"1001") & 0x7FFFFFFF) % 4
+    assert [value for key, value, _ in by_partition[partition] if key == b"1001"] == [b"f1", b"f3"]
+    (f3_headers,) = [headers for _, value, headers in by_partition[partition] if value == b"f3"]
+    assert f3_headers == {"endpoint": b"id", "connection": b"id-0/1", "receive-time-us": b"13"}
+
+
+async def test_raw_frames_past_a_full_batch_wait_for_the_next_round_in_order() -> None:
+    producer = RawFakeProducer(batch_bytes=1 << 16)
+    sink = sink_over(producer)
+    sink._raw_codec = DefaultRecordBatch.CODEC_NONE
+    frames = [(bytes([n]) * 200_000, b"1001", n) for n in range(4)]  # batches of kafka.max_batch_bytes, 512 KiB
+    outcomes = await sink.publish([], [RawFrames.of(LABELS, frames)])
+    assert outcomes == [None, None, NOT_SENT, NOT_SENT], "a partition gets one batch per round"
+    assert [value[0] for _, value, _ in producer.raw_records()[0]] == [0, 1]

@@ -10,8 +10,8 @@ from bridge.config import Settings
 from bridge.normalize import ContractDirectory
 from bridge.planner import ConnectionInfo, Subscription
 from bridge.protocol import Endpoint
-from bridge.raw import CapturedFrame, NotCaptured, connection_headers, raw_frame, subscription_marker
-from bridge.records import MemorySink, OutgoingRecord, RecordKind
+from bridge.raw import CapturedFrame, NotCaptured, connection_headers, subscription_marker
+from bridge.records import MemorySink, OutgoingRecord, RecordKind, raw_frame
 from bridge.replay import Replay, replay_kafka_settings
 from tests.unit.test_pipeline import decode, frame
 
