@@ -111,12 +111,13 @@ class Intake:
                 if self.normalize:
                     contract_id = self._on_frame(raw, receive_time, connection)
             finally:
-                frame = _as_bytes(raw)
+                frame = raw if type(raw) is bytes else _as_bytes(raw)
                 if self.normalize:
                     key = contract_id.encode() if contract_id is not None else None
                 else:
                     key = frame_key(frame, self.normalizer.contracts)
-                self._capture(frame, receive_time, connection, key)
+                labels = self._labels if connection is self._labelled else self._labels_of(connection)
+                self.buffer.add_raw(frame, key, receive_time, labels)
         except Exception as exc:
             detail = f"{type(exc).__name__} while handling the frame: {str(exc)[:200]}"
             log_exception(logger, "frame_handling_failed", connection=connection.label, error=type(exc).__name__)
@@ -208,9 +209,6 @@ class Intake:
             if update is not None:
                 found[contract_id] = (update.exchange_time, snapshot_fingerprint(update))
         return found
-
-    def _capture(self, raw: bytes, receive_time: int, connection: ConnectionInfo, key: bytes | None) -> None:
-        self.buffer.add_raw(raw, key, receive_time, self._labels_of(connection))
 
     def _labels_of(self, connection: ConnectionInfo) -> Headers:
         """`connection`'s endpoint and connection headers: one object per connection (the buffer groups raw frames
