@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 from fastavro import schemaless_reader
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.buffer import DeliveryBuffer, Round
 from bridge.config import BufferSettings
@@ -425,6 +427,56 @@ async def test_undelivered_raw_frames_go_back_to_the_head_in_order_and_count_aga
     assert again.records == []
     assert [frame for frame, _, _ in frames_of(again)] == [b"a1", b"a3", b"b0", b"a4"]
     assert [block.labels for block in again.raw] == [LABELS_A, LABELS_B, LABELS_A]
+
+
+# Steps of a raw-capture run: a frame of key 0, 1 or 2 arrives on connection A or B, or a round goes out in which each
+# key's frames are delivered up to a cut (a partition's batch fails whole; past a full batch nothing is sent).
+RAW_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("frame"), st.integers(0, 2), st.booleans()),
+        st.tuples(st.just("round"), st.integers(1, 8), st.lists(st.integers(0, 8), min_size=3, max_size=3)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(RAW_STEPS)
+def test_raw_frames_reach_the_sink_once_each_and_in_order_per_key_whatever_fails(
+    steps: list[tuple[object, ...]],
+) -> None:
+    async def run() -> None:
+        buffer = DeliveryBuffer(BufferSettings(), metrics=Metrics())
+        sent: dict[bytes, list[bytes]] = {b"0": [], b"1": [], b"2": []}
+        delivered: dict[bytes, list[bytes]] = {key: [] for key in sent}
+        count = 0
+
+        def settle(taken: Round, cuts: list[int]) -> None:
+            flags, seen = [], dict.fromkeys(sent, 0)
+            for frame, key, _ in (frame for block in taken.raw for frame in block.frames):
+                assert key is not None
+                seen[key] += 1
+                flags.append(seen[key] <= cuts[int(key)])
+                if flags[-1]:
+                    delivered[key].append(frame)
+            buffer.settle(taken, [True] * len(taken.records) + flags)
+
+        for step in steps:
+            if step[0] == "frame":
+                key = str(step[1]).encode()
+                count += 1
+                sent[key].append(b"%d" % count)
+                buffer.add_raw(b"%d" % count, key, count, LABELS_A if step[2] else LABELS_B)
+            elif len(buffer):
+                _, size, cuts = step
+                settle(await take(buffer, int(size)), cuts)  # type: ignore[arg-type]
+            for key, frames in delivered.items():
+                assert frames == sent[key][: len(frames)], "per key, nothing skipped, doubled or reordered"
+        while len(buffer):
+            settle(await take(buffer), [count] * 3)
+        assert delivered == sent
+
+    asyncio.run(run())
 
 
 async def test_only_raw_frames_waiting_linger_too_and_close_counts_them_undelivered() -> None:
