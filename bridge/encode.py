@@ -173,28 +173,57 @@ _NULL = b"\x00"  # union branch 0 (null); also the end of an array
 _PRESENT = b"\x02"  # union branch 1
 _ENDPOINT_SYMBOLS = {"ID": _long(0), "NAME": _long(1)}
 _TRUE, _FALSE = b"\x01", b"\x00"
+# Levels, quantities, counts and open interest are small non-negative numbers: one lookup, not a call.
+_SMALL = 1 << 13
+_SMALL_LONGS = tuple(_FINAL[value << 1] for value in range(_SMALL))
+# Microsecond timestamps from 1970-01-26 to the year 3111 encode as exactly four 14-bit groups.
+_TIME_LOW, _TIME_HIGH = 1 << 41, 1 << 55
+
+# The fields up to the endpoint and channel repeat on every record of a contract: encoded once per contract.
+_HEADS: dict[tuple[str, str | None, str, str], bytes] = {}
+
+
+def _head(contract_id: str, name: str | None, endpoint: str, channel: str) -> bytes:
+    if len(_HEADS) >= _STRING_CACHE_LIMIT:
+        _HEADS.clear()
+    head = _HEADS[contract_id, name, endpoint, channel] = b"".join(
+        (
+            _cached_string(contract_id),
+            _NULL if name is None else _PRESENT + _cached_string(name),
+            _ENDPOINT_SYMBOLS[endpoint],
+            _cached_string(channel),
+        )
+    )
+    return head
 
 
 def encode_update(update: ContractUpdate) -> bytes:
     """The Avro binary encoding of `update` under schemas/contract_update.avsc (no framing)."""
-    name = update.contract_name
-    parts = [
-        _cached_string(update.contract_id),
-        _NULL if name is None else _PRESENT + _cached_string(name),
-        _ENDPOINT_SYMBOLS[update.endpoint],
-        _cached_string(update.channel),
-        _long(update.exchange_time),
-        _long(update.receive_time),
-    ]
+    contract_id, name, endpoint, channel = update.contract_id, update.contract_name, update.endpoint, update.channel
+    head = _HEADS.get((contract_id, name, endpoint, channel)) or _head(contract_id, name, endpoint, channel)
+    parts = [head]
+    for value in (update.exchange_time, update.receive_time):
+        if _TIME_LOW <= value < _TIME_HIGH:  # zigzag is value << 1, four groups: no zigzag, no range tests
+            zigzag = value << 1
+            parts += (
+                _MIDDLE[zigzag & 0x3FFF],
+                _MIDDLE[(zigzag >> 14) & 0x3FFF],
+                _MIDDLE[(zigzag >> 28) & 0x3FFF],
+                _FINAL[zigzag >> 42],
+            )
+        else:
+            parts.append(_long(value))
     levels = update.best_limit
     if levels:
-        parts.append(_long(len(levels)))
+        count = len(levels)
+        parts.append(_SMALL_LONGS[count] if count < _SMALL else _long(count))
         for level in levels:
+            number, buy, sell = level.level, level.buy_quantity, level.sell_quantity
             parts += (
-                _long(level.level),
-                _long(level.buy_quantity),
+                _SMALL_LONGS[number] if 0 <= number < _SMALL else _long(number),
+                _SMALL_LONGS[buy] if 0 <= buy < _SMALL else _long(buy),
                 _double(level.buy_price),
-                _long(level.sell_quantity),
+                _SMALL_LONGS[sell] if 0 <= sell < _SMALL else _long(sell),
                 _double(level.sell_price),
             )
     parts.append(_NULL)
@@ -203,14 +232,14 @@ def encode_update(update: ContractUpdate) -> bytes:
     if aggregate is None:
         parts.append(_NULL)
     else:
-        trade_date = aggregate.trade_date
-        trade_time = aggregate.trade_time
+        trade_date, trade_time = aggregate.trade_date, aggregate.trade_time
+        trades, volume = aggregate.trade_count, aggregate.total_volume
         parts += (
             _PRESENT,
             _NULL if trade_date is None else _PRESENT + _long(trade_date),
             _NULL if trade_time is None else _PRESENT + _long(trade_time),
-            _long(aggregate.trade_count),
-            _long(aggregate.total_volume),
+            _SMALL_LONGS[trades] if 0 <= trades < _SMALL else _long(trades),
+            _SMALL_LONGS[volume] if 0 <= volume < _SMALL else _long(volume),
             _seven_doubles(
                 aggregate.total_value,
                 aggregate.closing_price,
@@ -223,13 +252,14 @@ def encode_update(update: ContractUpdate) -> bytes:
         )
 
     price_range = update.allowed_price_range
-    parts.append(
-        _NULL if price_range is None else _PRESENT + _two_doubles(price_range.min_price, price_range.max_price)
-    )
     info = update.contract_info
-    parts.append(_NULL if info is None else _PRESENT + _long(info.open_interest) + _long(info.open_interest_change))
-    parts.append(_long(update.sequence))
-    parts.append(_cached_string(update.session_id))
-    parts.append(_long(update.skipped))
-    parts.append(_TRUE if update.first_after_subscribe else _FALSE)
+    sequence, skipped = update.sequence, update.skipped
+    parts += (
+        _NULL if price_range is None else _PRESENT + _two_doubles(price_range.min_price, price_range.max_price),
+        _NULL if info is None else _PRESENT + _long(info.open_interest) + _long(info.open_interest_change),
+        _SMALL_LONGS[sequence] if 0 <= sequence < _SMALL else _long(sequence),
+        _cached_string(update.session_id),
+        _SMALL_LONGS[skipped] if 0 <= skipped < _SMALL else _long(skipped),
+        _TRUE if update.first_after_subscribe else _FALSE,
+    )
     return b"".join(parts)

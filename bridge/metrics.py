@@ -46,6 +46,10 @@ class HotHistogram(Collector):
         self._counts[bisect.bisect_left(self._bounds, value)] += 1
         self._sum += value
 
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples: what the registry indexes its name by (`/metrics?name[]=...`)."""
+        yield HistogramMetricFamily(self._name, self._documentation)
+
     def collect(self) -> Iterator[Metric]:
         """Cumulative buckets, as Prometheus expects them."""
         bounds = [str(float(bound)) for bound in self._bounds] + ["+Inf"]
@@ -56,7 +60,9 @@ class HotHistogram(Collector):
 
 
 class HotCounter(Collector):
-    """A labelled counter for per-message use: `labels(...).inc()` is an attribute increment (see HotHistogram)."""
+    """A labelled counter for per-message or per-round use: `labels(...).inc()` is a dict lookup and an attribute
+    increment (0.2 µs), where prometheus_client's takes a lock and builds the label tuple (1.2 µs); see
+    HotHistogram."""
 
     def __init__(self, name: str, documentation: str, label: str, registry: CollectorRegistry) -> None:
         self._name = name.removesuffix("_total")
@@ -67,7 +73,14 @@ class HotCounter(Collector):
 
     def labels(self, value: str) -> _HotCount:
         """The counter for one label value."""
-        return self._children.setdefault(value, _HotCount())
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = _HotCount()
+        return child
+
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (see HotHistogram.describe)."""
+        yield CounterMetricFamily(self._name, self._documentation, labels=[self._label])
 
     def collect(self) -> Iterator[Metric]:
         """One sample per label value."""
@@ -75,6 +88,28 @@ class HotCounter(Collector):
         for value, child in self._children.items():
             family.add_metric([value], child.value)
         yield family
+
+
+class HotPlainCounter(Collector):
+    """An unlabelled counter for per-round use (see HotCounter)."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name = name.removesuffix("_total")
+        self._documentation = documentation
+        self.value = 0.0
+        registry.register(self)
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Count `amount` more."""
+        self.value += amount
+
+    def describe(self) -> Iterator[Metric]:
+        """The family without samples (see HotHistogram.describe)."""
+        yield CounterMetricFamily(self._name, self._documentation, labels=[])
+
+    def collect(self) -> Iterator[Metric]:
+        """The one sample."""
+        yield CounterMetricFamily(self._name, self._documentation, value=self.value)
 
 
 class _HotCount:
@@ -99,33 +134,28 @@ class Metrics:
         self.messages_received = HotCounter(
             "ime_bridge_messages_received_total", "Frames received from the IME WebSocket.", "endpoint", r
         )
-        self.messages_published = Counter(
-            "ime_bridge_messages_published_total",
-            "Records acknowledged by Kafka.",
-            ["topic"],
-            registry=r,
+        # Counted every publish round (per topic) or every bad frame: hot counters too.
+        self.messages_published = HotCounter(
+            "ime_bridge_messages_published_total", "Records acknowledged by Kafka.", "topic", r
         )
-        self.publish_rounds = Counter(
+        self.publish_rounds = HotPlainCounter(
             "ime_bridge_publish_rounds_total",
             "Publish rounds sent to Kafka (records acknowledged / rounds = the round size).",
-            registry=r,
+            r,
         )
-        self.state_records_published = Counter(
+        self.state_records_published = HotPlainCounter(
             "ime_bridge_state_records_published_total",
             "Copies of updates acknowledged on the latest-state topic (each contract's newest per publish round).",
-            registry=r,
+            r,
         )
-        self.messages_rejected = Counter(
+        self.messages_rejected = HotCounter(
             "ime_bridge_messages_rejected_total",
             "Frames that could not be normalized; each goes to the dead-letter topic.",
-            ["reason"],
-            registry=r,
+            "reason",
+            r,
         )
-        self.dead_letters = Counter(
-            "ime_bridge_dead_letters_total",
-            "Records acknowledged by Kafka on the dead-letter topic.",
-            ["reason"],
-            registry=r,
+        self.dead_letters = HotCounter(
+            "ime_bridge_dead_letters_total", "Records acknowledged by Kafka on the dead-letter topic.", "reason", r
         )
         self.dead_letters_dropped = Counter(
             "ime_bridge_dead_letters_dropped_total",

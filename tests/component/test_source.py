@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.server import ServerConnection, serve
 
+from bridge import source as source_module
 from bridge.auth import AuthRejected, IssuedToken, StaticToken, TokenProvider, jwt_expiry
 from bridge.catalog import HttpContractCatalog
 from bridge.devtools.simulator import Simulator, SimulatorConfig
@@ -267,3 +270,49 @@ async def test_a_connection_dropped_by_a_new_plan_loses_its_series_a_reopened_on
     finally:
         await source.stop()
     assert sample("ime_bridge_connection_up", endpoint="id", connection="id-0") == 0
+
+
+async def test_a_burst_arrives_whole_and_in_order_with_fragmented_and_binary_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A burst is read in one go from websockets' queue of frames (source._queued_frames, which must still find
+    it in the installed websockets); fragmented messages in it go through recv() and keep their place."""
+    burst: list[str | bytes | list[str]] = [f"text {n}" for n in range(40)]
+    burst[7] = ["frag", "mented ", "seven"]
+    burst[20] = b"binary \xff twenty"
+    burst[33] = ["thirty", "-three"]
+    expected = [b"".join(part.encode() for part in m) if isinstance(m, list) else m for m in burst]
+    expected = [m.encode() if isinstance(m, str) else m for m in expected]
+    found: list[bool] = []
+
+    async def serve_burst(ws: ServerConnection) -> None:
+        for message in burst:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    async with serve(serve_burst, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        captured, metrics = Captured(), Metrics()
+        source = WebSocketSource(
+            settings=ime_settings(f"http://127.0.0.1:{port}"),
+            tokens=StaticToken("t"),
+            handler=captured,
+            metrics=metrics,
+        )
+        original = source_module._queued_frames
+
+        def spy(ws: ClientConnection) -> object:
+            queue = original(ws)
+            found.append(queue is not None)
+            return queue
+
+        monkeypatch.setattr(source_module, "_queued_frames", spy)
+        try:
+            await source.apply([Subscription("id-0", Endpoint.ID, ("1001",))])
+            await wait_for(lambda: len(captured.frames) >= len(burst))
+        finally:
+            await source.stop()
+    assert [raw for raw, _, _ in captured.frames] == expected
+    assert found == [True]
+    received = metrics.registry.get_sample_value("ime_bridge_messages_received_total", {"endpoint": "id"})
+    assert received == len(burst)

@@ -118,3 +118,32 @@ def test_schema_identity_is_stable() -> None:
     assert SCHEMA.name == "ir.ime.bridge.ContractUpdate"
     assert len(SCHEMA.fingerprint) == 16
     int(SCHEMA.fingerprint, 16)
+
+
+EDGES = [
+    -(2**63),
+    -(2**55),
+    -(2**41),
+    -8193,
+    -8192,
+    -1,
+    0,
+    1,
+    8191,
+    8192,
+    2**41 - 1,
+    2**41,
+    2**55 - 1,
+    2**55,
+    2**63 - 1,
+]
+
+
+@given(st.sampled_from(EDGES), st.sampled_from(EDGES), updates)
+def test_the_writers_fast_paths_end_where_they_must(first: int, second: int, update: ContractUpdate) -> None:
+    """The table lookups for small numbers and the four-group path for timestamps, at and past their edges."""
+    update.exchange_time, update.receive_time, update.sequence, update.skipped = first, second, first, second
+    if update.aggregate is not None:
+        update.aggregate.trade_count, update.aggregate.total_volume = first, second
+    update.best_limit = [BookLevel(first, second, 1.5, first, 2), *update.best_limit]
+    assert encode_update(update) == reference_encoding(update)
