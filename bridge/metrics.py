@@ -18,9 +18,11 @@ from prometheus_client.registry import Collector
 
 # Exchange lag spans clock skew and quiet markets; publish latency is a local round trip.
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
-# Millisecond steps up to 8 ms, so that a p99 of a few milliseconds (the latency profile's) can be read.
+# Millisecond steps up to 12 ms, so that a p99 of a few milliseconds (the latency profile's) and one near the
+# throughput profile's 10 ms can be read.
 LATENCY_BUCKETS = (
-    *(0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.01, 0.015, 0.02, 0.025, 0.05),
+    *(0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01, 0.011, 0.012, 0.015),
+    *(0.02, 0.025, 0.05),
     *(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 
