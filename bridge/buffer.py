@@ -520,8 +520,8 @@ class DeliveryBuffer:
         return sum(len(block) for block in retry)
 
     def pending(self, keys: Collection[bytes], in_flight: Round | None) -> int:
-        """Records with one of `keys` not yet acknowledged (a shard's contracts, in a handover). Spooled records
-        are not read back to look: while the spool holds any, they all count."""
+        """Records and raw frames with one of `keys` not yet acknowledged (a shard's contracts, in a handover),
+        in memory, in flight and in the spool."""
         waiting = sum(1 for entry in self._memory if entry.record.key in keys)
         waiting += sum(1 for key in self._held if key in keys)
         raw = list(self._raw)
@@ -529,7 +529,7 @@ class DeliveryBuffer:
             waiting += sum(1 for record in in_flight.records if record.key in keys)
             raw += in_flight.raw
         waiting += sum(1 for block in raw for _, key, _ in block.frames if key in keys)
-        return waiting + (self.spool.records if self.spool is not None else 0)
+        return waiting + (self.spool.pending(keys) if self.spool is not None else 0)
 
     def close(self, in_flight: Round | None) -> int:
         """At shutdown: returns how many records are undelivered. In spool mode they stay in the spool.

@@ -22,12 +22,13 @@ field (which held its topic before: then a dead letter is told by its reason, an
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,14 @@ _COMMITTED = "committed.json"
 _Payload = tuple[str, bytes | None, bytes, list[tuple[str, bytes]], str | None, float]
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(_Payload).decode
+
+
+def _key_of(payload: bytes) -> bytes | None:
+    """The key of a stored entry (None when it cannot be read: such an entry fails when it is read, not here)."""
+    try:
+        return _decode(payload)[1]
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 class SpoolFull(Exception):
@@ -108,6 +117,8 @@ class Spool:
         self.segment_bytes = segment_bytes
         self.records = 0
         self.bytes = 0
+        # Unacknowledged records per key: a handover waits for its own contracts' records only.
+        self._keys: collections.Counter[bytes | None] = collections.Counter()
         self.torn_entries = 0
         self._committed = SpoolPosition(0, 0)
         self._cursor = SpoolPosition(0, 0)
@@ -205,6 +216,7 @@ class Spool:
                     return position, records, True
                 position += _HEADER.size + length
                 records += 1
+                self._keys[_key_of(payload)] += 1
 
     # --- writing
 
@@ -231,6 +243,9 @@ class Spool:
             spooled.append(SpooledRecord(record, SpoolPosition(self._write_segment, self._write_offset), len(entry)))
         self.records += len(records)
         self.bytes += size
+        keys = self._keys
+        for record in records:
+            keys[record.key] += 1
         self._dirty = True
         return spooled
 
@@ -381,6 +396,7 @@ class Spool:
             spooled = self._acked_ahead.pop(committed)
             self.records -= 1
             self.bytes -= spooled.size
+            self._forget_key(spooled.record.key)
             committed = spooled.end
         if committed != self._committed:
             try:
@@ -388,6 +404,17 @@ class Spool:
             except OSError as exc:
                 self._commit_pending = True
                 raise SpoolError(f"cannot commit the spool position: {exc}") from exc
+
+    def pending(self, keys: Collection[bytes]) -> int:
+        """Unacknowledged records with one of `keys`."""
+        return sum(self._keys.get(key, 0) for key in keys)
+
+    def _forget_key(self, key: bytes | None) -> None:
+        remaining = self._keys[key] - 1
+        if remaining > 0:
+            self._keys[key] = remaining
+        else:
+            del self._keys[key]
 
     def _segment_ends_at(self, position: SpoolPosition) -> bool:
         if position.segment >= self._write_segment:
@@ -461,6 +488,8 @@ class Spool:
             segment.flush()
             os.fsync(segment.fileno())
         self.records += len(unsent)
+        for record in unsent:
+            self._keys[record.key] += 1
         self._committed = SpoolPosition(number, 0)
         self._write_committed()
         old.unlink(missing_ok=True)

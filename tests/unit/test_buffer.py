@@ -491,6 +491,20 @@ async def test_only_raw_frames_waiting_linger_too_and_close_counts_them_undelive
     assert buffer.close(taken) == 2
 
 
+async def test_in_spool_mode_a_handover_counts_only_its_own_contracts_spooled_records(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1 << 20)
+    spool.open()
+    buffer = DeliveryBuffer(spooling(spool, spool_after_records=1), metrics=Metrics(), spool=spool)
+    for contract, sequence in (("A", 1), ("B", 1), ("A", 2)):
+        add(buffer, contract, sequence)
+    assert spool.records == 3
+    assert (buffer.pending({b"A"}, None), buffer.pending({b"B"}, None), buffer.pending({b"C"}, None)) == (2, 1, 0)
+    taken = await take(buffer, 2)
+    assert buffer.pending({b"A"}, taken) == 2 + 1, "in flight from the spool, and still in it until acknowledged"
+    buffer.settle(taken, [True, True])
+    assert (buffer.pending({b"A"}, None), buffer.pending({b"B"}, None)) == (1, 0)
+
+
 async def test_in_spool_mode_raw_frames_are_spooled_as_records(tmp_path: Path) -> None:
     spool = Spool(tmp_path, max_bytes=1 << 20)
     spool.open()

@@ -69,6 +69,24 @@ def test_acknowledgements_out_of_order_commit_only_the_contiguous_prefix(tmp_pat
     assert spool.records == 0
 
 
+def test_unacknowledged_records_are_counted_per_key_and_recounted_from_disk(tmp_path: Path) -> None:
+    spool = opened(tmp_path)
+    for n in (1, 2, 1, 3, 1):
+        spool.append(record(n))
+    spool.append_many([record(2), record(4)])
+    assert (spool.pending({b"1"}), spool.pending({b"2", b"4"}), spool.pending({b"9"})) == (3, 3, 0)
+    read = spool.read(7)
+    spool.acknowledge([read[1], read[2]])  # not contiguous with the committed position: still pending
+    assert spool.pending({b"1", b"2"}) == 5
+    spool.acknowledge([read[0]])
+    assert (spool.pending({b"1"}), spool.pending({b"2"})) == (1, 1)
+    spool.close([record(5)])
+    reopened = opened(tmp_path)
+    assert [reopened.pending({key}) for key in (b"1", b"2", b"3", b"4", b"5")] == [1, 1, 1, 1, 1]
+    reopened.acknowledge(reopened.read(10))
+    assert reopened.pending({b"1", b"2", b"3", b"4", b"5"}) == 0
+
+
 def test_a_torn_last_entry_is_cut_off_and_counted(tmp_path: Path) -> None:
     spool = opened(tmp_path)
     for n in range(3):
