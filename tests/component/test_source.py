@@ -272,11 +272,13 @@ async def test_a_connection_dropped_by_a_new_plan_loses_its_series_a_reopened_on
     assert sample("ime_bridge_connection_up", endpoint="id", connection="id-0") == 0
 
 
+@pytest.mark.parametrize("queue_found", [True, False], ids=["from-the-queue", "recv-only"])
 async def test_a_burst_arrives_whole_and_in_order_with_fragmented_and_binary_messages(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, queue_found: bool
 ) -> None:
     """A burst is read in one go from websockets' queue of frames (source._queued_frames, which must still find
-    it in the installed websockets); fragmented messages in it go through recv() and keep their place."""
+    it in the installed websockets); fragmented messages in it go through recv() and keep their place. Without
+    the queue (a websockets that keeps it elsewhere), recv() alone delivers the same."""
     burst: list[str | bytes | list[str]] = [f"text {n}" for n in range(40)]
     burst[7] = ["frag", "mented ", "seven"]
     burst[20] = b"binary \xff twenty"
@@ -304,7 +306,7 @@ async def test_a_burst_arrives_whole_and_in_order_with_fragmented_and_binary_mes
         def spy(ws: ClientConnection) -> object:
             queue = original(ws)
             found.append(queue is not None)
-            return queue
+            return queue if queue_found else None
 
         monkeypatch.setattr(source_module, "_queued_frames", spy)
         try:
