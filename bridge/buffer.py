@@ -434,9 +434,7 @@ class DeliveryBuffer:
         """Move up to `max_records` raw frames, oldest first, into the round."""
         pending, room = self._raw, max_records
         while pending and room:
-            block = pending[0] if len(pending[0]) <= room else pending[0].split(room)
-            if block is pending[0]:
-                pending.popleft()
+            block = pending.popleft() if len(pending[0]) <= room else pending[0].split(room)
             taken.raw.append(block)
             room -= len(block)
             self._raw_frames -= len(block)
@@ -464,8 +462,9 @@ class DeliveryBuffer:
         """
         self._in_flight = None
         self._in_flight_since = 0.0
-        retry_raw = self._settle_raw(taken.raw, delivered[len(taken.records) :]) if taken.raw else 0
-        if taken.raw:
+        retry_raw = 0
+        if taken.raw:  # the raw frames' flags follow the records'
+            retry_raw = self._settle_raw(taken.raw, delivered[len(taken.records) :])
             delivered = delivered[: len(taken.records)]
         if taken.persisted:  # the round's memory records are in the spool too: settled there
             retry: list[_Entry] = []

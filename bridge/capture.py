@@ -19,7 +19,7 @@ import cramjam
 
 from bridge.logs import log_event
 from bridge.raw import CapturedFrame, NotCaptured, from_json_line, to_json_line
-from bridge.records import Failed, Outcome, OutgoingRecord, RawFrames, RecordKind
+from bridge.records import Failed, Outcome, OutgoingRecord, RawFrames, RecordKind, with_raw_frames
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class CaptureFileSink:
         """Append the round's raw records and frames (one zstd frame for a `.zst` file); rotate once past
         `max_bytes`."""
         assert self._file is not None, "publish before start"
-        records = [*records, *(record for block in raw for record in block.records())]
+        records = with_raw_frames(records, raw)
         lines = []
         for record in records:
             if record.kind is RecordKind.RAW:

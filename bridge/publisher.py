@@ -27,6 +27,7 @@ from bridge.records import (
     SinkUnavailable,
     TooLarge,
     dead_letter,
+    with_raw_frames,
 )
 from bridge.retry import Backoff
 
@@ -138,7 +139,7 @@ class Publisher:
                 self.metrics.messages_published.labels(self.sink.topic(kind)).inc(count)
             return [True] * len(outcomes), 0
         if raw:  # the frames as records of their own: a failed round is no hot path
-            records = [*records, *(record for block in raw for record in block.records())]
+            records = with_raw_frames(records, raw)
         published: dict[RecordKind, int] = {}
         errors: dict[str, int] = {}
         done: list[bool] = []

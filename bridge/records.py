@@ -85,6 +85,12 @@ class RawFrames:
         return head
 
 
+def with_raw_frames(records: Sequence[OutgoingRecord], raw: Sequence[RawFrames]) -> list[OutgoingRecord]:
+    """`records`, then the frames of `raw` as raw records: a round as one list, for what handles records one by one
+    (MemorySink, capture files, a failed round's accounting)."""
+    return [*records, *(record for block in raw for record in block.records())]
+
+
 def raw_frame(frame: bytes, receive_time: int, labels: Headers, key: bytes | None) -> OutgoingRecord:
     """The raw record of one frame (bridge/raw.py), received at `receive_time` (µs since the epoch): its headers are
     its connection's `labels` (endpoint, connection), then the receive time."""
@@ -173,7 +179,7 @@ class MemorySink:
 
     async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
         """Keep `records` and the raw frames as records, or fail each with `fail_with`."""
-        every = [*records, *(record for block in raw for record in block.records())]
+        every = with_raw_frames(records, raw)
         if self.fail_with is not None:
             return [self.fail_with] * len(every)
         self.records.extend(every)

@@ -394,17 +394,17 @@ class KafkaSink:
     ) -> None:
         """Add the raw frames (outcomes from `index` on) to the raw topic's batches, one per partition."""
         topic = self._topics[RecordKind.RAW]
-        count = self._partitions[topic]
-        by_partition: list[_Batch | None] = [None] * count
+        by_partition: list[_Batch | None] = [None] * self._partitions[topic]
+        # By key alone: `_partition`'s cache is keyed by (topic, key), a tuple to build per frame.
         partition_of_key = self._raw_partition_of_key
         for block in raw:
             labels = block.labels
             for frame, key, receive_time in block.frames:
-                if key is None:
-                    partition = self._next_unkeyed = (self._next_unkeyed + 1) % count
-                else:
-                    known = partition_of_key.get(key)
-                    partition = known if known is not None else self._raw_partition(key, count)
+                partition = partition_of_key.get(key) if key is not None else None
+                if partition is None:
+                    partition = self._partition(topic, key)
+                    if key is not None:
+                        partition_of_key[key] = partition
                 batch = by_partition[partition]
                 if batch is None:
                     batch = by_partition[partition] = batches.get((topic, partition)) or _Batch(self._raw_batch())
@@ -414,12 +414,6 @@ class KafkaSink:
                 if outcome is not None:
                     outcomes[index] = outcome
                 index += 1
-
-    def _raw_partition(self, key: bytes, count: int) -> int:
-        """The raw topic's partition of a frame's key (cached: the keys are the contracts subscribed)."""
-        partition: int = (murmur2(key) & 0x7FFFFFFF) % count
-        self._raw_partition_of_key[key] = partition
-        return partition
 
     def _raw_batch_failed(self, exc: KafkaError) -> None:
         """A broker without zstd (before Kafka 2.1) refuses such batches with UNSUPPORTED_COMPRESSION_TYPE, which

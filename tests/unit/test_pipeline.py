@@ -28,6 +28,7 @@ from bridge.records import (
     RecordKind,
     SinkUnavailable,
     TooLarge,
+    with_raw_frames,
 )
 from bridge.retry import Backoff
 from bridge.spool import Spool
@@ -75,7 +76,7 @@ def make_pipeline(
 async def take_all(pipeline: Intake) -> list[OutgoingRecord]:
     """A round's records, then its raw frames as records."""
     taken = await pipeline.buffer.take(1000)
-    return [*taken.records, *(record for block in taken.raw for record in block.records())]
+    return with_raw_frames(taken.records, taken.raw)
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:
