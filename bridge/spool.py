@@ -243,9 +243,7 @@ class Spool:
             spooled.append(SpooledRecord(record, SpoolPosition(self._write_segment, self._write_offset), len(entry)))
         self.records += len(records)
         self.bytes += size
-        keys = self._keys
-        for record in records:
-            keys[record.key] += 1
+        self._keys.update(record.key for record in records)
         self._dirty = True
         return spooled
 
@@ -488,8 +486,7 @@ class Spool:
             segment.flush()
             os.fsync(segment.fileno())
         self.records += len(unsent)
-        for record in unsent:
-            self._keys[record.key] += 1
+        self._keys.update(record.key for record in unsent)
         self._committed = SpoolPosition(number, 0)
         self._write_committed()
         old.unlink(missing_ok=True)
