@@ -32,6 +32,9 @@ from bridge.zonecheck import NaiveZoneCheck
 
 logger = logging.getLogger(__name__)
 
+# A held update of a shard being taken over: (update, headers, when received, receive time in µs).
+_Held = tuple[ContractUpdate, Headers, float, int]
+
 
 class Intake:
     """The synchronous per-frame work of the readers."""
@@ -72,7 +75,7 @@ class Intake:
         self._subscribed: dict[str, tuple[int, set[str]]] = {}
         self._last_state: dict[str, tuple[object, ...]] = {}
         # Contracts of shards being taken over: their updates, held until the previous owner's release.
-        self._holding: dict[str, list[tuple[ContractUpdate, Headers, float, int]]] = {}
+        self._holding: dict[str, list[_Held]] = {}
         # Per contract, the last update queued: its sequence is the next one's minus one, and a release marker
         # carries its time and fingerprint.
         self._last_published: dict[str, ContractUpdate] = {}
@@ -179,19 +182,17 @@ class Intake:
             self._holding.setdefault(contract_id, [])
 
     def release(self, contract_ids: Iterable[str], published: Mapping[str, tuple[int, int]]) -> tuple[int, int]:
-        """Queue what was held of these contracts, dropping each snapshot the previous owner already published
-        (`published`: its last exchange time and fingerprint per contract, from its release marker) or that is
-        older than its last; (queued, dropped)."""
+        """Queue what was held of these contracts, dropping what the previous owner already published
+        (`published`: its last snapshot's exchange time and fingerprint per contract, from its release marker);
+        (queued, dropped)."""
         queued = dropped = 0
         for contract_id in contract_ids:
             held = self._holding.pop(contract_id, [])
             last = published.get(contract_id)
+            repeated = _published_before(held, last) if last is not None else [False] * len(held)
             carry_first = False
-            for update, headers, received, receive_time in held:
-                if last is not None and (
-                    update.exchange_time < last[0]
-                    or (update.exchange_time == last[0] and snapshot_fingerprint(update) == last[1])
-                ):
+            for (update, headers, received, receive_time), repeat in zip(held, repeated, strict=True):
+                if repeat:
                     dropped += 1
                     carry_first = carry_first or update.first_after_subscribe
                     continue
@@ -308,6 +309,22 @@ class Intake:
 def market_state(update: ContractUpdate) -> tuple[object, ...]:
     """A snapshot's market data: what a repeat of it has equal (its times, sequence and flags aside)."""
     return (update.best_limit, update.aggregate, update.allowed_price_range, update.contract_info)
+
+
+def _published_before(held: list[_Held], last: tuple[int, int]) -> list[bool]:
+    """Which held updates the giver published, its last being `last` (exchange time, fingerprint).
+
+    The taker subscribed before the giver stopped, so the giver's last snapshot is normally among the held ones:
+    it and everything received before it were published. Exchange times repeat (two changes in one tick), so
+    time alone cannot say which of two same-time snapshots came first. Without a copy of the giver's last (a
+    server whose subscription snapshot differs), what is older than it was published and the rest is kept.
+    """
+    time, fingerprint = last
+    for index in range(len(held) - 1, -1, -1):
+        update = held[index][0]
+        if update.exchange_time == time and snapshot_fingerprint(update) == fingerprint:
+            return [True] * (index + 1) + [False] * (len(held) - index - 1)
+    return [entry[0].exchange_time < time for entry in held]
 
 
 def snapshot_fingerprint(update: ContractUpdate) -> int:

@@ -91,6 +91,41 @@ async def test_a_different_snapshot_at_the_givers_last_time_is_kept_and_no_marke
     assert intake.release(["1002"], {}) == (1, 0), "a giver that wrote no marker (timeout): nothing dropped"
 
 
+def test_snapshots_sharing_the_givers_last_time_are_told_apart_by_their_order() -> None:
+    """Two changes in one tick share an exchange time: what came before the giver's last was published too
+    (the CI failure of 2026-12-07: the first of two same-time snapshots went out again after the second)."""
+    giver = make_intake()
+    for open_interest in (7, 8):
+        giver.on_frame(snapshot("1001", 2, open_interest), 1, TAKER)
+    taker = make_intake()
+    taker.hold(["1001"])
+    for open_interest in (7, 8, 9):
+        taker.on_frame(snapshot("1001", 2, open_interest), 1, TAKER)
+    assert taker.release(["1001"], giver.last_published(["1001"])) == (1, 2)
+
+
+@given(
+    ticks=st.lists(st.integers(min_value=1, max_value=3), min_size=1, max_size=12),
+    data=st.data(),
+)
+def test_the_taker_publishes_exactly_what_follows_the_givers_last(ticks: list[int], data: st.DataObject) -> None:
+    """Whatever the exchange times (ticks of one to three changes), wherever the taker's subscription began
+    (at most one past the giver's last: it subscribed before the giver stopped), and whatever the giver's last."""
+    market = [(second, change) for second, changes in enumerate(ticks) for change in range(changes)]
+    given_last = data.draw(st.integers(min_value=0, max_value=len(market) - 1), label="giver's last")
+    subscribed = data.draw(st.integers(min_value=0, max_value=given_last + 1), label="taker's first")
+    giver, taker = make_intake(), make_intake()
+    taker.hold(["1001"])
+    for position, (second, change) in enumerate(market):
+        frame = snapshot("1001", second, open_interest=100 * second + change)
+        if position <= given_last:
+            giver.on_frame(frame, position, TAKER)
+        if position >= subscribed:
+            taker.on_frame(frame, position, TAKER)
+    queued, dropped = taker.release(["1001"], giver.last_published(["1001"]))
+    assert (queued, dropped) == (len(market) - given_last - 1, given_last + 1 - subscribed)
+
+
 async def test_the_last_published_fingerprint_is_that_of_the_snapshot() -> None:
     intake = make_intake()
     intake.on_frame(snapshot("1001", 9), 1, TAKER)
