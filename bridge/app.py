@@ -373,6 +373,9 @@ class Bridge:
                         await running.keeper.leave()
                 except TimeoutError:
                     log_event(logger, logging.WARNING, "handover_at_stop_incomplete", owned=len(running.keeper.owned))
+                # No plan changes the connections from here on (the keeper is done with them, or out of time).
+                running.keeper_task.cancel()
+                await asyncio.gather(running.keeper_task, return_exceptions=True)
                 await running.manager.stop()
                 await running.source.stop()
                 if not running.publisher_task.done():

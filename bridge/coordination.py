@@ -73,6 +73,38 @@ class ReleaseMarker:
             return None
 
 
+@dataclass(frozen=True)
+class SubscribedMarker:
+    """A taker's word that its connections for `shard` are open: the giver may stop serving the shard.
+    (Not a ReleaseMarker: it has no `last`, so members that do not confirm ignore it.)"""
+
+    shard: int
+    token: str
+
+    def encode(self) -> bytes:
+        """The marker as a control-topic record value."""
+        return json.dumps({"shard": self.shard, "token": self.token, "subscribed": True}, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, value: bytes | None) -> SubscribedMarker | None:
+        """A marker, or None for a value that is not one."""
+        try:
+            document = json.loads(value or b"")
+            if document["subscribed"] is not True:
+                return None
+            return cls(int(document["shard"]), str(document["token"]))
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+
+
+Marker = ReleaseMarker | SubscribedMarker
+
+
+def read_marker(value: bytes | None) -> Marker | None:
+    """Whichever marker a control-topic record holds, or None."""
+    return SubscribedMarker.decode(value) or ReleaseMarker.decode(value)
+
+
 async def control_topic_partitions(admin: AIOKafkaAdminClient, settings: CoordinationSettings) -> int | None:
     """The partitions of the control topic, or None when it does not exist yet."""
     if settings.topic not in set(await admin.list_topics()):
@@ -111,6 +143,12 @@ class ShardGroup(Protocol):
     async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
         """The giver's marker with `token` (the caller bounds the wait)."""
 
+    async def publish_subscribed(self, marker: SubscribedMarker) -> None:
+        """Write a subscribed marker (raises CoordinationUnavailable when Kafka does not take it)."""
+
+    async def wait_subscribed(self, shard: int, token: str) -> SubscribedMarker:
+        """The taker's marker with `token` (the caller bounds the wait)."""
+
 
 @dataclass
 class SoleOwner:
@@ -133,6 +171,14 @@ class SoleOwner:
         """Nobody reads it."""
 
     async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
+        """There are no handovers in a group of one: nothing ever comes."""
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def publish_subscribed(self, marker: SubscribedMarker) -> None:
+        """Nobody reads it."""
+
+    async def wait_subscribed(self, shard: int, token: str) -> SubscribedMarker:
         """There are no handovers in a group of one: nothing ever comes."""
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
@@ -168,14 +214,14 @@ class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             handovers=sum(len(plan.acquire) for plan in plans.values()),
         )
         return {
-            member: ConsumerProtocolMemberAssignment(self.version, [(self.topic, sorted(plan.shards))], plan.encode())
+            member: ConsumerProtocolMemberAssignment(self.version, [(self.topic, plan.partitions)], plan.encode())
             for member, plan in plans.items()
         }
 
     def on_assignment(self, assignment: ConsumerProtocolMemberAssignment) -> None:
         """This member's plan, read before the listener hears of the partitions."""
-        shards = [shard for topic, partitions in assignment.assignment for shard in partitions if topic == self.topic]
-        self.plan = MemberPlan.decode(shards, assignment.user_data)
+        assigned = [shard for topic, partitions in assignment.assignment for shard in partitions if topic == self.topic]
+        self.plan = MemberPlan.decode(assigned, assignment.user_data)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -209,13 +255,13 @@ class KafkaShardGroup:
         self.plans: asyncio.Queue[MemberPlan] = asyncio.Queue()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
-        self._waiting: dict[str, asyncio.Future[ReleaseMarker]] = {}
-        self._early: OrderedDict[str, ReleaseMarker] = OrderedDict()
+        self._waiting: dict[tuple[type[Marker], str], asyncio.Future[Marker]] = {}
+        self._early: OrderedDict[tuple[type[Marker], str], Marker] = OrderedDict()
         self._reader: asyncio.Task[None] | None = None
 
     def _current_claim(self) -> MemberClaim:
         claim = self._claim()
-        return MemberClaim(claim.owned, leaving=self._leaving, epoch=claim.epoch)
+        return MemberClaim(claim.owned, leaving=self._leaving, epoch=claim.epoch, confirms=claim.confirms)
 
     async def start(self) -> None:
         """Make sure the control topic exists with one partition per shard, then join."""
@@ -283,33 +329,34 @@ class KafkaShardGroup:
                 continue
             for records in batches.values():
                 for record in records:
-                    marker = ReleaseMarker.decode(record.value)
+                    marker = read_marker(record.value)
                     if marker is not None:
                         self._arrived(marker)
 
-    def _arrived(self, marker: ReleaseMarker) -> None:
-        waiter = self._waiting.pop(marker.token, None)
+    def _arrived(self, marker: Marker) -> None:
+        key = (type(marker), marker.token)
+        waiter = self._waiting.pop(key, None)
         if waiter is not None:
             if not waiter.done():
                 waiter.set_result(marker)
             return
-        self._early[marker.token] = marker
+        self._early[key] = marker
         while len(self._early) > _EARLY_MARKERS:
             self._early.popitem(last=False)
 
-    async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
-        """The giver's marker with `token` (the caller bounds the wait)."""
-        early = self._early.pop(token, None)
+    async def _wait_marker(self, kind: type[Marker], token: str) -> Marker:
+        key = (kind, token)
+        early = self._early.pop(key, None)
         if early is not None:
             return early
-        waiter: asyncio.Future[ReleaseMarker] = asyncio.get_running_loop().create_future()
-        self._waiting[token] = waiter
+        waiter: asyncio.Future[Marker] = asyncio.get_running_loop().create_future()
+        self._waiting[key] = waiter
         try:
             return await waiter
         finally:
-            self._waiting.pop(token, None)
+            self._waiting.pop(key, None)
 
-    async def publish_release(self, marker: ReleaseMarker) -> None:
+    async def _publish_marker(self, marker: Marker) -> None:
         """Write `marker` to its shard's partition, acknowledged by all in-sync replicas."""
         assert self._producer is not None
         try:
@@ -317,7 +364,28 @@ class KafkaShardGroup:
                 self._settings.topic, marker.encode(), key=str(marker.shard).encode(), partition=marker.shard
             )
         except KafkaError as exc:
-            raise CoordinationUnavailable(f"cannot write the release of shard {marker.shard}: {exc!r}") from exc
+            what = "release" if isinstance(marker, ReleaseMarker) else "subscription"
+            raise CoordinationUnavailable(f"cannot write the {what} of shard {marker.shard}: {exc!r}") from exc
+
+    async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
+        """The giver's marker with `token` (the caller bounds the wait)."""
+        marker = await self._wait_marker(ReleaseMarker, token)
+        assert isinstance(marker, ReleaseMarker)
+        return marker
+
+    async def publish_release(self, marker: ReleaseMarker) -> None:
+        """Write `marker` (the taker reads its shard's partition)."""
+        await self._publish_marker(marker)
+
+    async def wait_subscribed(self, shard: int, token: str) -> SubscribedMarker:
+        """The taker's marker with `token` (the caller bounds the wait)."""
+        marker = await self._wait_marker(SubscribedMarker, token)
+        assert isinstance(marker, SubscribedMarker)
+        return marker
+
+    async def publish_subscribed(self, marker: SubscribedMarker) -> None:
+        """Write `marker` (the giver is assigned the shard's partition until its release)."""
+        await self._publish_marker(marker)
 
     async def leave(self) -> None:
         """Rejoin as leaving: the leader gives this member nothing, and the others take its shards by handover."""

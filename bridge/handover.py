@@ -1,17 +1,20 @@
 """The shard keeper: applies the group's plans to the subscriptions, handing shards over without disorder.
 
-For every new plan (bridge/coordination.py), the keeper changes the connections once (the manager's reconcile:
-the lost shards' connections close, the gained ones' open), then, for each shard at once:
+For every new plan (bridge/coordination.py), the keeper changes the connections (the manager's reconcile: the
+gained shards' connections open, the lost ones' close), then, for each shard at once:
+- gained from a live member: its contracts' updates are held from the first frame; once the shard's
+  connections are open the keeper says so (a subscribed marker), then waits for the giver's release marker
+  (or the timeout), and queues what was held, minus what the marker says was already published;
+- lost to a member that confirms (`MemberPlan.confirmed`): served on until the taker's subscribed marker (at
+  most `coordination.handover_timeout_seconds`), so that no change of the exchange falls between the giver's
+  last frame and the taker's first; then its connections close;
 - lost: waits until nothing of its contracts is left unacknowledged (memory, a round in flight, the spool),
-  at most `coordination.handover_timeout_seconds` (what is left is counted in
-  ime_bridge_handover_undelivered_records), then writes the release marker with the plan's token and the
-  last snapshot it published per contract;
-- gained from a live member: its contracts' updates are held from the first frame until that member's
-  marker arrives (or the timeout runs out), then queued, minus what the marker says was already published.
-  So the giver's last record of a contract precedes the taker's first, and the frames in between are
-  neither lost (the taker subscribed before the giver stopped) nor repeated;
+  at most the timeout again (what is left is counted in ime_bridge_handover_undelivered_records), then writes
+  the release marker with the plan's token and the last snapshot it published per contract;
 - gained from nobody (its owner died): served at once.
-A plan is applied whole before the next one; the claim a member joins with is always its latest plan's shards.
+So the giver's last record of a contract precedes the taker's first, and the frames in between are neither
+lost (the taker subscribed before the giver stopped) nor repeated. A plan is applied whole before the next;
+the claim a member joins with is always its latest plan's shards.
 """
 
 from __future__ import annotations
@@ -20,12 +23,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from bridge.buffer import DeliveryBuffer
 from bridge.config import CoordinationSettings
-from bridge.coordination import CoordinationUnavailable, ReleaseMarker, ShardGroup
+from bridge.coordination import CoordinationUnavailable, ReleaseMarker, ShardGroup, SubscribedMarker
 from bridge.intake import Intake
 from bridge.logs import log_event
 from bridge.metrics import Metrics
@@ -37,8 +40,9 @@ from bridge.subscriptions import SubscriptionManager
 
 logger = logging.getLogger(__name__)
 
-# How often a release looks whether its contracts' records are all acknowledged.
-_DRAIN_POLL_SECONDS = 0.02
+# How often a release looks whether its contracts' records are all acknowledged, and a takeover whether its
+# connections are open.
+_POLL_SECONDS = 0.02
 
 
 @dataclass
@@ -56,6 +60,7 @@ class ShardKeeper:
     epoch: int = 0  # of the plan that gave `owned`
     joined: bool = False  # a plan of the group was applied
     _handed_over: asyncio.Event = field(default_factory=asyncio.Event)  # owns nothing, and no release is running
+    _serving_on: set[int] = field(default_factory=set)  # released, served until the taker has subscribed
 
     def __post_init__(self) -> None:
         self.manager.owns = self.owns
@@ -66,7 +71,7 @@ class ShardKeeper:
 
     def claim(self) -> MemberClaim:
         """What this member says when it joins: the shards of its latest plan, and that plan's epoch."""
-        return MemberClaim(self.owned, epoch=self.epoch)
+        return MemberClaim(self.owned, epoch=self.epoch, confirms=True)
 
     def shard(self, endpoint: Endpoint, identifier: str) -> int:
         """A configured contract's shard (a name's by its resolved id; an unresolved name's by itself)."""
@@ -76,12 +81,14 @@ class ShardKeeper:
         return shard_of(contract_id, self.settings.shards)
 
     def owns(self, endpoint: Endpoint, identifier: str) -> bool:
-        """Whether a configured contract is in an owned shard."""
-        return self.shard(endpoint, identifier) in self.owned
+        """Whether a configured contract is in an owned shard (or one released and served until its taker
+        has subscribed)."""
+        shard = self.shard(endpoint, identifier)
+        return shard in self.owned or shard in self._serving_on
 
     def connection_group(self, endpoint: Endpoint, identifier: str) -> str:
         """`s<shard>`: a shard's contracts get connections of their own, so that it moves alone."""
-        return f"s{self.shard(endpoint, identifier)}"
+        return _group_name(self.shard(endpoint, identifier))
 
     def _contracts_of(self, shards: Collection[int]) -> set[str]:
         return self.manager.contract_ids(lambda contract_id: shard_of(contract_id, self.settings.shards) in shards)
@@ -118,6 +125,7 @@ class ShardKeeper:
             return
         taken_over = {shard: token for shard, token in plan.acquire.items() if shard in gained}
         self.intake.hold(self._contracts_of(set(taken_over)))
+        self._serving_on = {shard for shard in lost if shard in plan.confirmed and shard in plan.release}
         self.owned = plan.shards
         self.metrics.owned_shards.set(len(plan.shards))
         await self.manager.reconcile()
@@ -136,15 +144,22 @@ class ShardKeeper:
         )
 
     async def _release(self, shard: int, token: str | None) -> None:
-        """Deliver what is held for `shard`'s contracts (within the timeout), then say so with the marker."""
+        """Serve `shard` until its taker has subscribed (a confirmed handover), then deliver what is held for its
+        contracts (within the timeout each), then say so with the marker."""
         started = time.monotonic()
+        timeout = self.settings.handover_timeout_seconds
+        if shard in self._serving_on and token is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.group.wait_subscribed(shard, token)
+            except TimeoutError:
+                log_event(logger, logging.WARNING, "subscribed_marker_missing", shard=shard)
+            self._serving_on.discard(shard)
+            await self.manager.reconcile()
         contracts = self._contracts_of({shard})
         keys = {contract_id.encode() for contract_id in contracts}
-        deadline = started + self.settings.handover_timeout_seconds
+        await _poll_until(lambda: not self.buffer.pending(keys, self.publisher.in_flight), timeout)
         left = self.buffer.pending(keys, self.publisher.in_flight)
-        while left and time.monotonic() < deadline:
-            await asyncio.sleep(_DRAIN_POLL_SECONDS)
-            left = self.buffer.pending(keys, self.publisher.in_flight)
         self.metrics.handover_undelivered_records.set(left)
         if left:
             log_event(logger, logging.ERROR, "handover_undelivered", shard=shard, records=left)
@@ -156,11 +171,19 @@ class ShardKeeper:
         self.metrics.handover_seconds.labels("release").observe(time.monotonic() - started)
 
     async def _acquire(self, shard: int, token: str) -> None:
-        """Hold `shard`'s contracts until the giver's marker (or the timeout), then queue what it did not publish."""
+        """Say when `shard`'s connections are open, hold its contracts until the giver's marker (or the
+        timeout), then queue what the giver did not publish."""
         started = time.monotonic()
+        timeout = self.settings.handover_timeout_seconds
+        # A server refusing or not answering: said after the timeout, the giver stops then anyway.
+        await _poll_until(lambda: self.manager.source.streaming(_group_name(shard)), timeout)
+        try:
+            await self.group.publish_subscribed(SubscribedMarker(shard, token))
+        except CoordinationUnavailable as exc:  # the giver stops after its timeout instead
+            log_event(logger, logging.ERROR, "subscribed_marker_failed", shard=shard, error=str(exc))
         marker = None
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.handover_timeout_seconds):
+            async with asyncio.timeout(timeout):
                 marker = await self.group.wait_release(shard, token)
         if marker is None:
             log_event(logger, logging.WARNING, "release_marker_missing", shard=shard)
@@ -192,3 +215,17 @@ class ShardKeeper:
             return
         await self.group.leave()
         await self._handed_over.wait()
+
+
+def _group_name(shard: int) -> str:
+    return f"s{shard}"
+
+
+async def _poll_until(condition: Callable[[], bool], within: float) -> None:
+    """Return once `condition()` holds or `within` seconds have passed, looking every _POLL_SECONDS (the buffer
+    and the source signal neither, and handovers are rare)."""
+    deadline = time.monotonic() + within
+    met = condition()
+    while not met and time.monotonic() < deadline:
+        await asyncio.sleep(_POLL_SECONDS)
+        met = condition()

@@ -3,8 +3,9 @@
 A contract belongs to shard `crc32(contract id) mod shards`, the same in every process and every version.
 Replicas own shards; the group leader decides who owns what with `assign_shards`, which keeps every member's
 shards up to its fair share (so a member joining or leaving moves as few shards as possible), and names a
-handover token for every shard that moves from one live member to another: the giver writes a release
-marker with that token once it has delivered what it held, and the taker publishes only after reading it.
+handover token for every shard that moves from one live member to another: the taker says when it is
+subscribed (a handover between members that confirm), the giver then stops, writes a release marker with that
+token once it has delivered what it held, and the taker publishes only after reading it.
 """
 
 from __future__ import annotations
@@ -23,43 +24,64 @@ def shard_of(contract_id: str, shards: int) -> int:
 @dataclass(frozen=True)
 class MemberPlan:
     """One member's part of an assignment: its shards, the handovers it takes part in (shard → token), and the
-    assignment's epoch (one more than any claim's, so that a later claim always says which plan it holds)."""
+    assignment's epoch (one more than any claim's, so that a later claim always says which plan it holds).
+
+    `confirmed`: released shards whose taker says when it is subscribed (a `SubscribedMarker`): the giver serves
+    them until then, so that no change of the exchange falls between its last frame and the taker's first. The
+    giver is assigned their control partitions too, to read that marker.
+    """
 
     shards: frozenset[int]
     acquire: Mapping[int, str] = field(default_factory=dict)  # wait for the giver's marker with this token
     release: Mapping[int, str] = field(default_factory=dict)  # deliver, then write the marker with this token
     epoch: int = 0
+    confirmed: frozenset[int] = frozenset()
+
+    @property
+    def partitions(self) -> list[int]:
+        """The control-topic partitions this member reads: its shards' and those of confirmed releases."""
+        return sorted(self.shards | self.confirmed)
 
     def encode(self) -> bytes:
         """The handovers as the assignment's user data (the shards travel as the assigned partitions)."""
-        document = {"acquire": self.acquire, "release": self.release, "epoch": self.epoch}
+        document = {
+            "acquire": self.acquire,
+            "release": self.release,
+            "epoch": self.epoch,
+            "confirmed": sorted(self.confirmed),
+        }
         return json.dumps(document, sort_keys=True).encode()
 
     @classmethod
-    def decode(cls, shards: Collection[int], user_data: bytes) -> MemberPlan:
-        """The plan of a member assigned `shards` with `user_data`; data that does not parse means no handover."""
+    def decode(cls, partitions: Collection[int], user_data: bytes) -> MemberPlan:
+        """The plan of a member assigned `partitions` with `user_data`; data that does not parse means no
+        handover."""
         try:
             document = json.loads(user_data) if user_data else {}
             acquire = {int(shard): str(token) for shard, token in document.get("acquire", {}).items()}
             release = {int(shard): str(token) for shard, token in document.get("release", {}).items()}
             epoch = int(document.get("epoch", 0))
+            confirmed = frozenset(int(shard) for shard in document.get("confirmed", ()) if int(shard) in release)
         except (ValueError, TypeError, AttributeError):
-            acquire, release, epoch = {}, {}, 0
-        return cls(frozenset(shards), acquire, release, epoch)
+            acquire, release, epoch, confirmed = {}, {}, 0, frozenset()
+        return cls(frozenset(partitions) - confirmed, acquire, release, epoch, confirmed)
 
 
 @dataclass(frozen=True)
 class MemberClaim:
-    """What a member says when it joins: the shards it serves now, the epoch of the plan that gave them, and
-    whether it is leaving (a SIGTERM)."""
+    """What a member says when it joins: the shards it serves now, the epoch of the plan that gave them,
+    whether it is leaving (a SIGTERM), and whether it confirms its subscriptions when it takes a shard over
+    (members of earlier versions do not: a handover between two members that do is confirmed)."""
 
     owned: frozenset[int] = frozenset()
     leaving: bool = False
     epoch: int = 0
+    confirms: bool = False
 
     def encode(self) -> bytes:
         """The claim as the join's user data."""
-        return json.dumps({"owned": sorted(self.owned), "leaving": self.leaving, "epoch": self.epoch}).encode()
+        document = {"owned": sorted(self.owned), "leaving": self.leaving, "epoch": self.epoch}
+        return json.dumps({**document, "confirms": self.confirms}).encode()
 
     @classmethod
     def decode(cls, user_data: bytes) -> MemberClaim:
@@ -67,7 +89,8 @@ class MemberClaim:
         try:
             document = json.loads(user_data) if user_data else {}
             owned = frozenset(int(shard) for shard in document.get("owned", []))
-            return cls(owned, bool(document.get("leaving")), int(document.get("epoch", 0)))
+            confirms = document.get("confirms") is True
+            return cls(owned, bool(document.get("leaving")), int(document.get("epoch", 0)), confirms)
         except (ValueError, TypeError, AttributeError):
             return cls()
 
@@ -104,17 +127,22 @@ def assign_shards(shards: int, claims: Mapping[str, MemberClaim], token: Callabl
             assigned[member].add(next(free))
     acquire: dict[str, dict[int, str]] = {member: {} for member in claims}
     release: dict[str, dict[int, str]] = {member: {} for member in claims}
+    confirmed: dict[str, set[int]] = {member: set() for member in claims}
     for member, mine in assigned.items():
         for shard in mine:
             giver = owner.get(shard)
             if giver is not None and giver != member:
                 acquire[member][shard] = release[giver][shard] = token()
+                if claims[giver].confirms and claims[member].confirms:
+                    confirmed[giver].add(shard)
     # A claimant that lost a shard to a later claim releases it too (it stops and drains); nobody waits for it.
     for member, claim in claims.items():
         for shard in claim.owned:
             if shard in owner and owner[shard] != member and shard not in release[member]:
                 release[member][shard] = token()
     return {
-        member: MemberPlan(frozenset(assigned.get(member, ())), acquire[member], release[member], epoch)
+        member: MemberPlan(
+            frozenset(assigned.get(member, ())), acquire[member], release[member], epoch, frozenset(confirmed[member])
+        )
         for member in claims
     }

@@ -213,7 +213,9 @@ class WebSocketSource:
         self._connections[name] = _Connection(subscription, task)
 
     async def _close(self, name: str) -> None:
-        connection = self._connections.pop(name)
+        connection = self._connections.pop(name, None)
+        if connection is None:  # closed meanwhile by `stop` (a shutdown during a handover's reconcile)
+            return
         if connection.ws is not None:
             await connection.ws.close(1001, "subscription changed")
         connection.task.cancel()
@@ -236,6 +238,11 @@ class WebSocketSource:
             }
             for name, connection in self._connections.items()
         }
+
+    def streaming(self, group: str) -> bool:
+        """Whether every connection of `group` (bridge/planner.py's connection groups) is open: the server has
+        its subscriptions (they travel in the URL)."""
+        return all(c.up for c in self._connections.values() if c.subscription.group == group)
 
     @property
     def connections_up(self) -> int:

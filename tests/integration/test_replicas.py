@@ -215,6 +215,7 @@ async def test_graceful_handovers_lose_reorder_and_repeat_nothing(kafka_broker: 
         dropped = sum([await p.metric("ime_bridge_handover_duplicates_dropped_total") for p in (*staying, joining)])
         await group.simulator.stall_and_settle()
         sent = group.simulator.sent_frames()
+        unheard = dict(group.simulator.counters.unheard)
         made = market(sent)
         last_made = {contract: identities[-1] for contract, identities in made.items()}
 
@@ -246,6 +247,8 @@ async def test_graceful_handovers_lose_reorder_and_repeat_nothing(kafka_broker: 
             lost[contract] = len(missing)
         assert not sessions_interleaved(values[contract]), f"A, B, A sessions for {contract}"
     assert not lost, f"snapshots lost per contract: {lost}\n{group.logs()}"
+    # Changes the exchange made while no replica was subscribed: lost to every consumer, although unsent.
+    assert not unheard, f"changes made while no replica subscribed, per contract: {unheard}\n{group.logs()}"
     assert not reordered, "\n".join([*reordered, group.logs()])
     assert duplicated <= ROUND_RECORDS, f"{duplicated} duplicates, more than one round"
     handed = sum(1 for vs in values.values() if len({v["session_id"] for v in vs}) > 1)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from bridge.buffer import DeliveryBuffer
 from bridge.config import BufferSettings, CoordinationSettings
-from bridge.coordination import ReleaseMarker
+from bridge.coordination import ReleaseMarker, SubscribedMarker, read_marker
 from bridge.encode import load_schema
 from bridge.handover import ShardKeeper
 from bridge.intake import Intake, snapshot_fingerprint
@@ -139,19 +139,25 @@ async def test_the_last_published_fingerprint_is_that_of_the_snapshot() -> None:
 def test_markers_read_back() -> None:
     marker = ReleaseMarker(5, "abc", {"1001": (1_700_000_000_000_000, 12345)})
     assert ReleaseMarker.decode(marker.encode()) == marker
+    assert read_marker(marker.encode()) == marker
+    subscribed = SubscribedMarker(5, "abc")
+    assert read_marker(subscribed.encode()) == subscribed
+    assert ReleaseMarker.decode(subscribed.encode()) is None, "an earlier version reads it as nothing"
 
 
 @given(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
 def test_any_bytes_on_the_control_topic_read_as_a_marker_a_claim_and_a_plan_or_as_nothing(value: bytes) -> None:
-    marker = ReleaseMarker.decode(value)
-    assert marker is None or isinstance(marker, ReleaseMarker)
+    marker = read_marker(value)
+    assert marker is None or isinstance(marker, ReleaseMarker | SubscribedMarker)
     assert isinstance(MemberClaim.decode(value), MemberClaim)
     assert MemberPlan.decode({1}, value).shards == frozenset({1})
 
 
 @given(
     st.dictionaries(
-        st.sampled_from(["shard", "token", "last", "owned", "leaving", "acquire", "release"]),
+        st.sampled_from(
+            ["shard", "token", "last", "subscribed", "owned", "leaving", "confirms", "acquire", "release", "confirmed"]
+        ),
         st.recursive(
             st.none() | st.booleans() | st.integers() | st.text(max_size=5), lambda c: st.lists(c, max_size=3)
         ),
@@ -159,16 +165,21 @@ def test_any_bytes_on_the_control_topic_read_as_a_marker_a_claim_and_a_plan_or_a
 )
 def test_json_of_the_wrong_shape_reads_as_nothing_rather_than_raising(document: dict[str, object]) -> None:
     value = json.dumps(document).encode()
-    ReleaseMarker.decode(value)
+    read_marker(value)
     MemberClaim.decode(value)
     MemberPlan.decode(set(), value)
 
 
 class FakeSource:
-    """What the manager asks of the source: the subscriptions kept, and a new plan to keep."""
+    """What the manager and the keeper ask of the source: the subscriptions kept, a new plan to keep, whether a
+    shard's connections are open (all are, unless `connecting` names the shard's group)."""
 
     def __init__(self) -> None:
         self.subscriptions: list[Subscription] = []
+        self.connecting: set[str] = set()
+
+    def streaming(self, group: str) -> bool:
+        return group not in self.connecting
 
     async def apply(self, plan: list[Subscription]) -> set[str]:
         opened = {s.name for s in plan} - {s.name for s in self.subscriptions}
@@ -182,7 +193,9 @@ class FakeGroup:
     def __init__(self) -> None:
         self.plans: asyncio.Queue[MemberPlan] = asyncio.Queue()
         self.released: list[ReleaseMarker] = []
+        self.subscribed: list[SubscribedMarker] = []
         self.markers: dict[str, asyncio.Future[ReleaseMarker]] = {}
+        self.subscriptions: dict[str, asyncio.Future[SubscribedMarker]] = {}
 
     async def start(self) -> None:
         pass
@@ -198,6 +211,12 @@ class FakeGroup:
 
     async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
         return await self.markers.setdefault(token, asyncio.get_running_loop().create_future())
+
+    async def publish_subscribed(self, marker: SubscribedMarker) -> None:
+        self.subscribed.append(marker)
+
+    async def wait_subscribed(self, shard: int, token: str) -> SubscribedMarker:
+        return await self.subscriptions.setdefault(token, asyncio.get_running_loop().create_future())
 
 
 SHARDS = 4  # with 4 shards: 1005 → 0, 1001 → 1, 1004 → 2, 1002 → 3
@@ -254,6 +273,33 @@ async def test_the_keeper_subscribes_its_shards_releases_after_delivery_and_take
     await handover
     assert len(keeper.intake.buffer) == 1
     assert not keeper.serves_nothing()
+
+
+async def test_a_confirmed_handover_serves_on_until_the_taker_has_subscribed() -> None:
+    keeper, group, source = make_keeper(["1001", "1002", "1004", "1005"])
+    await keeper.apply(MemberPlan(frozenset({0, 1})))
+    # Shard 1 goes to a member that confirms; shard 3 comes from one, its connection not open yet.
+    source.connecting.add("s3")
+    plan = MemberPlan(frozenset({0, 3}), {3: "t3"}, {1: "t1"}, confirmed=frozenset({1}))
+    handover = asyncio.create_task(keeper.apply(plan))
+    await wait_for(lambda: "id-s3-0" in {s.name for s in source.subscriptions}, what="shard 3's connection")
+    await asyncio.sleep(0.1)
+    assert "id-s1-0" in {s.name for s in source.subscriptions}, "shard 1 served until its taker subscribed"
+    assert keeper.claim().owned == frozenset({0, 3}), "the claim is the plan's shards"
+    assert not group.subscribed, "shard 3's connection is not open yet"
+    keeper.intake.on_frame(snapshot("1001", 1), 1, ConnectionInfo(source.subscriptions[1], 1))
+    assert len(keeper.intake.buffer) == 1, "still published by this member"
+
+    source.connecting.clear()
+    await wait_for(lambda: bool(group.subscribed), what="the subscribed marker of shard 3")
+    assert group.subscribed == [SubscribedMarker(3, "t3")]
+    group.subscriptions["t1"].set_result(SubscribedMarker(1, "t1"))
+    await wait_for(lambda: "id-s1-0" not in {s.name for s in source.subscriptions}, what="shard 1's connection closed")
+    keeper.intake.buffer.settle(await keeper.intake.buffer.take(10), [True])
+    await wait_for(lambda: bool(group.released), within=5, what="the release marker")
+    assert [(m.shard, m.token, list(m.last)) for m in group.released] == [(1, "t1", ["1001"])]
+    group.markers["t3"].set_result(ReleaseMarker(3, "t3", {}))
+    await handover
 
 
 async def test_a_replica_owning_no_configured_contract_serves_nothing_and_leaving_hands_everything_over() -> None:

@@ -61,11 +61,28 @@ def test_an_expelled_member_that_rejoins_releases_what_went_on_without_it() -> N
     assert {plan.epoch for plan in plans.values()} == {6}
 
 
+def test_a_handover_between_members_that_confirm_is_confirmed_and_the_giver_reads_its_partition() -> None:
+    new = {m: MemberClaim(frozenset(range(4 * n, 4 * n + 4)), confirms=True) for n, m in enumerate("ab")}
+    plans = assign(8, new | {"c": MemberClaim(confirms=True)})
+    for giver in "ab":
+        assert plans[giver].confirmed == frozenset(plans[giver].release), "every handover to c is confirmed"
+        assert plans[giver].partitions == sorted(plans[giver].shards | set(plans[giver].release))
+        decoded = MemberPlan.decode(plans[giver].partitions, plans[giver].encode())
+        assert decoded == plans[giver], "the partitions of confirmed releases are not shards"
+    # A member of an earlier version takes over (or gives) without confirming: nobody waits for it.
+    mixed = assign(8, new | {"c": MemberClaim()})
+    assert all(not plan.confirmed for plan in mixed.values())
+    assert all(plan.partitions == sorted(plan.shards) for plan in mixed.values())
+
+
 def test_plans_and_claims_read_back_and_garbage_reads_as_nothing() -> None:
     plan = MemberPlan(frozenset({1, 2}), {1: "x"}, {7: "y"}, epoch=3)
     assert MemberPlan.decode({1, 2}, plan.encode()) == plan
-    claim = MemberClaim(frozenset({3}), leaving=True, epoch=9)
+    confirming = MemberPlan(frozenset({1, 2}), {}, {7: "y"}, epoch=3, confirmed=frozenset({7}))
+    assert MemberPlan.decode({1, 2, 7}, confirming.encode()) == confirming
+    claim = MemberClaim(frozenset({3}), leaving=True, epoch=9, confirms=True)
     assert MemberClaim.decode(claim.encode()) == claim
+    assert MemberClaim.decode(b'{"owned": [3], "epoch": 9}').confirms is False, "an earlier version's claim"
     for garbage in (b"", b"\xff", b"[]", b'{"owned": "x"}', b'{"acquire": 3}', b"null"):
         assert MemberClaim.decode(garbage).owned == frozenset()
         assert MemberPlan.decode({0}, garbage) == MemberPlan(frozenset({0}))
@@ -75,7 +92,13 @@ def test_plans_and_claims_read_back_and_garbage_reads_as_nothing() -> None:
     shards=st.integers(1, 40),
     claims=st.dictionaries(
         st.text("abcdef", min_size=1, max_size=3),
-        st.builds(MemberClaim, st.frozensets(st.integers(-2, 45), max_size=12), st.booleans(), st.integers(0, 3)),
+        st.builds(
+            MemberClaim,
+            st.frozensets(st.integers(-2, 45), max_size=12),
+            st.booleans(),
+            st.integers(0, 3),
+            st.booleans(),
+        ),
         max_size=6,
     ),
 )
@@ -96,6 +119,8 @@ def test_every_shard_has_exactly_one_staying_owner_and_shares_differ_by_at_most_
         for shard, token in plans[member].acquire.items():
             assert shard in plans[member].shards
             assert any(plans[giver].release.get(shard) == token for giver in claims if giver != member)
+        assert plans[member].confirmed <= set(plans[member].release) - plans[member].shards
+        assert not plans[member].confirmed or claim.confirms
     # A member keeps the shards it wins (it claims them from the latest epoch) up to its share
     for member in staying:
         valid = {s for s in claims[member].owned if 0 <= s < shards}

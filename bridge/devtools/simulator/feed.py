@@ -74,6 +74,9 @@ class Audience(Protocol):
     @property
     def subscribers(self) -> dict[str, list[LiveConnection]]: ...
 
+    @property
+    def ever_subscribed(self) -> set[str]: ...
+
     def open_connections(self) -> list[LiveConnection]: ...
 
     def close_later(self, connection: LiveConnection, code: int, message: bytes) -> None: ...
@@ -233,6 +236,8 @@ class MarketFeed:
         for item in items:
             connections = subscribers.get(item.contract_id)
             if not connections:
+                if item.contract_id in self._audience.ever_subscribed:
+                    self._counters.unheard[item.contract_id] += 1
                 continue
             tail = item.tail
             sent_as = None if type(item) is _BadFrame else item.contract_id

@@ -133,6 +133,7 @@ class LiveEndpoints:
         self._sent = sent
         self._connections: dict[int, LiveConnection] = {}
         self._subscribers: dict[str, list[LiveConnection]] = {}
+        self._ever_subscribed: set[str] = set()
         self._next_connection_id = 1
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -147,6 +148,11 @@ class LiveEndpoints:
     def subscribers(self) -> dict[str, list[LiveConnection]]:
         """Contract id → the connections subscribed to it (only contracts with at least one)."""
         return self._subscribers
+
+    @property
+    def ever_subscribed(self) -> set[str]:
+        """The contracts some connection has subscribed to since the simulator started."""
+        return self._ever_subscribed
 
     def open_connections(self) -> list[LiveConnection]:
         """The streaming connections not being closed."""
@@ -344,6 +350,7 @@ class LiveEndpoints:
         self._connections[connection.info.id] = connection
         for contract_id in connection.info.contract_ids:
             self._subscribers.setdefault(contract_id, []).append(connection)
+        self._ever_subscribed.update(connection.info.contract_ids)
         self._changes.notify()
 
     def _unregister(self, connection: LiveConnection) -> None:

@@ -121,6 +121,8 @@ class SimulatorCounters:
     slow_consumer_closes: int = 0
     close_frames_ignored: int = 0  # clients' close frames left unanswered (ignore_close_frames)
     token_requests_rate_limited: int = 0  # token requests answered 429 by token_rate_limit_seconds
+    # Per contract: changes made while no connection was subscribed to it, after one had been (coverage gaps)
+    unheard: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(frozen=True, slots=True)
