@@ -487,8 +487,8 @@ class CoordinationSettings(_Section):
     )
     handover_timeout_seconds: PositiveSeconds = Field(
         default=10.0,
-        description="A released shard's records are delivered within this bound; its new owner waits at most this "
-        "long for the release.",
+        description="Each step of a handover is bounded by this: the giver serves a released shard until its new "
+        "owner has subscribed, then delivers its records; the new owner waits at most this long for the release.",
     )
     session_timeout_ms: int = Field(
         default=10_000, ge=1000, le=300_000, description="Group session timeout: how soon a dead replica is noticed."

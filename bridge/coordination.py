@@ -1,12 +1,14 @@
-"""The replicas' group: which shards this process owns, decided by a Kafka consumer group, and the release
-markers of handovers, on the control topic (one partition per shard).
+"""The replicas' group: which shards this process owns, decided by a Kafka consumer group, and the markers
+of handovers, on the control topic (one partition per shard).
 
 Membership, failure detection and rebalancing are the group coordinator's (aiokafka's consumer); the only
 thing of ours in it is the assignor, `ShardAssignor`, which runs bridge/shards.py's `assign_shards` when this
 member leads: members say in their join which shards they serve (and whether they are leaving), and each
-gets its shards with the handovers it takes part in. A giver writes a `ReleaseMarker` to the shard's partition
-once it has delivered what it held for the shard; every member reads the partitions it is assigned, so the
-taker sees the marker. `SoleOwner` is the group of one used when `coordination.group_id` is empty.
+gets its shards with the handovers it takes part in. A taker writes a `SubscribedMarker` to the shard's
+partition once its connections are open; a giver writes a `ReleaseMarker` there once it has delivered what it
+held for the shard. Every member reads the partitions it is assigned: its shards', so the taker sees the
+release, and a giver those of the shards it serves until its taker has subscribed. `SoleOwner` is the group
+of one used when `coordination.group_id` is empty.
 """
 
 from __future__ import annotations

@@ -188,10 +188,12 @@ async def test_three_replicas_own_every_contract_once_and_a_kill_9_is_covered_wi
         after = [moment for moment in after if moment > killed_at]
         assert after, f"contract {contract} did not flow again after the kill"
         gaps.append(min(after) - killed_at)
-    assert max(gaps) <= 15, f"worst contract back after {max(gaps):.1f}s"
+    # Every contract subscribed again (by the survivors, once each) within 15 s; a contract's first record
+    # after that comes with its next change, which for an illiquid one of the simulator's market can take seconds.
+    assert covered_after <= 15, f"the survivors subscribed every contract again only after {covered_after:.1f}s"
     print(
         f"\nkill -9 of a replica owning {victim_shards:.0f}/{SHARDS} shards ({len(victims)} contracts): survivors own "
-        f"all after {covered_after:.1f}s; first records of its contracts from the others after "
+        f"and subscribe all after {covered_after:.1f}s; first records of its contracts from the others after "
         f"{min(gaps):.1f}-{max(gaps):.1f}s"
     )
 
