@@ -266,7 +266,10 @@ class KafkaShardGroup:
         return MemberClaim(claim.owned, leaving=self._leaving, epoch=claim.epoch, confirms=claim.confirms)
 
     async def start(self) -> None:
-        """Make sure the control topic exists with one partition per shard, then join."""
+        """Make sure the control topic exists with one partition per shard, then join. Once joined, a no-op:
+        the keeper's task, restarted by its supervisor after a failure, calls it again."""
+        if self._consumer is not None:
+            return
         settings = self._settings
         try:
             await self._ensure_topic()

@@ -22,7 +22,11 @@ from typing import Any
 import pytest
 from aiokafka import ConsumerRecord
 
+from bridge.config import CoordinationSettings, KafkaSettings
+from bridge.coordination import KafkaShardGroup
 from bridge.devtools.simulator import SentFrame, Simulator, SimulatorConfig
+from bridge.metrics import Metrics
+from bridge.shards import MemberClaim
 from tests.support.broker import BrokerInfo, consume
 from tests.support.checker import Identity, frame_identity, record_identity
 from tests.support.harness import BridgeProcess, bridge_config, decode_value
@@ -259,6 +263,25 @@ async def test_graceful_handovers_lose_reorder_and_repeat_nothing(kafka_broker: 
         f"snapshots, {handed} contracts changed hands, lost 0, reordered 0, duplicates {duplicated}, "
         f"repeats dropped by takers {dropped:.0f}, rebalances seen {rebalances}"
     )
+
+
+async def test_a_member_started_again_by_its_supervisor_stays_one_member(kafka_broker: BrokerInfo) -> None:
+    """The keeper's task, restarted after a failure, starts the group again: that must not join a second
+    consumer (a teardown showed one left behind, its reader failing over and over once it was stopped)."""
+    group_id = f"again-{uuid.uuid4().hex[:8]}"
+    settings = CoordinationSettings(group_id=group_id, topic=f"{group_id}-control", shards=4)
+    member = KafkaShardGroup(
+        settings, KafkaSettings(bootstrap_servers=[kafka_broker.bootstrap_servers]), Metrics(), MemberClaim
+    )
+    await member.start()
+    try:
+        joined = member._consumer
+        await member.start()
+        assert member._consumer is joined
+        plan = await asyncio.wait_for(member.plans.get(), 30)
+        assert plan.shards == frozenset(range(4)), "a group of one owns every shard"
+    finally:
+        await member.stop()
 
 
 def _described(value: dict[str, Any]) -> str:
