@@ -188,8 +188,9 @@ class WebSocketSource:
         """
         wanted = {subscription.name: subscription for subscription in plan}
         self._wanted = set(wanted)
-        for name in [name for name in self._connections if wanted.get(name) != self._connections[name].subscription]:
-            await self._close(name)
+        # At once: each close may wait CLOSE_TIMEOUT for a server that does not answer close frames.
+        changed = [name for name in self._connections if wanted.get(name) != self._connections[name].subscription]
+        await asyncio.gather(*(self._close(name) for name in changed))
         started = set()
         for name, subscription in wanted.items():
             if name not in self._connections:

@@ -86,6 +86,23 @@ async def test_frames_from_both_endpoints_arrive_with_their_connection(simulator
     assert all(receive_time > 1_700_000_000_000_000 for _, receive_time, _ in captured.frames)
 
 
+async def test_connections_a_plan_drops_close_at_once_against_a_server_that_does_not_answer_closes() -> None:
+    """Each close waits up to CLOSE_TIMEOUT for the server's answer: one after another, a handover of many
+    shards took that many seconds. Sent at once, every close frame is out before the first close ends."""
+    async with Simulator(SimulatorConfig(contracts=3, rate=50, ignore_close_frames=True)) as simulator:
+        plan = [Subscription(f"id-{n}", Endpoint.ID, (c.id,)) for n, c in enumerate(simulator.contracts)]
+        source, _, _ = source_for(simulator, StaticToken(simulator.issue_token()))
+        await source.apply(plan)
+        try:
+            await wait_for(lambda: source.connections_up == 3)
+            dropping = asyncio.create_task(source.apply([]))
+            await wait_for(lambda: source.connections_up < 3, within=10)
+            assert simulator.counters.close_frames_ignored == 3
+            await dropping
+        finally:
+            await source.stop()
+
+
 @pytest.mark.parametrize("bearer", [False, True])
 async def test_both_authorization_spellings_are_accepted(simulator: Simulator, bearer: bool) -> None:
     subscription = Subscription("id-0", Endpoint.ID, (simulator.contracts[0].id,))
