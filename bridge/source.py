@@ -1,11 +1,11 @@
 """The IME WebSocket side: one long-lived task per subscription, each reconnecting on its own.
 
-A frame is handed to the pipeline as it arrives, with its receive time, synchronously; the handler
-never blocks, so the reader keeps answering pings whatever Kafka does. Every ended connection is
-classified into a bounded `reason` and followed by a jittered, capped exponential backoff that resets
-only after the connection stayed up for `healthy_after` seconds, so a server that accepts and closes
-at once is not hammered. A 1008 close is answered by one token re-issue; a second 1008 on a fresh
-token means an invalid contract in the list.
+A frame is handed to the pipeline as it arrives, with its receive time (that of its burst: the frames
+websockets had queued by the time one was read), synchronously; the handler never blocks, so the reader
+keeps answering pings whatever Kafka does. Every ended connection is classified into a bounded `reason` and
+followed by a jittered, capped exponential backoff that resets only after the connection stayed up for
+`healthy_after` seconds, so a server that accepts and closes at once is not hammered. A 1008 close is
+answered by one token re-issue; a second 1008 on a fresh token means an invalid contract in the list.
 """
 
 from __future__ import annotations
@@ -447,8 +447,11 @@ class WebSocketSource:
                 return
             connection.received = True
             count = 1
+            # One receive time for the burst: the frames taken from the queue below were all there before recv()
+            # returned (nothing arrives while this loop runs), so a time taken per frame, after handling the
+            # earlier ones, would understate how long each waited.
+            now_us = time.time_ns() // 1000
             while True:
-                now_us = time.time_ns() // 1000
                 try:
                     handler(message, now_us, info)
                 except Exception:  # the handler dead-letters what it cannot handle; this is the last line of defence

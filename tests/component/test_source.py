@@ -333,5 +333,9 @@ async def test_a_burst_arrives_whole_and_in_order_with_fragmented_and_binary_mes
             await source.stop()
     assert [raw for raw, _, _ in captured.frames] == expected
     assert found == [True]
+    times = [receive_time for _, receive_time, _ in captured.frames]
+    assert times == sorted(times)
+    if queue_found:
+        assert len(set(times)) < len(times), "the frames of a burst read from the queue share its receive time"
     received = metrics.registry.get_sample_value("ime_bridge_messages_received_total", {"endpoint": "id"})
     assert received == len(burst)
