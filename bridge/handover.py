@@ -153,6 +153,7 @@ class ShardKeeper:
                 async with asyncio.timeout(timeout):
                     await self.group.wait_subscribed(shard, token)
             except TimeoutError:
+                self.metrics.handover_markers_missing.labels("subscribed").inc()
                 log_event(logger, logging.WARNING, "subscribed_marker_missing", shard=shard)
             self._serving_on.discard(shard)
             await self.manager.reconcile()
@@ -186,6 +187,7 @@ class ShardKeeper:
             async with asyncio.timeout(timeout):
                 marker = await self.group.wait_release(shard, token)
         if marker is None:
+            self.metrics.handover_markers_missing.labels("release").inc()
             log_event(logger, logging.WARNING, "release_marker_missing", shard=shard)
         queued, dropped = self.intake.release(self._contracts_of({shard}), marker.last if marker else {})
         self.metrics.handover_duplicates_dropped.inc(dropped)

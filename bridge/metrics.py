@@ -320,8 +320,9 @@ class Metrics:
         )
         self.handover_seconds = Histogram(
             "ime_bridge_handover_seconds",
-            "Time to hand a shard over, by direction: release (close its connections, deliver what is held for its "
-            "contracts, write the release marker) or acquire (from assignment until its records flow).",
+            "Time to hand a shard over, by direction: release (serve it until the taker has subscribed, close its "
+            "connections, deliver what is held for its contracts, write the release marker) or acquire (from "
+            "assignment until its records flow).",
             ["direction"],
             buckets=HANDOVER_BUCKETS,
             registry=r,
@@ -332,6 +333,16 @@ class Metrics:
             "coordination.handover_timeout_seconds (0 normally).",
             registry=r,
         )
+        self.handover_markers_missing = Counter(
+            "ime_bridge_handover_markers_missing_total",
+            "Handover markers waited for in vain (coordination.handover_timeout_seconds ran out), by marker: "
+            "release (this taker then published what it held, possibly repeating the giver's last snapshots) or "
+            "subscribed (this giver then stopped serving a shard its taker may not have subscribed yet).",
+            ["marker"],
+            registry=r,
+        )
+        for marker in ("release", "subscribed"):
+            self.handover_markers_missing.labels(marker)  # a series at 0 from the start
         self.handover_duplicates_dropped = Counter(
             "ime_bridge_handover_duplicates_dropped_total",
             "Snapshots an acquiring replica dropped because the previous owner had already published them.",

@@ -222,7 +222,7 @@ class FakeGroup:
 SHARDS = 4  # with 4 shards: 1005 → 0, 1001 → 1, 1004 → 2, 1002 → 3
 
 
-def make_keeper(contract_ids: list[str]) -> tuple[ShardKeeper, FakeGroup, FakeSource]:
+def make_keeper(contract_ids: list[str], timeout: float = 5) -> tuple[ShardKeeper, FakeGroup, FakeSource]:
     intake = make_intake()
     metrics = intake.metrics
     source = FakeSource()
@@ -234,7 +234,7 @@ def make_keeper(contract_ids: list[str]) -> tuple[ShardKeeper, FakeGroup, FakeSo
     )
     group = FakeGroup()
     keeper = ShardKeeper(
-        CoordinationSettings(group_id="g", shards=SHARDS, handover_timeout_seconds=5),
+        CoordinationSettings(group_id="g", shards=SHARDS, handover_timeout_seconds=timeout),
         group,
         manager,
         intake,
@@ -294,12 +294,26 @@ async def test_a_confirmed_handover_serves_on_until_the_taker_has_subscribed() -
     await wait_for(lambda: bool(group.subscribed), what="the subscribed marker of shard 3")
     assert group.subscribed == [SubscribedMarker(3, "t3")]
     group.subscriptions["t1"].set_result(SubscribedMarker(1, "t1"))
+    missing = keeper.metrics.registry.get_sample_value
+    assert missing("ime_bridge_handover_markers_missing_total", {"marker": "subscribed"}) == 0
     await wait_for(lambda: "id-s1-0" not in {s.name for s in source.subscriptions}, what="shard 1's connection closed")
     keeper.intake.buffer.settle(await keeper.intake.buffer.take(10), [True])
     await wait_for(lambda: bool(group.released), within=5, what="the release marker")
     assert [(m.shard, m.token, list(m.last)) for m in group.released] == [(1, "t1", ["1001"])]
     group.markers["t3"].set_result(ReleaseMarker(3, "t3", {}))
     await handover
+
+
+async def test_markers_that_never_come_end_each_step_at_the_timeout_and_are_counted() -> None:
+    keeper, group, source = make_keeper(["1001", "1002", "1004", "1005"], timeout=0.2)
+    await keeper.apply(MemberPlan(frozenset({0, 1})))
+    plan = MemberPlan(frozenset({0, 3}), {3: "t3"}, {1: "t1"}, confirmed=frozenset({1}))
+    await asyncio.wait_for(keeper.apply(plan), 5)  # neither the taker of 1 nor the giver of 3 says anything
+    assert sorted(s.name for s in source.subscriptions) == ["id-s0-0", "id-s3-0"]
+    assert [(m.shard, m.token) for m in group.released] == [(1, "t1")], "released after the timeout anyway"
+    missing = keeper.metrics.registry.get_sample_value
+    assert missing("ime_bridge_handover_markers_missing_total", {"marker": "subscribed"}) == 1
+    assert missing("ime_bridge_handover_markers_missing_total", {"marker": "release"}) == 1
 
 
 async def test_a_replica_owning_no_configured_contract_serves_nothing_and_leaving_hands_everything_over() -> None:
