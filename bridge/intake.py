@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 
 from bridge.buffer import DeliveryBuffer
@@ -53,9 +54,13 @@ class Intake:
         capture_raw: bool = False,
         normalize: bool = True,
         extra_headers: Headers | None = None,
+        recent_snapshots: int = 0,
     ) -> None:
         """`capture_raw`: each frame also becomes a raw record, before any parsing (bridge/raw.py); `normalize`
-        False: only that (`ime-bridge capture`). `extra_headers` go on every update and dead letter (a replay's)."""
+        False: only that (`ime-bridge capture`). `extra_headers` go on every update and dead letter (a replay's).
+        `recent_snapshots` (a replay's): a snapshot equal, exchange time included, to one of the contract's last
+        that many queued is dropped as a repeat: a capture spanning a handover holds the overlap's frames from
+        both replicas, interleaved in no reliable order."""
         self.normalizer = normalizer
         self.buffer = buffer
         self.metrics = metrics
@@ -70,6 +75,8 @@ class Intake:
         self.capture_raw = capture_raw
         self.normalize = normalize
         self.suppress_duplicates = suppress_duplicates
+        self._recent_size = recent_snapshots
+        self._recent: dict[str, deque[tuple[int, tuple[object, ...]]]] | None = {} if recent_snapshots else None
         self._headers: dict[str, tuple[str, Headers]] = {}
         # Per subscription: the attempt seen last, and the contracts seen on it since it opened.
         self._subscribed: dict[str, tuple[int, set[str]]] = {}
@@ -160,7 +167,7 @@ class Intake:
 
     def _accept(self, update: ContractUpdate, headers: Headers, received: float, receive_time: int) -> None:
         """Sequence a subscribed contract's update and queue it (unless it repeats the previous one)."""
-        if self.suppress_duplicates and self._is_repeat(update):
+        if (self.suppress_duplicates or self._recent is not None) and self._is_repeat(update):
             return
         contract_id = update.contract_id
         previous = self._last_published.get(contract_id)
@@ -264,16 +271,30 @@ class Intake:
         self._current, self._current_seen, self._current_headers = connection, seen, headers
 
     def _is_repeat(self, update: ContractUpdate) -> bool:
-        """The same market data as the contract's previous snapshot (a resend, e.g. after a reconnect)."""
+        """The same market data as the contract's previous snapshot (`suppress_duplicates`: a resend, e.g. after a
+        reconnect), or the same snapshot as one of its recent ones (`recent_snapshots`); counted, and a dropped
+        first-after-subscribe passes its flag on to the contract's next update."""
+        contract_id = update.contract_id
         state = market_state(update)
-        if self._last_state.get(update.contract_id) == state:
+        repeat = False
+        if self.suppress_duplicates:
+            repeat = self._last_state.get(contract_id) == state
+            self._last_state[contract_id] = state
+        if not repeat and self._recent is not None:
+            identity = (update.exchange_time, state)
+            recent = self._recent.get(contract_id)
+            if recent is None:
+                recent = self._recent[contract_id] = deque(maxlen=self._recent_size)
+            repeat = identity in recent
+            if not repeat:
+                recent.append(identity)
+        if repeat:
             self.metrics.duplicates_suppressed.inc()
             if update.first_after_subscribe:
-                self._carry_first.add(update.contract_id)
+                self._carry_first.add(contract_id)
             return True
-        self._last_state[update.contract_id] = state
-        if update.contract_id in self._carry_first:
-            self._carry_first.discard(update.contract_id)
+        if contract_id in self._carry_first:
+            self._carry_first.discard(contract_id)
             update.first_after_subscribe = True
         return False
 

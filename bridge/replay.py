@@ -5,9 +5,11 @@ they were received: a topic's partitions are merged by receive time, so each con
 marker comes before its frames. Each frame goes through the same intake as live, with what its connection
 had subscribed (from the marker; without one, from the configuration's plan) and its captured receive
 time, so a replay of a whole capture yields the same updates (values equal apart from `session_id`) and
-the same dead letters as the live run. Records carry the replay's session id (`replay-<uuid>`) and a
-`replay` header; they go to `--to-topic` (default `kafka.topic`) and `kafka.dlq_topic`, never to the
-latest-state topic (an old snapshot must not overwrite the latest) nor the raw topic.
+the same dead letters as the live run. A frame two replicas both received (the overlap of a handover) is
+published once: a snapshot equal to one of its contract's recent ones is dropped. Records carry the
+replay's session id (`replay-<uuid>`) and a `replay` header; they go to `--to-topic` (default
+`kafka.topic`) and `kafka.dlq_topic`, never to the latest-state topic (an old snapshot must not overwrite
+the latest) nor the raw topic.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ from bridge.records import HEADER_REPLAY, RecordKind, Sink
 from bridge.sink import client_options
 
 logger = logging.getLogger(__name__)
+
+# A capture spanning a handover holds the overlap's frames of a contract twice (both replicas were subscribed):
+# each is dropped if it equals one of the contract's last this many (more than its changes during an overlap).
+REPEATS_LOOKED_BACK = 64
 
 
 @dataclass
@@ -138,6 +144,7 @@ class Replay:
             suppress_duplicates=settings.buffer.suppress_duplicates,
             dead_letter_raw_bytes=settings.buffer.dead_letter_raw_bytes,
             extra_headers=[(HEADER_REPLAY, self.summary.session_id.encode())],
+            recent_snapshots=REPEATS_LOOKED_BACK,
         )
         self._publisher = Publisher(
             self._buffer,

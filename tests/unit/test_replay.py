@@ -99,3 +99,27 @@ async def test_a_replay_never_conflates_even_with_a_small_buffer() -> None:
     updates = [decode(record) for record in sink.records if record.kind is RecordKind.UPDATE]
     assert summary.published == len(updates) == 2
     assert [update["skipped"] for update in updates] == [0, 0]
+
+
+async def test_the_overlap_of_a_handover_is_replayed_once_in_order() -> None:
+    """Both replicas were subscribed while a shard changed hands, so the capture holds those frames twice, the
+    taker's after the giver's later ones: each snapshot is published once, in the market's order."""
+    giver = ConnectionInfo(Subscription("id-s1-0", Endpoint.ID, ("1001",), "s1"), attempt=1)
+    taker = ConnectionInfo(Subscription("id-s1-0", Endpoint.ID, ("1001",), "s1"), attempt=9)
+    directory = ContractDirectory({"1001": "GC1405"})
+
+    def snapshots(connection: ConnectionInfo, prices: range, at: int) -> list[CapturedFrame | NotCaptured]:
+        headers = connection_headers(connection)
+        marker = captured(subscription_marker(connection, directory, at))
+        return [marker] + [
+            captured(raw_frame(frame({"contractId": "1001"}, price).encode(), at + price, headers, b"1001"))
+            for price in prices
+        ]
+
+    sink = MemorySink()
+    summary = await Replay(SETTINGS, sink).run(
+        frames([*snapshots(giver, range(1, 5), START), *snapshots(taker, range(2, 6), START + 10)])
+    )
+    values = [decode(record) for record in sink.records if record.kind is RecordKind.UPDATE]
+    assert [(v["contract_info"]["open_interest"], v["sequence"]) for v in values] == [(n, n) for n in range(1, 6)]
+    assert summary.published == 5
