@@ -136,6 +136,9 @@ class ShardGroup(Protocol):
     async def leave(self) -> None:
         """Rejoin as leaving, so that the others take the shards through handovers (a SIGTERM's first step)."""
 
+    async def rejoin(self) -> None:
+        """Rejoin, so that a fresh plan says which shards are this member's (after a stall of the event loop)."""
+
     async def stop(self) -> None:
         """Leave the group."""
 
@@ -168,6 +171,10 @@ class SoleOwner:
 
     async def stop(self) -> None:
         """Nothing to leave."""
+
+    async def rejoin(self) -> None:
+        """A group of one: its plan stands."""
+        self.plans.put_nowait(MemberPlan(frozenset(range(self.shards))))
 
     async def publish_release(self, marker: ReleaseMarker) -> None:
         """Nobody reads it."""
@@ -394,10 +401,14 @@ class KafkaShardGroup:
 
     async def leave(self) -> None:
         """Rejoin as leaving: the leader gives this member nothing, and the others take its shards by handover."""
+        self._leaving = True
+        await self.rejoin()
+
+    async def rejoin(self) -> None:
+        """Rejoin with the claim read afresh (an expelled member joins anew): a fresh plan follows."""
         if self._consumer is None:
             return
-        self._leaving = True
-        # A new subscription (to the same topic) makes the member rejoin, with the claim read afresh.
+        # A new subscription (to the same topic) makes the member rejoin.
         self._consumer.subscribe([self._settings.topic], listener=_Listener(self._assigned))
 
     async def stop(self) -> None:

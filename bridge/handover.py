@@ -34,6 +34,7 @@ from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.protocol import Endpoint
 from bridge.publisher import Publisher
+from bridge.records import OutgoingRecord, RecordKind
 from bridge.retry import Backoff
 from bridge.shards import MemberClaim, MemberPlan, shard_of
 from bridge.subscriptions import SubscriptionManager
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 # How often a release looks whether its contracts' records are all acknowledged, and a takeover whether its
 # connections are open.
 _POLL_SECONDS = 0.02
+# How often the event loop's progress is looked at, for stalls that may have outlasted the session timeout.
+_STALL_TICK_SECONDS = 0.1
 
 
 @dataclass
@@ -61,8 +64,24 @@ class ShardKeeper:
     joined: bool = False  # a plan of the group was applied
     _handed_over: asyncio.Event = field(default_factory=asyncio.Event)  # owns nothing, and no release is running
     _serving_on: set[int] = field(default_factory=set)  # released, served until the taker has subscribed
+    # Shards another member served while this one was expelled: what was received of them before the plan that
+    # said so is stale.
+    _superseded: frozenset[int] = frozenset()
+    _superseded_before: float = 0.0
+    # Set while this member's shards are its own; cleared by a stall of the event loop that may have outlasted
+    # the session timeout, until the next plan says what is still owned.
+    _ownership: asyncio.Event = field(default_factory=asyncio.Event)
+    _last_tick: float = field(default_factory=time.monotonic)
+    _stall_limit: float | None = None
+    _watching: bool = False  # from the start of `run`: before it, time since construction is no stall
+    _rejoin: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
+        self._ownership.set()
+        if self.settings.enabled:
+            # The group may have expelled a member silent for this long: a heartbeat may have been due just before.
+            self._stall_limit = (self.settings.session_timeout_ms - self.settings.heartbeat_interval_ms) / 1000
+            self.publisher.gate, self.publisher.stale = self.ownership_confirmed, self.stale
         self.manager.owns = self.owns
         if self.settings.enabled:
             self.manager.group_of = self.connection_group
@@ -94,7 +113,20 @@ class ShardKeeper:
         return self.manager.contract_ids(lambda contract_id: shard_of(contract_id, self.settings.shards) in shards)
 
     async def run(self) -> None:
-        """Join the group (retrying while Kafka does not answer), then apply its plans as they come."""
+        """Join the group (retrying while Kafka does not answer), then apply its plans as they come, watching
+        the event loop for a stall meanwhile."""
+        watcher = None
+        if self._stall_limit is not None:
+            self._last_tick, self._watching = time.monotonic(), True
+            watcher = asyncio.create_task(self._watch_stalls())
+        try:
+            await self._join_and_apply()
+        finally:
+            self._watching = False
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _join_and_apply(self) -> None:
         backoff = Backoff(1.0, 30.0)
         while True:
             try:
@@ -117,10 +149,19 @@ class ShardKeeper:
     async def apply(self, plan: MemberPlan) -> None:
         """Change the connections to `plan`'s shards and take part in its handovers."""
         lost = self.owned - plan.shards
-        gained = plan.shards - self.owned
+        # A shard this member kept while it was expelled comes back by handover from the one that served it; its
+        # connections may still hold frames from before the stall: they close, to open afresh once it is held.
+        reacquired = self.owned & plan.shards & set(plan.acquire)
+        gained = (plan.shards - self.owned) | reacquired
+        if reacquired:
+            self.owned -= reacquired
+            await self.manager.reconcile()
         if self.settings.enabled:
             self.metrics.rebalances.inc()
         self.epoch = plan.epoch
+        self._superseded = plan.superseded
+        self._superseded_before = time.time()
+        self._ownership.set()
         if not lost and not gained:
             return
         taken_over = {shard: token for shard, token in plan.acquire.items() if shard in gained}
@@ -193,6 +234,48 @@ class ShardKeeper:
         self.metrics.handover_duplicates_dropped.inc(dropped)
         self.metrics.handover_seconds.labels("acquire").observe(time.monotonic() - started)
         log_event(logger, logging.DEBUG, "shard_taken_over", shard=shard, queued=queued, dropped=dropped)
+
+    async def ownership_confirmed(self) -> None:
+        """Return at once, unless the event loop stalled long enough for the group to have expelled this member:
+        then rejoin, and return once the next plan says which shards are still this member's (the publisher's
+        gate: records of a shard another member served meanwhile must not follow that member's)."""
+        self._check_stall()
+        await self._ownership.wait()
+
+    def stale(self) -> Callable[[OutgoingRecord], bool] | None:
+        """Whether a record is stale (its shard was served by another member while this one was expelled, and it
+        was received before the plan that said so); None when no shard is (the usual case: nothing to look at)."""
+        if not self._superseded:
+            return None
+        superseded, before, shards = self._superseded, self._superseded_before, self.settings.shards
+
+        def stale(record: OutgoingRecord) -> bool:
+            return (
+                record.kind is RecordKind.UPDATE
+                and record.received < before
+                and record.key is not None
+                and shard_of(record.key.decode(), shards) in superseded
+            )
+
+        return stale
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            await asyncio.sleep(_STALL_TICK_SECONDS)
+            self._check_stall()
+
+    def _check_stall(self) -> None:
+        now = time.monotonic()
+        stalled = now - self._last_tick
+        self._last_tick = now
+        if not self._watching or self._stall_limit is None or stalled <= self._stall_limit:
+            return
+        if not self._ownership.is_set():
+            return
+        self._ownership.clear()
+        self.metrics.event_loop_stalls.inc()
+        log_event(logger, logging.WARNING, "event_loop_stalled", seconds=round(stalled, 1), action="rejoin")
+        self._rejoin = asyncio.create_task(self.group.rejoin())
 
     def serves_nothing(self) -> bool:
         """A member of a group that owns no configured contract (others serve them all)."""

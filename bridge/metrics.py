@@ -343,6 +343,18 @@ class Metrics:
         )
         for marker in ("release", "subscribed"):
             self.handover_markers_missing.labels(marker)  # a series at 0 from the start
+        self.event_loop_stalls = Counter(
+            "ime_bridge_event_loop_stalls_total",
+            "Stalls of the event loop long enough for the group to have expelled this replica (session timeout less "
+            "a heartbeat interval): publishing waited for a fresh plan each time.",
+            registry=r,
+        )
+        self.stale_records_dropped = Counter(
+            "ime_bridge_stale_records_dropped_total",
+            "Records not published because their shard was served by another replica while this one was expelled "
+            "(they would have followed that replica's records).",
+            registry=r,
+        )
         self.handover_duplicates_dropped = Counter(
             "ime_bridge_handover_duplicates_dropped_total",
             "Snapshots an acquiring replica dropped because the previous owner had already published them.",

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from bridge.buffer import DeliveryBuffer, Round
 from bridge.logs import log_event
@@ -25,6 +26,7 @@ from bridge.records import (
     RecordKind,
     Sink,
     SinkUnavailable,
+    Stale,
     TooLarge,
     dead_letter,
     with_raw_frames,
@@ -63,8 +65,12 @@ class Publisher:
         max_batch_records: int,
         linger: float = 0.0,
         retry_backoff: Backoff | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
+        stale: Callable[[], Callable[[OutgoingRecord], bool] | None] | None = None,
     ) -> None:
-        """`linger` (seconds): how long a round may wait for more records (see DeliveryBuffer.take)."""
+        """`linger` (seconds): how long a round may wait for more records (see DeliveryBuffer.take). `gate`: awaited
+        before each round is sent; `stale`: what says which records must not be sent at all (the shard keeper's
+        `ownership_confirmed` and `stale`, for a replica that may have been expelled)."""
         self.buffer = buffer
         self.sink = sink
         self.metrics = metrics
@@ -74,6 +80,8 @@ class Publisher:
         self.undeliverable = 0
         self.healthy = True
         self._backoff = retry_backoff or Backoff(0.1, 5.0)
+        self.gate = gate
+        self.stale = stale
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -85,7 +93,9 @@ class Publisher:
             # Cancelled while publishing (shutdown), the round stays in `in_flight` for the buffer to keep.
             self.in_flight = taken
             self.metrics.publish_rounds.inc()
-            outcomes = await self._publish(taken.records, taken.raw)
+            if self.gate is not None:
+                await self.gate()
+            outcomes = await self._publish_fresh(taken.records, taken.raw)
             done, failed = self._account(taken.records, taken.raw, outcomes)
             self.buffer.settle(taken, done)
             self.in_flight = None
@@ -98,6 +108,17 @@ class Publisher:
                 await asyncio.sleep(delay)
             else:
                 self._backoff.reset()
+
+    async def _publish_fresh(self, records: list[OutgoingRecord], raw: list[RawFrames]) -> list[Outcome]:
+        """Publish the round less its stale records, which get the outcome `Stale`."""
+        stale = self.stale() if self.stale is not None else None
+        dropped = [stale(record) for record in records] if stale is not None else []
+        if not any(dropped):
+            return await self._publish(records, raw)
+        kept = [record for record, drop in zip(records, dropped, strict=True) if not drop]
+        outcomes = await self._publish(kept, raw)
+        of_kept = iter(outcomes[: len(kept)])
+        return [Stale() if drop else next(of_kept) for drop in dropped] + outcomes[len(kept) :]
 
     async def _publish(self, records: list[OutgoingRecord], raw: list[RawFrames]) -> list[Outcome]:
         try:
@@ -156,6 +177,10 @@ class Publisher:
             if isinstance(outcome, NotSent):
                 done.append(False)
                 not_sent += 1
+                continue
+            if isinstance(outcome, Stale):
+                done.append(True)
+                self.metrics.stale_records_dropped.inc()
                 continue
             errors[outcome.error] = errors.get(outcome.error, 0) + 1
             if isinstance(outcome, TooLarge):

@@ -135,9 +135,14 @@ class TooLarge(Failed):
     error: str = "MessageSizeTooLargeError"
 
 
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """Not sent, on purpose: a record of a shard another replica served meanwhile (bridge/handover.py)."""
+
+
 NOT_SENT = NotSent()
 # One per record: None means acknowledged.
-Outcome = NotSent | Failed | None
+Outcome = NotSent | Failed | Stale | None
 
 
 class Sink(Protocol):

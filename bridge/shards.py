@@ -29,6 +29,9 @@ class MemberPlan:
     `confirmed`: released shards whose taker says when it is subscribed (a `SubscribedMarker`): the giver serves
     them until then, so that no change of the exchange falls between its last frame and the taker's first. The
     giver is assigned their control partitions too, to read that marker.
+    `superseded`: shards of this member's claim that another member has served since (it was expelled, a pause
+    longer than the session timeout): what it still holds of them is stale and must not be published; those
+    given back to it in this plan come by handover from that member.
     """
 
     shards: frozenset[int]
@@ -36,6 +39,7 @@ class MemberPlan:
     release: Mapping[int, str] = field(default_factory=dict)  # deliver, then write the marker with this token
     epoch: int = 0
     confirmed: frozenset[int] = frozenset()
+    superseded: frozenset[int] = frozenset()
 
     @property
     def partitions(self) -> list[int]:
@@ -49,6 +53,7 @@ class MemberPlan:
             "release": self.release,
             "epoch": self.epoch,
             "confirmed": sorted(self.confirmed),
+            "superseded": sorted(self.superseded),
         }
         return json.dumps(document, sort_keys=True).encode()
 
@@ -62,9 +67,10 @@ class MemberPlan:
             release = {int(shard): str(token) for shard, token in document.get("release", {}).items()}
             epoch = int(document.get("epoch", 0))
             confirmed = frozenset(int(shard) for shard in document.get("confirmed", ()) if int(shard) in release)
+            superseded = frozenset(int(shard) for shard in document.get("superseded", ()))
         except (ValueError, TypeError, AttributeError):
-            acquire, release, epoch, confirmed = {}, {}, 0, frozenset()
-        return cls(frozenset(partitions) - confirmed, acquire, release, epoch, confirmed)
+            acquire, release, epoch, confirmed, superseded = {}, {}, 0, frozenset(), frozenset()
+        return cls(frozenset(partitions) - confirmed, acquire, release, epoch, confirmed, superseded)
 
 
 @dataclass(frozen=True)
@@ -135,14 +141,25 @@ def assign_shards(shards: int, claims: Mapping[str, MemberClaim], token: Callabl
                 acquire[member][shard] = release[giver][shard] = token()
                 if claims[giver].confirms and claims[member].confirms:
                     confirmed[giver].add(shard)
-    # A claimant that lost a shard to a later claim releases it too (it stops and drains); nobody waits for it.
+    # A claimant that lost a shard to a later claim releases it too, nobody waiting for it; what it still holds
+    # of the shard is stale (the other member has served it since), so it drops that instead of delivering it.
+    # Given back to it in this plan, the shard comes by handover from the other member: still, what it holds
+    # of it from before is stale.
+    superseded: dict[str, set[int]] = {member: set() for member in claims}
     for member, claim in claims.items():
         for shard in claim.owned:
-            if shard in owner and owner[shard] != member and shard not in release[member]:
-                release[member][shard] = token()
+            if shard in owner and owner[shard] != member:
+                superseded[member].add(shard)
+                if shard not in release[member] and shard not in assigned.get(member, ()):
+                    release[member][shard] = token()
     return {
         member: MemberPlan(
-            frozenset(assigned.get(member, ())), acquire[member], release[member], epoch, frozenset(confirmed[member])
+            frozenset(assigned.get(member, ())),
+            acquire[member],
+            release[member],
+            epoch,
+            frozenset(confirmed[member]),
+            frozenset(superseded[member]),
         )
         for member in claims
     }

@@ -118,6 +118,29 @@ async def replicas(broker: BrokerInfo, directory: Path) -> AsyncIterator[Replica
                 process.stop()
 
 
+def delivery_faults(
+    made: dict[str, list[Identity]], values: dict[str, list[dict[str, Any]]]
+) -> tuple[dict[str, int], int, list[str]]:
+    """Per contract, against the market's order: snapshots lost after the first delivered, duplicates, and each
+    record that came after a newer one (described)."""
+    lost: dict[str, int] = {}
+    duplicated = 0
+    reordered: list[str] = []
+    for contract, identities in made.items():
+        position = {identity: index for index, identity in enumerate(identities)}
+        delivered = [position[record_identity(value)] for value in values[contract]]
+        duplicated += len(delivered) - len(set(delivered))
+        reordered += [
+            f"{contract}: #{a} then #{b} ({_described(values[contract][n])} then {_described(values[contract][n + 1])})"
+            for n, (a, b) in enumerate(itertools.pairwise(delivered))
+            if b < a
+        ]
+        missing = set(range(delivered[0], len(identities))) - set(delivered) if delivered else set()
+        if missing:
+            lost[contract] = len(missing)
+    return lost, duplicated, reordered
+
+
 def by_contract(records: list[ConsumerRecord[Any, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Decoded values per contract, in topic order (one contract's records share a partition)."""
     found: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -234,23 +257,9 @@ async def test_graceful_handovers_lose_reorder_and_repeat_nothing(kafka_broker: 
         )
     assert "undelivered=0" in leaving.log(), leaving.log()[-3000:]
     assert "handover_at_stop_incomplete" not in leaving.log()
-    lost: dict[str, int] = {}
-    duplicated = 0
-    reordered: list[str] = []
     values = by_contract(records)
-    for contract, identities in made.items():
-        position = {identity: index for index, identity in enumerate(identities)}
-        delivered = [position[record_identity(value)] for value in values[contract]]
-        duplicated += len(delivered) - len(set(delivered))
-        reordered += [
-            f"{contract}: #{a} then #{b} ({_described(values[contract][n])} then {_described(values[contract][n + 1])})"
-            for n, (a, b) in enumerate(itertools.pairwise(delivered))
-            if b < a
-        ]
-        first = delivered[0]
-        missing = set(range(first, len(identities))) - set(delivered)
-        if missing:
-            lost[contract] = len(missing)
+    lost, duplicated, reordered = delivery_faults(made, values)
+    for contract in made:
         assert not sessions_interleaved(values[contract]), f"A, B, A sessions for {contract}"
     assert not lost, f"snapshots lost per contract: {lost}\n{group.logs()}"
     # Changes the exchange made while no replica was subscribed: lost to every consumer, although unsent.
@@ -262,6 +271,78 @@ async def test_graceful_handovers_lose_reorder_and_repeat_nothing(kafka_broker: 
         f"\ngraceful handovers (SIGTERM of 1 of 3, then a 4th joining): {sum(len(i) for i in made.values())} "
         f"snapshots, {handed} contracts changed hands, lost 0, reordered 0, duplicates {duplicated}, "
         f"repeats dropped by takers {dropped:.0f}, rebalances seen {rebalances}"
+    )
+
+
+async def test_a_replica_stalled_past_the_session_timeout_publishes_nothing_after_the_others(
+    kafka_broker: BrokerInfo, tmp_path: Path
+) -> None:
+    """SIGSTOP one of two for longer than the session timeout: the other serves everything meanwhile. Resumed,
+    the stalled one must not publish what it had received before it learns it was expelled (it would follow the
+    other's newer records), and takes its share back by handover."""
+    async with replicas(kafka_broker, tmp_path) as group:
+        processes = [group.start_one() for _ in range(2)]
+        await wait_for(lambda: group.settled(processes), within=90, interval=0.5, what="12 shards over 2 replicas")
+        await group.flowing(processes)
+        stalled, other = processes
+        assert stalled.process is not None
+        stalled.process.send_signal(signal.SIGSTOP)
+        try:
+
+            async def other_owns_all() -> bool:
+                return await other.metric("ime_bridge_owned_shards") == SHARDS
+
+            await wait_for(other_owns_all, within=30, interval=0.25, what="the other owns every shard")
+            await group.flowing([other])
+        finally:
+            stalled.process.send_signal(signal.SIGCONT)
+        await wait_for(lambda: group.settled(processes), within=60, interval=0.25, what="both own shards again")
+        await group.flowing(processes)
+        # A contract's last change during the stall went to the stalled replica alone (dropped, stale): read back
+        # to changes made since, every contract's (the least liquid change about every 3 s).
+        contracts = [contract.id for contract in group.simulator.contracts]
+        before = {contract: len(group.simulator.sent_frames(contract_id=contract)) for contract in contracts}
+        await wait_for(
+            lambda: all(len(group.simulator.sent_frames(contract_id=c)) > before[c] for c in contracts),
+            within=60,
+            interval=0.5,
+            what="every contract changed since both own shards again",
+        )
+        stalls = await stalled.metric("ime_bridge_event_loop_stalls_total")
+        dropped = await stalled.metric("ime_bridge_stale_records_dropped_total")
+        await group.simulator.stall_and_settle()
+        made = market(group.simulator.sent_frames())
+        last_made = {contract: identities[-1] for contract, identities in made.items()}
+
+        def complete(got: list[ConsumerRecord[Any, Any]]) -> bool:
+            latest = {decode_value(r)["contract_id"]: record_identity(decode_value(r)) for r in got}
+            return all(latest.get(contract) == identity for contract, identity in last_made.items())
+
+        def behind(got: list[ConsumerRecord[Any, Any]]) -> str:
+            latest = {decode_value(r)["contract_id"]: decode_value(r) for r in got}
+            positions = {contract: {identity: n for n, identity in enumerate(made[contract])} for contract in made}
+            late = {
+                contract: (positions[contract].get(record_identity(v)), len(made[contract]), v["session_id"][:8])
+                for contract, v in latest.items()
+                if record_identity(v) != last_made.get(contract)
+            }
+            late |= {contract: (None, len(made[contract]), "") for contract in set(made) - set(latest)}
+            return f"contracts behind (position read, made, session): {late}\n{group.logs()}"
+
+        records = await consume(
+            kafka_broker.bootstrap_servers,
+            group.topics["topic"],
+            until=complete,
+            within=60,
+            quiet_for=2.0,
+            describe=behind,
+        )
+    _, duplicated, reordered = delivery_faults(made, by_contract(records))
+    assert stalls == 1
+    assert not reordered, "\n".join([*reordered, group.logs()])
+    print(
+        f"\na replica stalled past the session timeout: {stalls:.0f} stall seen, {dropped:.0f} stale records "
+        f"dropped, 0 reordered, {duplicated} duplicates"
     )
 
 

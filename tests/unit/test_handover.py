@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -177,6 +178,7 @@ class FakeSource:
     def __init__(self) -> None:
         self.subscriptions: list[Subscription] = []
         self.connecting: set[str] = set()
+        self.opened: list[str] = []
 
     def streaming(self, group: str) -> bool:
         return group not in self.connecting
@@ -184,6 +186,7 @@ class FakeSource:
     async def apply(self, plan: list[Subscription]) -> set[str]:
         opened = {s.name for s in plan} - {s.name for s in self.subscriptions}
         self.subscriptions = list(plan)
+        self.opened += sorted(opened)
         return opened
 
 
@@ -196,6 +199,7 @@ class FakeGroup:
         self.subscribed: list[SubscribedMarker] = []
         self.markers: dict[str, asyncio.Future[ReleaseMarker]] = {}
         self.subscriptions: dict[str, asyncio.Future[SubscribedMarker]] = {}
+        self.rejoined = 0
 
     async def start(self) -> None:
         pass
@@ -214,6 +218,9 @@ class FakeGroup:
 
     async def publish_subscribed(self, marker: SubscribedMarker) -> None:
         self.subscribed.append(marker)
+
+    async def rejoin(self) -> None:
+        self.rejoined += 1
 
     async def wait_subscribed(self, shard: int, token: str) -> SubscribedMarker:
         return await self.subscriptions.setdefault(token, asyncio.get_running_loop().create_future())
@@ -314,6 +321,52 @@ async def test_markers_that_never_come_end_each_step_at_the_timeout_and_are_coun
     missing = keeper.metrics.registry.get_sample_value
     assert missing("ime_bridge_handover_markers_missing_total", {"marker": "subscribed"}) == 1
     assert missing("ime_bridge_handover_markers_missing_total", {"marker": "release"}) == 1
+
+
+async def test_after_a_stall_publishing_waits_for_a_plan_and_what_another_member_served_meanwhile_is_dropped() -> None:
+    """A stall longer than the session timeout (less a heartbeat) may have got this member expelled, and its
+    shards served by another: its records of them must not follow that member's (A, B, A)."""
+    keeper, group, source = make_keeper(["1001", "1002", "1004", "1005"])
+    sink = MemorySink()
+    publisher = Publisher(keeper.intake.buffer, sink, keeper.metrics, max_batch_records=100)
+    keeper.publisher = publisher
+    publisher.gate, publisher.stale = keeper.ownership_confirmed, keeper.stale
+    await keeper.apply(MemberPlan(frozenset({0, 1})))
+    running = asyncio.create_task(publisher.run())
+    try:
+        keeper._watching, keeper._last_tick = True, keeper._last_tick - 60  # the loop did not run for a minute
+        keeper.intake.on_frame(snapshot("1001", 1), 1, ConnectionInfo(source.subscriptions[1], 1))  # shard 1
+        keeper.intake.on_frame(snapshot("1005", 1), 2, ConnectionInfo(source.subscriptions[0], 1))  # shard 0
+        await wait_for(lambda: group.rejoined == 1, what="a rejoin")
+        await asyncio.sleep(0.1)
+        assert not sink.records, "nothing published before the group answers"
+        # The fresh plan: shard 1 was served by another member meanwhile, and stays with it.
+        await keeper.apply(MemberPlan(frozenset({0}), release={1: "t1"}, superseded=frozenset({1})))
+        await wait_for(lambda: len(sink.records) == 1, what="the record of shard 0")
+        assert [record.key for record in sink.records] == [b"1005"]
+        assert keeper.metrics.registry.get_sample_value("ime_bridge_stale_records_dropped_total") == 1
+        assert keeper.metrics.registry.get_sample_value("ime_bridge_event_loop_stalls_total") == 1
+        assert len(keeper.intake.buffer) == 0, "the stale record is settled, not sent again"
+    finally:
+        running.cancel()
+
+
+async def test_a_shard_kept_while_expelled_and_given_back_comes_by_handover() -> None:
+    keeper, group, source = make_keeper(["1001", "1002", "1004", "1005"])
+    await keeper.apply(MemberPlan(frozenset({0, 1})))
+    plan = MemberPlan(frozenset({0, 1}), acquire={1: "t1"}, superseded=frozenset({1}))
+    handover = asyncio.create_task(keeper.apply(plan))
+    await wait_for(lambda: bool(group.subscribed), what="the subscribed marker of shard 1")
+    assert source.opened.count("id-s1-0") == 2, "reopened: its frames from before the stall stay behind"
+    now_us = time.time_ns() // 1000
+    keeper.intake.on_frame(snapshot("1001", 5), now_us, ConnectionInfo(source.subscriptions[1], 1))
+    assert len(keeper.intake.buffer) == 0, "held until the member that served it meanwhile releases it"
+    group.markers["t1"].set_result(ReleaseMarker(1, "t1", {}))
+    await handover
+    assert len(keeper.intake.buffer) == 1
+    stale = keeper.stale()
+    assert stale is not None
+    assert not any(stale(record) for record in (await keeper.intake.buffer.take(10)).records), "received after"
 
 
 async def test_a_replica_owning_no_configured_contract_serves_nothing_and_leaving_hands_everything_over() -> None:

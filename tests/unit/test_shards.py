@@ -56,8 +56,16 @@ def test_an_expelled_member_that_rejoins_releases_what_went_on_without_it() -> N
     plans = assign(2, {"a": MemberClaim(frozenset({0, 1}), epoch=4), "b": MemberClaim(frozenset({0}), epoch=5)})
     assert 0 in plans["b"].shards
     assert 0 not in plans["a"].shards
-    assert 0 in plans["a"].release, "a stops and drains what it still had of shard 0"
+    assert 0 in plans["a"].release, "a stops"
     assert 0 not in plans["b"].acquire, "b goes on serving it without waiting"
+    assert MemberPlan.decode(plans["a"].partitions, plans["a"].encode()) == plans["a"]
+    assert plans["a"].superseded == frozenset({0}), "what a still holds of shard 0 is stale: dropped"
+    # b took both while a was away: a is given one back, by handover from b, and drops what it held of both.
+    plans = assign(2, {"a": MemberClaim(frozenset({0, 1}), epoch=4), "b": MemberClaim(frozenset({0, 1}), epoch=5)})
+    (back,) = plans["a"].shards
+    assert plans["a"].acquire == {back: plans["b"].release[back]}
+    assert plans["a"].superseded == frozenset({0, 1})
+    assert set(plans["a"].release) == {0, 1} - {back}
     assert {plan.epoch for plan in plans.values()} == {6}
 
 
@@ -120,6 +128,10 @@ def test_every_shard_has_exactly_one_staying_owner_and_shares_differ_by_at_most_
             assert shard in plans[member].shards
             assert any(plans[giver].release.get(shard) == token for giver in claims if giver != member)
         assert plans[member].confirmed <= set(plans[member].release) - plans[member].shards
+        assert not plans[member].confirmed & plans[member].superseded
+        for shard in plans[member].superseded:
+            assert shard in plans[member].acquire or shard in plans[member].release, "comes by handover, or goes"
+        assert not set(plans[member].acquire) & set(plans[member].release)
         assert not plans[member].confirmed or claim.confirms
     # A member keeps the shards it wins (it claims them from the latest epoch) up to its share
     for member in staying:
