@@ -15,6 +15,10 @@ gained shards' connections open, the lost ones' close), then, for each shard at 
 So the giver's last record of a contract precedes the taker's first, and the frames in between are neither
 lost (the taker subscribed before the giver stopped) nor repeated. A plan is applied whole before the next;
 the claim a member joins with is always its latest plan's shards.
+
+A member whose event loop stalls past the group's session timeout may have been expelled meanwhile: when it
+resumes, the keeper publishes nothing until it has rejoined, and the publisher drops what was received of the
+shards another member served meanwhile (`MemberPlan.superseded`) before that plan.
 """
 
 from __future__ import annotations
@@ -270,7 +274,7 @@ class ShardKeeper:
         self._last_tick = now
         if not self._watching or self._stall_limit is None or stalled <= self._stall_limit:
             return
-        if not self._ownership.is_set():
+        if not self._ownership.is_set():  # already rejoining
             return
         self._ownership.clear()
         self.metrics.event_loop_stalls.inc()
