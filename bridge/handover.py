@@ -247,19 +247,18 @@ class ShardKeeper:
         await self._ownership.wait()
 
     def stale(self) -> Callable[[OutgoingRecord], bool] | None:
-        """Whether a record is stale (its shard was served by another member while this one was expelled, and it
-        was received before the plan that said so); None when no shard is (the usual case: nothing to look at)."""
+        """Whether a record is stale: its shard was served by another member while this one was expelled, and it
+        was received before the plan that said so, or the shard stays with that member (what its connections
+        deliver until they have closed). None when no shard is (the usual case: nothing to look at)."""
         if not self._superseded:
             return None
-        superseded, before, shards = self._superseded, self._superseded_before, self.settings.shards
+        superseded, before, shards, owned = self._superseded, self._superseded_before, self.settings.shards, self.owned
 
         def stale(record: OutgoingRecord) -> bool:
-            return (
-                record.kind is RecordKind.UPDATE
-                and record.received < before
-                and record.key is not None
-                and shard_of(record.key.decode(), shards) in superseded
-            )
+            if record.kind is not RecordKind.UPDATE or record.key is None:
+                return False
+            shard = shard_of(record.key.decode(), shards)
+            return shard in superseded and (record.received < before or shard not in owned)
 
         return stale
 

@@ -125,20 +125,32 @@ def delivery_faults(
     record that came after a newer one (described)."""
     lost: dict[str, int] = {}
     duplicated = 0
-    reordered: list[str] = []
     for contract, identities in made.items():
         position = {identity: index for index, identity in enumerate(identities)}
         delivered = [position[record_identity(value)] for value in values[contract]]
         duplicated += len(delivered) - len(set(delivered))
-        reordered += [
-            f"{contract}: #{a} then #{b} ({_described(values[contract][n])} then {_described(values[contract][n + 1])})"
-            for n, (a, b) in enumerate(itertools.pairwise(delivered))
-            if b < a
-        ]
         missing = set(range(delivered[0], len(identities))) - set(delivered) if delivered else set()
         if missing:
             lost[contract] = len(missing)
+    reordered = [_reordering(*pair) for pair in reordered_pairs(made, values)]
     return lost, duplicated, reordered
+
+
+def reordered_pairs(
+    made: dict[str, list[Identity]], values: dict[str, list[dict[str, Any]]]
+) -> list[tuple[str, int, int, dict[str, Any], dict[str, Any]]]:
+    """Each record that came right after a newer one of its contract: (contract, the newer one's position in the
+    market, its own, the newer record, itself)."""
+    pairs = []
+    for contract, identities in made.items():
+        position = {identity: index for index, identity in enumerate(identities)}
+        delivered = [(position[record_identity(value)], value) for value in values[contract]]
+        pairs += [(contract, a, b, newer, older) for (a, newer), (b, older) in itertools.pairwise(delivered) if b < a]
+    return pairs
+
+
+def _reordering(contract: str, a: int, b: int, newer: dict[str, Any], older: dict[str, Any]) -> str:
+    return f"{contract}: #{a} then #{b} ({_described(newer)} then {_described(older)})"
 
 
 def by_contract(records: list[ConsumerRecord[Any, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -278,14 +290,17 @@ async def test_a_replica_stalled_past_the_session_timeout_publishes_nothing_afte
     kafka_broker: BrokerInfo, tmp_path: Path
 ) -> None:
     """SIGSTOP one of two for longer than the session timeout: the other serves everything meanwhile. Resumed,
-    the stalled one must not publish what it had received before it learns it was expelled (it would follow the
-    other's newer records), and takes its share back by handover."""
+    the stalled one must not publish what it received before it learns it was expelled, nor what the
+    connections of shards it lost deliver until they close (it would follow the other's newer records), and
+    takes its share back by handover. Only a round it had handed to the producer before the stop may still."""
     async with replicas(kafka_broker, tmp_path) as group:
         processes = [group.start_one() for _ in range(2)]
         await wait_for(lambda: group.settled(processes), within=90, interval=0.5, what="12 shards over 2 replicas")
         await group.flowing(processes)
         stalled, other = processes
         assert stalled.process is not None
+        stalled_session = _session_of(stalled)
+        stopped_at = time.time()
         stalled.process.send_signal(signal.SIGSTOP)
         try:
 
@@ -337,12 +352,22 @@ async def test_a_replica_stalled_past_the_session_timeout_publishes_nothing_afte
             quiet_for=2.0,
             describe=behind,
         )
-    _, duplicated, reordered = delivery_faults(made, by_contract(records))
+    values = by_contract(records)
+    _, duplicated, _ = delivery_faults(made, values)
+    # A round the stalled replica had handed to the producer just before the stop is written when it resumes,
+    # after the other's newer records: no check of the bridge can recall a produce request (docs/scaling.md,
+    # limits). That is all that may follow the other's records: what it received just before the stop.
+    in_flight, reordered = [], []
+    for contract, a, b, newer, older in reordered_pairs(made, values):
+        received = older["receive_time"].timestamp()
+        handed_over = older["session_id"] == stalled_session and stopped_at - 1.0 < received < stopped_at
+        (in_flight if handed_over else reordered).append(_reordering(contract, a, b, newer, older))
     assert stalls == 1
     assert not reordered, "\n".join([*reordered, group.logs()])
     print(
         f"\na replica stalled past the session timeout: {stalls:.0f} stall seen, {dropped:.0f} stale records "
-        f"dropped, 0 reordered, {duplicated} duplicates"
+        f"dropped, 0 reordered, {len(in_flight)} handed to the producer before the stop and written after it, "
+        f"{duplicated} duplicates"
     )
 
 
@@ -366,7 +391,10 @@ async def test_a_member_started_again_by_its_supervisor_stays_one_member(kafka_b
 
 
 def _described(value: dict[str, Any]) -> str:
-    return f"session {value['session_id'][:8]} sequence {value['sequence']} first {value['first_after_subscribe']}"
+    return (
+        f"session {value['session_id'][:8]} sequence {value['sequence']} first {value['first_after_subscribe']} "
+        f"received {value['receive_time'].strftime('%H:%M:%S.%f')}"
+    )
 
 
 def _session_of(process: BridgeProcess) -> str:

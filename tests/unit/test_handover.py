@@ -351,6 +351,22 @@ async def test_after_a_stall_publishing_waits_for_a_plan_and_what_another_member
         running.cancel()
 
 
+async def test_what_a_superseded_shard_delivers_after_the_plan_until_its_connection_closes_is_stale() -> None:
+    """The plan that says another member served a shard meanwhile, and keeps it, comes before this member's
+    connection of that shard has closed: a frame received in between must not follow that member's records."""
+    keeper, _, source = make_keeper(["1001", "1002", "1004", "1005"])
+    await keeper.apply(MemberPlan(frozenset({0, 1})))
+    shard_1 = ConnectionInfo(source.subscriptions[1], 1)
+    await keeper.apply(MemberPlan(frozenset({0}), release={1: "t1"}, superseded=frozenset({1})))
+    now_us = time.time_ns() // 1000
+    keeper.intake.on_frame(snapshot("1001", 7), now_us, shard_1)  # received after the plan
+    keeper.intake.on_frame(snapshot("1005", 7), now_us, ConnectionInfo(source.subscriptions[0], 1))
+    stale = keeper.stale()
+    assert stale is not None
+    taken = (await keeper.intake.buffer.take(10)).records
+    assert [(record.key, stale(record)) for record in taken] == [(b"1001", True), (b"1005", False)]
+
+
 async def test_a_shard_kept_while_expelled_and_given_back_comes_by_handover() -> None:
     keeper, group, source = make_keeper(["1001", "1002", "1004", "1005"])
     await keeper.apply(MemberPlan(frozenset({0, 1})))
