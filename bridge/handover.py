@@ -18,7 +18,8 @@ the claim a member joins with is always its latest plan's shards.
 
 A member whose event loop stalls past the group's session timeout may have been expelled meanwhile: when it
 resumes, the keeper publishes nothing until it has rejoined, and the publisher drops what was received of the
-shards another member served meanwhile (`MemberPlan.superseded`) before that plan.
+shards another member served meanwhile (`MemberPlan.superseded`): before that plan, and of those the other member
+keeps, also after it, until their connections have closed.
 """
 
 from __future__ import annotations

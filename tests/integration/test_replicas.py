@@ -125,28 +125,39 @@ def delivery_faults(
     record that came after a newer one (described)."""
     lost: dict[str, int] = {}
     duplicated = 0
-    for contract, identities in made.items():
-        position = {identity: index for index, identity in enumerate(identities)}
-        delivered = [position[record_identity(value)] for value in values[contract]]
-        duplicated += len(delivered) - len(set(delivered))
-        missing = set(range(delivered[0], len(identities))) - set(delivered) if delivered else set()
+    placed = market_positions(made, values)
+    for contract, delivered in placed.items():
+        positions = [position for position, _ in delivered]
+        duplicated += len(positions) - len(set(positions))
+        missing = set(range(positions[0], len(made[contract]))) - set(positions) if positions else set()
         if missing:
             lost[contract] = len(missing)
-    reordered = [_reordering(*pair) for pair in reordered_pairs(made, values)]
+    reordered = [_reordering(*pair) for pair in reordered_pairs(placed)]
     return lost, duplicated, reordered
 
 
-def reordered_pairs(
+def market_positions(
     made: dict[str, list[Identity]], values: dict[str, list[dict[str, Any]]]
-) -> list[tuple[str, int, int, dict[str, Any], dict[str, Any]]]:
-    """Each record that came right after a newer one of its contract: (contract, the newer one's position in the
-    market, its own, the newer record, itself)."""
-    pairs = []
+) -> dict[str, list[tuple[int, dict[str, Any]]]]:
+    """Per contract, each delivered record (in topic order) with its snapshot's position in the market."""
+    found = {}
     for contract, identities in made.items():
         position = {identity: index for index, identity in enumerate(identities)}
-        delivered = [(position[record_identity(value)], value) for value in values[contract]]
-        pairs += [(contract, a, b, newer, older) for (a, newer), (b, older) in itertools.pairwise(delivered) if b < a]
-    return pairs
+        found[contract] = [(position[record_identity(value)], value) for value in values[contract]]
+    return found
+
+
+def reordered_pairs(
+    placed: dict[str, list[tuple[int, dict[str, Any]]]],
+) -> list[tuple[str, int, int, dict[str, Any], dict[str, Any]]]:
+    """Each record that came right after a newer one of its contract (`placed`: market_positions): (contract,
+    the newer one's position in the market, its own, the newer record, itself)."""
+    return [
+        (contract, a, b, newer, older)
+        for contract, delivered in placed.items()
+        for (a, newer), (b, older) in itertools.pairwise(delivered)
+        if b < a
+    ]
 
 
 def _reordering(contract: str, a: int, b: int, newer: dict[str, Any], older: dict[str, Any]) -> str:
@@ -358,7 +369,7 @@ async def test_a_replica_stalled_past_the_session_timeout_publishes_nothing_afte
     # after the other's newer records: no check of the bridge can recall a produce request (docs/scaling.md,
     # limits). That is all that may follow the other's records: what it received just before the stop.
     in_flight, reordered = [], []
-    for contract, a, b, newer, older in reordered_pairs(made, values):
+    for contract, a, b, newer, older in reordered_pairs(market_positions(made, values)):
         received = older["receive_time"].timestamp()
         handed_over = older["session_id"] == stalled_session and stopped_at - 1.0 < received < stopped_at
         (in_flight if handed_over else reordered).append(_reordering(contract, a, b, newer, older))
