@@ -1,8 +1,8 @@
 """The Kafka side: records out, acknowledgements back.
 
 `KafkaSink` wraps aiokafka. It picks each record's partition itself (murmur2 of the key, as the Java
-client and aiokafka's default partitioner do, so every client agrees where a contract lives) and
-sends one `create_batch`/`send_batch` per partition, which costs a fifth of a `send()` per record
+client and aiokafka's default partitioner do, so every client agrees where a contract lives), builds
+one batch per partition and hands it over with `send_batch`, which costs a fifth of a `send()` per record
 (see ../shared/design.md). Only this module knows Kafka: it maps each record's kind to its topic and
 translates aiokafka's errors into the outcomes and errors of bridge/records.py.
 
@@ -156,13 +156,17 @@ async def _why(settings: KafkaSettings, exc: KafkaError) -> str:
     return f" ({diagnosis})" if diagnosis else ""
 
 
-class _Batch:
-    """One partition's batch of a publish round: the indices of the records in it, and whether it is full."""
+class _RoundBatch(BatchBuilder):  # type: ignore[misc]  # aiokafka's classes are untyped here
+    """One partition's batch of a publish round: aiokafka's batch builder, with the indices of the round's records
+    in it and whether it is full.
 
-    __slots__ = ("builder", "full", "indices")
+    Records go straight to aiokafka's C builder: `BatchBuilder.append`'s Python layers (keyword arguments,
+    serializers the sink does not use) cost more than the C append itself.
+    """
 
-    def __init__(self, builder: Any) -> None:
-        self.builder = builder
+    def __init__(self, batch_bytes: int, codec: int) -> None:
+        super().__init__(batch_bytes, codec, is_transactional=False)
+        self._append = self._builder.append
         self.indices: list[int] = []
         self.full = False
 
@@ -170,13 +174,18 @@ class _Batch:
         """Add record `index`; its outcome when it is not in the batch."""
         if self.full:  # this partition's batch is full for this round
             return NOT_SENT
-        if self.builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-            if not self.indices:  # a single record larger than a whole batch
+        indices = self.indices
+        if self._append(len(indices), None, key, value, headers) is None:
+            if not indices:  # a single record larger than a whole batch
                 return TooLarge()
             self.full = True
             return NOT_SENT
-        self.indices.append(index)
+        indices.append(index)
         return None
+
+    def record_count(self) -> int:
+        """How many records the batch holds (aiokafka numbers an idempotent producer's sequences by it)."""
+        return len(self.indices)
 
 
 class KafkaSink:
@@ -207,7 +216,8 @@ class KafkaSink:
         # The wire-format prefix of update values on each topic; empty without a registry (b"" + value is value).
         self._updates_prefix = self._state_prefix = b""
         self._producer: AIOKafkaProducer | None = None
-        self._raw_codec = 0  # aiokafka's number of kafka.raw_compression, checked at start
+        self._codec = 0  # aiokafka's numbers of kafka.compression and kafka.raw_compression, checked at start
+        self._raw_codec = 0
         self._partitions: dict[str, int] = {}
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
         self._raw_partition_of_key: dict[bytes, int] = {}
@@ -238,7 +248,8 @@ class KafkaSink:
                 await self._create_missing_topics(topics)
         except KafkaError as exc:
             raise SinkUnavailable(f"cannot create the topics: {exc!r}{await _why(settings, exc)}") from exc
-        self._raw_codec = _codec(settings.raw_compression)
+        self._codec = _codec(settings.compression, "compression")
+        self._raw_codec = _codec(settings.raw_compression, "raw_compression")
         producer = AIOKafkaProducer(
             **client_options(settings),
             acks="all",
@@ -316,11 +327,11 @@ class KafkaSink:
         updates_topic, state_topic = self._settings.topic, self._state_topic
         updates_prefix, state_prefix = self._updates_prefix, self._state_prefix
         # Batches by partition: of the updates topic, of the state topic, and by (topic, partition) of others.
-        updates: dict[int, _Batch] = {}
-        states: dict[int, _Batch] = {}
-        others: dict[tuple[str, int], _Batch] = {}
+        updates: dict[int, _RoundBatch] = {}
+        states: dict[int, _RoundBatch] = {}
+        others: dict[tuple[str, int], _RoundBatch] = {}
         partitions_of_update = self._partitions_of_update
-        new_batch = producer.create_batch
+        new_batch = self._batch
         # The state topic needs only each contract's newest update of the round (compaction keeps no other).
         newest = (
             {r.key: i for i, r in enumerate(records) if r.kind is RecordKind.UPDATE} if state_topic is not None else {}
@@ -331,18 +342,18 @@ class KafkaSink:
                 topic = self._topics[record.kind]
                 slot = (topic, self._partition(topic, key))
                 batch = others.get(slot) or others.setdefault(
-                    slot, _Batch(self._raw_batch() if record.kind is RecordKind.RAW else new_batch())
+                    slot, self._raw_batch() if record.kind is RecordKind.RAW else new_batch()
                 )
                 outcome = batch.add(key, record.value, record.headers, index)
             else:
                 partition, state_partition = partitions_of_update.get(key) or self._update_partitions(key)
-                batch = updates.get(partition) or updates.setdefault(partition, _Batch(new_batch()))
+                batch = updates.get(partition) or updates.setdefault(partition, new_batch())
                 if batch.full:
                     outcome = NOT_SENT
                 elif newest.get(key) != index:
                     outcome = batch.add(key, updates_prefix + record.value, record.headers, index)
                 else:
-                    state = states.get(state_partition) or states.setdefault(state_partition, _Batch(new_batch()))
+                    state = states.get(state_partition) or states.setdefault(state_partition, new_batch())
                     outcome = state.add(key, state_prefix + record.value, record.headers, index)
                     if outcome is None:
                         outcome = batch.add(key, updates_prefix + record.value, record.headers, index)
@@ -363,9 +374,9 @@ class KafkaSink:
             # The round is complete: a closed batch is ready at once. An open one would wait out aiokafka's
             # linger, measured per batch, so a round's batches fell due microseconds apart and went out as
             # two produce requests, the second only after the first was acknowledged.
-            batch.builder.close()
+            batch.close()
             try:
-                future = await producer.send_batch(batch.builder, topic, partition=partition)
+                future = await producer.send_batch(batch, topic, partition=partition)
                 pending.append((future, batch.indices, topic))
             except KafkaError as exc:
                 for index in batch.indices:
@@ -390,16 +401,24 @@ class KafkaSink:
         return outcomes
 
     def _add_raw(
-        self, raw: Sequence[RawFrames], index: int, batches: dict[tuple[str, int], _Batch], outcomes: list[Outcome]
+        self,
+        raw: Sequence[RawFrames],
+        index: int,
+        batches: dict[tuple[str, int], _RoundBatch],
+        outcomes: list[Outcome],
     ) -> None:
         """Add the raw frames (outcomes from `index` on) to the raw topic's batches, one per partition."""
         topic = self._topics[RecordKind.RAW]
-        by_partition: list[_Batch | None] = [None] * self._partitions[topic]
+        by_partition: list[_RoundBatch | None] = [None] * self._partitions[topic]
         # By key alone: `_partition`'s cache is keyed by (topic, key), a tuple to build per frame.
         partition_of_key = self._raw_partition_of_key
         for block in raw:
             labels = block.labels
+            headers_time, headers = -1, labels
             for frame, key, receive_time in block.frames:
+                # records.raw_frame's headers, spelled out, once per burst: a burst's frames share a receive time.
+                if receive_time != headers_time:
+                    headers_time, headers = receive_time, [*labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
                 partition = partition_of_key.get(key) if key is not None else None
                 if partition is None:
                     partition = self._partition(topic, key)
@@ -407,10 +426,9 @@ class KafkaSink:
                         partition_of_key[key] = partition
                 batch = by_partition[partition]
                 if batch is None:
-                    batch = by_partition[partition] = batches.get((topic, partition)) or _Batch(self._raw_batch())
+                    batch = by_partition[partition] = batches.get((topic, partition)) or self._raw_batch()
                     batches[(topic, partition)] = batch
-                # records.raw_frame's headers, spelled out: a call per frame costs 4% of this loop's instructions.
-                outcome = batch.add(key, frame, [*labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)], index)
+                outcome = batch.add(key, frame, headers, index)
                 if outcome is not None:
                     outcomes[index] = outcome
                 index += 1
@@ -422,9 +440,13 @@ class KafkaSink:
             self._raw_codec = int(DefaultRecordBatch.CODEC_NONE)
             log_event(logger, logging.WARNING, "raw_compression_refused", compression="zstd", now="none")
 
-    def _raw_batch(self) -> BatchBuilder:
+    def _batch(self) -> _RoundBatch:
+        """A batch of the updates, state or dead-letter topic, compressed with kafka.compression."""
+        return _RoundBatch(self._settings.batch_bytes, self._codec)
+
+    def _raw_batch(self) -> _RoundBatch:
         """A batch of the raw topic: compressed with kafka.raw_compression whatever the producer's own setting."""
-        return BatchBuilder(self._settings.batch_bytes, self._raw_codec, is_transactional=False)
+        return _RoundBatch(self._settings.batch_bytes, self._raw_codec)
 
     def _update_partitions(self, key: bytes) -> tuple[int, int]:
         """The partitions of an update's key on the updates and the state topic (cached)."""
@@ -452,13 +474,13 @@ async def create_topics(admin: AIOKafkaAdminClient, topics: list[NewTopic]) -> N
             raise SinkUnavailable(f"cannot create topic {topic!r}: error {code}: {message}")
 
 
-def _codec(compression: str) -> int:
-    """aiokafka's codec number of a kafka.*compression value; SinkFatal when its library is missing."""
+def _codec(compression: str, key: str) -> int:
+    """aiokafka's codec number of the value of kafka.`key`; SinkFatal when its library is missing."""
     if compression == "none":
         return int(DefaultRecordBatch.CODEC_NONE)
     available, codec = AIOKafkaProducer._COMPRESSORS[compression]
     if not available():
-        raise SinkFatal(f"kafka.raw_compression {compression}: its codec is not installed (cramjam)")
+        raise SinkFatal(f"kafka.{key} {compression}: its codec is not installed (cramjam)")
     return int(codec)
 
 

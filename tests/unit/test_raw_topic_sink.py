@@ -3,13 +3,11 @@ broker that refuses zstd (before Kafka 2.1) gets them uncompressed from then on.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
 from aiokafka.errors import UnknownError
 from aiokafka.partitioner import murmur2
-from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
 from bridge.config import KafkaSettings
@@ -20,37 +18,11 @@ from tests.unit.test_state_topic import DEAD, STATE, UPDATES, FakeProducer, upda
 RAW = "raw"
 
 
-class RawFakeProducer(FakeProducer):
-    """FakeProducer that also takes the raw topic's batches (built by the sink, not by create_batch)."""
-
-    def __init__(self, batch_bytes: int) -> None:
-        super().__init__(batch_bytes)
-        self.raw_batches: list[BatchBuilder] = []
-        self.raw_partitions: list[int] = []
-
-    async def send_batch(self, batch: object, topic: str, partition: int) -> asyncio.Future[None]:  # type: ignore[override]
-        if not isinstance(batch, BatchBuilder):
-            return await super().send_batch(batch, topic, partition)  # type: ignore[arg-type]
-        assert topic == RAW
-        assert batch.closed(), "a round's batches are sent closed"
-        self.raw_batches.append(batch)
-        self.raw_partitions.append(partition)
-        return self.outcome(topic)
-
-    def raw_records(self) -> dict[int, list[tuple[bytes | None, bytes, dict[str, bytes]]]]:
-        """Per partition of the raw topic, the records its batches carried (key, value, headers)."""
-        found: dict[int, list[tuple[bytes | None, bytes, dict[str, bytes]]]] = {}
-        for partition, batch in zip(self.raw_partitions, self.raw_batches, strict=True):
-            for record in DefaultRecordBatch(batch._build()):
-                found.setdefault(partition, []).append((record.key, record.value, dict(record.headers)))
-        return found
-
-
 def raw(key: bytes | None, value: bytes) -> OutgoingRecord:
     return OutgoingRecord(RecordKind.RAW, key, value, [("receive-time-us", b"1")], 0.0)
 
 
-def sink_over(producer: RawFakeProducer) -> KafkaSink:
+def sink_over(producer: FakeProducer) -> KafkaSink:
     sink = KafkaSink(KafkaSettings(topic=UPDATES, dlq_topic=DEAD, state_topic=STATE, raw_topic=RAW))
     sink._producer = producer  # type: ignore[assignment]
     sink._partitions = {UPDATES: 1, DEAD: 1, STATE: 1, RAW: 1}
@@ -59,17 +31,17 @@ def sink_over(producer: RawFakeProducer) -> KafkaSink:
 
 
 async def test_raw_records_go_to_the_raw_topic_beside_the_updates() -> None:
-    producer = RawFakeProducer(batch_bytes=1 << 16)
+    producer = FakeProducer()
     sink = sink_over(producer)
     outcomes = await sink.publish([raw(b"1001", b"frame-1"), update("1001", b"v1"), raw(None, b"{bad")])
     assert outcomes == [None, None, None]
-    assert [batch.record_count() for batch in producer.raw_batches] == [2]
+    assert [batch.record_count() for batch in producer.batches(RAW)] == [2]
     assert producer.values(UPDATES) == [b"v1"]
     assert sink.topic(RecordKind.RAW) == RAW
 
 
 async def test_a_broker_refusing_zstd_gets_the_raw_topic_uncompressed(caplog: pytest.LogCaptureFixture) -> None:
-    producer = RawFakeProducer(batch_bytes=1 << 16)
+    producer = FakeProducer()
     producer.failing[RAW] = UnknownError("76")  # aiokafka has no class for UNSUPPORTED_COMPRESSION_TYPE
     sink = sink_over(producer)
     with caplog.at_level(logging.WARNING):
@@ -82,7 +54,7 @@ async def test_a_broker_refusing_zstd_gets_the_raw_topic_uncompressed(caplog: py
 
 
 async def test_other_failures_keep_the_compression() -> None:
-    producer = RawFakeProducer(batch_bytes=1 << 16)
+    producer = FakeProducer()
     producer.failing[RAW] = UnknownError("x")
     sink = sink_over(producer)
     sink._raw_codec = DefaultRecordBatch.CODEC_LZ4  # only zstd needs a newer broker
@@ -94,13 +66,13 @@ LABELS = [("endpoint", b"id"), ("connection", b"id-0/1")]
 
 
 async def test_raw_frames_go_after_the_records_to_their_keys_partitions_with_their_receive_times() -> None:
-    producer = RawFakeProducer(batch_bytes=1 << 16)
+    producer = FakeProducer()
     sink = sink_over(producer)
     sink._partitions[RAW] = 4
     frames = [(b"f1", b"1001", 11), (b"f2", b"1002", 12), (b"f3", b"1001", 13), (b"bad", None, 14)]
     outcomes = await sink.publish([update("1001", b"v1"), raw(None, b"marker")], [RawFrames.of(LABELS, frames)])
     assert outcomes == [None] * 6
-    by_partition = producer.raw_records()
+    by_partition = producer.records(RAW)
     assert sorted(record[1] for records in by_partition.values() for record in records) == [
         b"bad",
         b"f1",
@@ -115,10 +87,10 @@ async def test_raw_frames_go_after_the_records_to_their_keys_partitions_with_the
 
 
 async def test_raw_frames_past_a_full_batch_wait_for_the_next_round_in_order() -> None:
-    producer = RawFakeProducer(batch_bytes=1 << 16)
+    producer = FakeProducer()
     sink = sink_over(producer)
     sink._raw_codec = DefaultRecordBatch.CODEC_NONE
     frames = [(bytes([n]) * 200_000, b"1001", n) for n in range(4)]  # batches of kafka.max_batch_bytes, 512 KiB
     outcomes = await sink.publish([], [RawFrames.of(LABELS, frames)])
     assert outcomes == [None, None, NOT_SENT, NOT_SENT], "a partition gets one batch per round"
-    assert [value[0] for _, value, _ in producer.raw_records()[0]] == [0, 1]
+    assert [value[0] for _, value, _ in producer.records(RAW)[0]] == [0, 1]

@@ -14,11 +14,12 @@ import pytest
 import yaml
 from aiokafka.errors import KafkaTimeoutError
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.record.default_records import DefaultRecordBatch
 
 from bridge.config import ConfigError, KafkaSettings, Settings, load_settings
-from bridge.records import Failed, NotSent, OutgoingRecord, RecordKind
+from bridge.records import NOT_SENT, Failed, NotSent, OutgoingRecord, RecordKind
 from bridge.registry import wire_prefix
-from bridge.sink import KafkaSink
+from bridge.sink import KafkaSink, _RoundBatch
 
 UPDATES, DEAD, STATE = "updates", "dead", "state"
 
@@ -27,21 +28,18 @@ UPDATES, DEAD, STATE = "updates", "dead", "state"
 
 
 class FakeProducer:
-    """What KafkaSink uses of AIOKafkaProducer: real batch builders, and sends that succeed or fail per topic."""
+    """What KafkaSink uses of AIOKafkaProducer: sends of the sink's batches that succeed or fail per topic, and
+    what each batch carried, read back from its bytes."""
 
-    def __init__(self, batch_bytes: int) -> None:
-        self.batch_bytes = batch_bytes
-        self.sent: list[tuple[str, int, list[tuple[bytes | None, bytes]]]] = []
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, BatchBuilder]] = []
         self.failing: dict[str, Exception] = {}
 
-    def create_batch(self) -> RecordingBatch:
-        return RecordingBatch(self.batch_bytes)
-
-    async def send_batch(self, batch: RecordingBatch, topic: str, partition: int) -> asyncio.Future[None]:
+    async def send_batch(self, batch: BatchBuilder, topic: str, partition: int) -> asyncio.Future[None]:
         # Sent closed: aiokafka would hold an open batch for its linger, and a round's batches, falling due
         # microseconds apart, would go out as two produce requests, one after the other.
-        assert batch.builder.closed(), "a round's batches are sent closed"
-        self.sent.append((topic, partition, batch.records))
+        assert batch.closed(), "a round's batches are sent closed"
+        self.sent.append((topic, partition, batch))
         return self.outcome(topic)
 
     def outcome(self, topic: str) -> asyncio.Future[None]:
@@ -53,25 +51,20 @@ class FakeProducer:
             future.set_result(None)
         return future
 
+    def batches(self, topic: str) -> list[BatchBuilder]:
+        return [batch for sent_topic, _, batch in self.sent if sent_topic == topic]
+
+    def records(self, topic: str) -> dict[int, list[tuple[bytes | None, bytes, dict[str, bytes]]]]:
+        """Per partition of `topic`, the records its batches carried (key, value, headers), in send order."""
+        found: dict[int, list[tuple[bytes | None, bytes, dict[str, bytes]]]] = {}
+        for sent_topic, partition, batch in self.sent:
+            if sent_topic == topic:
+                for record in DefaultRecordBatch(batch._build()):
+                    found.setdefault(partition, []).append((record.key, record.value, dict(record.headers)))
+        return found
+
     def values(self, topic: str) -> list[bytes]:
-        return [value for sent_topic, _, records in self.sent if sent_topic == topic for _, value in records]
-
-
-class RecordingBatch:
-    """aiokafka's batch builder, remembering what it took."""
-
-    def __init__(self, batch_bytes: int) -> None:
-        self.builder = BatchBuilder(batch_bytes, 0, is_transactional=0)
-        self.records: list[tuple[bytes | None, bytes]] = []
-
-    def append(self, *, key: bytes | None, value: bytes, timestamp: None, headers: list[tuple[str, bytes]]) -> Any:
-        taken = self.builder.append(key=key, value=value, timestamp=timestamp, headers=headers)
-        if taken is not None:
-            self.records.append((key, value))
-        return taken
-
-    def close(self) -> None:
-        self.builder.close()
+        return [value for records in self.records(topic).values() for _, value, _ in records]
 
 
 def kafka_sink(producer: FakeProducer, state_copies: list[int] | None = None, **settings: Any) -> KafkaSink:
@@ -98,7 +91,7 @@ def dead_letter(value: bytes) -> OutgoingRecord:
 
 @pytest.fixture
 def producer() -> FakeProducer:
-    return FakeProducer(batch_bytes=1024)
+    return FakeProducer()
 
 
 async def test_the_newest_update_of_each_contract_in_a_round_also_goes_to_the_state_topic(
@@ -141,16 +134,36 @@ async def test_an_update_copied_to_the_state_topic_is_delivered_only_when_both_a
 
 async def test_what_does_not_fit_the_state_batch_goes_to_neither_topic_this_round() -> None:
     """The state topic with fewer partitions than the updates topic: its one batch fills first."""
-    producer = FakeProducer(batch_bytes=300)
-    sink = kafka_sink(producer)
+    producer = FakeProducer()
+    sink = kafka_sink(producer, max_batch_bytes=1024)
     sink._partitions = {UPDATES: 4, DEAD: 1, STATE: 1}
-    records = [update(str(n), bytes([n]) * 60) for n in range(8)]  # eight contracts, one update each
+    records = [update(str(n), bytes([n]) * 250) for n in range(8)]  # eight contracts, one update each
     outcomes = await sink.publish(records)
     sent = [record.value for record, outcome in zip(records, outcomes, strict=True) if outcome is None]
     assert records[0].value in sent
     assert len(sent) < len(records)
     assert all(isinstance(outcome, NotSent) for outcome in outcomes if outcome is not None)
     assert sorted(producer.values(UPDATES)) == sorted(producer.values(STATE)) == sorted(sent)
+
+
+@pytest.mark.parametrize("codec", [DefaultRecordBatch.CODEC_NONE, DefaultRecordBatch.CODEC_ZSTD])
+def test_a_round_batch_holds_what_aiokafkas_own_append_would(codec: int) -> None:
+    """The sink appends to aiokafka's C builder directly: the records read back, their offsets and the count
+    aiokafka numbers an idempotent producer's sequences by must be those of `BatchBuilder.append`."""
+    records = [(b"1", b"a" * 500, [("h", b"1")]), (None, b"{bad", []), (b"2", b"b" * 500, [("h", b"2"), ("i", b"")])]
+    ours, theirs = _RoundBatch(1024, codec), BatchBuilder(1024, codec, is_transactional=False)
+    outcomes = [ours.add(key, value, headers, index) for index, (key, value, headers) in enumerate(records)]
+    for key, value, headers in records:
+        theirs.append(key=key, value=value, timestamp=None, headers=headers)
+    assert outcomes == [None, None, NOT_SENT], "the third does not fit 1024 bytes"
+    assert ours.indices == [0, 1]
+    assert ours.record_count() == theirs.record_count() == 2
+
+    def read(batch: BatchBuilder) -> list[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+        batch.close()
+        return [(r.offset, r.key, r.value, list(r.headers)) for r in DefaultRecordBatch(batch._build())]
+
+    assert read(ours) == read(theirs)
 
 
 async def test_without_the_state_topic_updates_go_only_to_the_updates_topic(producer: FakeProducer) -> None:
