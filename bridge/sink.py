@@ -187,6 +187,13 @@ class _RoundBatch(BatchBuilder):  # type: ignore[misc]  # aiokafka's classes are
             return NOT_SENT
         return TooLarge()
 
+    def close(self) -> None:
+        """Take no more records, and let go of the C builder: aiokafka drops it once it has built the batch, and a
+        compressed batch's builder holds the uncompressed records."""
+        if not self.closed():
+            del self.append_record
+        super().close()
+
     def record_count(self) -> int:
         """How many records the batch holds (aiokafka numbers an idempotent producer's sequences by it)."""
         return len(self.indices)
