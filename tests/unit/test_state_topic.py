@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 from aiokafka.errors import KafkaTimeoutError
-from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.producer.message_accumulator import BatchBuilder, MessageBatch
 from aiokafka.record.default_records import DefaultRecordBatch
+from aiokafka.structs import TopicPartition
 
 from bridge.config import ConfigError, KafkaSettings, Settings, load_settings
 from bridge.records import NOT_SENT, Failed, NotSent, OutgoingRecord, RecordKind
@@ -147,7 +148,7 @@ async def test_what_does_not_fit_the_state_batch_goes_to_neither_topic_this_roun
 
 
 @pytest.mark.parametrize("codec", [DefaultRecordBatch.CODEC_NONE, DefaultRecordBatch.CODEC_ZSTD])
-def test_a_round_batch_holds_what_aiokafkas_own_append_would(codec: int) -> None:
+async def test_a_round_batch_holds_what_aiokafkas_own_append_would(codec: int) -> None:
     """The sink appends to aiokafka's C builder directly: the records read back, their offsets and the count
     aiokafka numbers an idempotent producer's sequences by must be those of `BatchBuilder.append`."""
     records = [(b"1", b"a" * 500, [("h", b"1")]), (None, b"{bad", []), (b"2", b"b" * 500, [("h", b"2"), ("i", b"")])]
@@ -161,9 +162,14 @@ def test_a_round_batch_holds_what_aiokafkas_own_append_would(codec: int) -> None
 
     def read(batch: BatchBuilder) -> list[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]]]]:
         batch.close()
-        return [(r.offset, r.key, r.value, list(r.headers)) for r in DefaultRecordBatch(batch._build())]
+        batch._set_producer_state(7, 1, 40)  # as aiokafka's sender does for an idempotent producer
+        built = DefaultRecordBatch(batch._build())
+        assert (built.producer_id, built.base_sequence, built.last_offset_delta) == (7, 40, 1)
+        return [(r.offset, r.key, r.value, list(r.headers)) for r in built]
 
     assert read(ours) == read(theirs)
+    # What the sender counts the partition's next sequence number by, once the batch is acknowledged.
+    assert MessageBatch(TopicPartition("t", 0), ours, 30.0, 0.0).record_count == 2
 
 
 async def test_without_the_state_topic_updates_go_only_to_the_updates_topic(producer: FakeProducer) -> None:
