@@ -213,6 +213,13 @@ class Metrics:
             LATENCY_BUCKETS,
             r,
         )
+        self.publish_round_duration = HotHistogram(
+            "ime_bridge_publish_round_seconds",
+            "From handing a publish round to the producer to its last acknowledgement (or failure): batching, the "
+            "produce request and Kafka's reply. The rest of the publish latency is the wait in the buffer.",
+            LATENCY_BUCKETS,
+            r,
+        )
         self.buffer_records = Gauge(
             "ime_bridge_buffer_records", "Records waiting between the WebSocket readers and Kafka.", registry=r
         )

@@ -95,7 +95,9 @@ class Publisher:
             self.metrics.publish_rounds.inc()
             if self.gate is not None:
                 await self.gate()
+            started = time.monotonic()
             outcomes = await self._publish_fresh(taken.records, taken.raw)
+            self.metrics.publish_round_duration.observe(time.monotonic() - started)
             done, failed = self._account(taken.records, taken.raw, outcomes)
             self.buffer.settle(taken, done)
             self.in_flight = None

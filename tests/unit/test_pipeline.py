@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -211,6 +212,35 @@ async def test_publisher_accounts_for_every_outcome() -> None:
     assert sample(metrics, "ime_bridge_messages_published_total", topic="update") == 5
     assert sample(metrics, "ime_bridge_dead_letters_total", reason="invalid_json") == 1
     assert sample(metrics, "ime_bridge_publish_latency_seconds_count") == 5
+
+
+class SlowSink(MemorySink):
+    """Takes `seconds` to acknowledge each round, like a distant broker."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
+        await asyncio.sleep(self.seconds)
+        return await super().publish(records, raw)
+
+
+async def test_each_rounds_duration_is_timed_apart_from_the_wait_before_it() -> None:
+    """ime_bridge_publish_round_seconds is Kafka's share of the publish latency: the round, not its linger."""
+    pipeline, metrics = make_pipeline()
+    publisher = Publisher(pipeline.buffer, SlowSink(0.05), metrics, max_batch_records=10_000, linger=0.2)
+    task = asyncio.create_task(publisher.run())
+    for price in range(3):
+        pipeline.on_frame(frame({"contractId": "1001"}, price), time.time_ns() // 1000, BY_ID)
+    await asyncio.wait_for(publisher.wait_drained(), timeout=5)
+    task.cancel()
+    rounds = sample(metrics, "ime_bridge_publish_rounds_total")
+    assert rounds >= 1
+    assert sample(metrics, "ime_bridge_publish_round_seconds_count") == rounds
+    assert sample(metrics, "ime_bridge_publish_round_seconds_bucket", le="0.025") == 0, "each round took 50 ms"
+    assert sample(metrics, "ime_bridge_publish_round_seconds_sum") < 0.2 * rounds, "without the 200 ms linger"
+    assert sample(metrics, "ime_bridge_publish_latency_seconds_bucket", le="0.1") == 0, "latency: linger + round"
 
 
 async def test_failed_records_are_sent_again_in_order_and_counted() -> None:
