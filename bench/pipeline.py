@@ -222,6 +222,12 @@ def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Pat
     return median_run | deltas | {"raw_delta": delta}
 
 
+def listening(port: int) -> bool:
+    """Whether 127.0.0.1:`port` accepts a connection (else OSError, which `wait_until` takes for not yet)."""
+    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    return True
+
+
 def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
     """The straightforward implementation (bench/reference.py) against a fresh simulator at `rate`."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
@@ -234,9 +240,7 @@ def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[
     reference_command += ["--warmup", str(args.warmup), "--seconds", str(args.seconds)]
     log = workdir / "reference-simulator.log"
     with process(simulator_command, log):
-        wait_until(
-            lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None, "simulator", (log,)
-        )
+        wait_until(lambda: listening(port), "simulator", (log,))
         output = subprocess.run(reference_command, check=True, capture_output=True, text=True, timeout=120).stdout
     figures: dict[str, float] = json.loads(output.splitlines()[-1])
     return figures | {"round_records": float("nan")}
