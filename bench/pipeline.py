@@ -7,9 +7,13 @@ Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it i
 and `ime-bridge run`. Figures come from the bridge's /metrics over a measurement window after a
 warm-up: records acknowledged per second (updates and dead letters), the bridge process's CPU µs per
 record (process_cpu_seconds_total), and receive→ack latency quantiles of the updates interpolated from the
-ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does), the bridge's peak RSS
-(VmHWM) and records per publish round. The bad-frame phase
-also prints its CPU per record against the clean full-speed phase's: a flood of bad frames must stay cheap.
+ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does), the p99 of a publish round
+itself (ime_bridge_publish_round_seconds), the bridge's peak RSS (VmHWM) and records per publish round. The
+bad-frame phase also prints its CPU per record against the clean full-speed phase's: a flood of bad frames must
+stay cheap.
+
+On a shared machine one run's figures move by a fifth or more: `--repeat N` runs the selected phases N times in
+turn (so that the host's drift reaches every phase alike), shows each phase's median run and prints the range.
 """
 
 from __future__ import annotations
@@ -268,6 +272,9 @@ def main() -> None:
     )
     parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
     parser.add_argument(
+        "--repeat", type=int, default=1, help="run the selected phases this many times in turn; show the medians"
+    )
+    parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated phases to run, of {', '.join(PHASES)}"
     )
     args = parser.parse_args()
@@ -303,13 +310,25 @@ def main() -> None:
             "reference": ("  reference", lambda: run_reference(paced, args, workdir)),
         }
         args.broker = broker.bootstrap_servers
-        results = {phases[key][0]: phases[key][1]() for key in PHASES if key in selected}
+        runs: dict[str, list[dict[str, float]]] = {}
+        for _ in range(max(args.repeat, 1)):
+            for key in PHASES:
+                if key in selected:
+                    name, run = phases[key]
+                    runs.setdefault(name, []).append(run())
+    raw_phase, reference, paced_name = phases["full-raw"][0], phases["reference"][0], phases["paced"][0]
+    raw_deltas = sorted(run[key] for run in runs.get(raw_phase, []) for key in run if key.startswith("raw_delta_"))
+    results = {
+        name: median_by(phase_runs, "raw_delta" if name == raw_phase else "cpu_us_per_msg")
+        for name, phase_runs in runs.items()
+    }
     load = (
         f"{args.contracts} contracts"
         if args.capture is None
         else f"the capture {args.capture} ({len(args.capture_contracts)} contracts; paced phases at its pace)"
     )
-    print(f"\nime-bridge bench: {load}, {args.seconds:g}s windows, {os.cpu_count()} cores")
+    repeated = f", each phase's median of {args.repeat} runs" if args.repeat > 1 else ""
+    print(f"\nime-bridge bench: {load}, {args.seconds:g}s windows, {os.cpu_count()} cores{repeated}")
     print(
         f"{'phase':<18}{'msgs/s':>9}{'CPU µs/msg':>11}{'CPU share':>10}{'p50 ms':>8}{'p99 ms':>8}{'p999 ms':>8}"
         f"{'round p99':>10}{'peak RSS MB':>12}{'records/round':>14}"
@@ -321,29 +340,60 @@ def main() -> None:
             f"{figures.get('round_p99_ms', float('nan')):>10.2f}{figures['peak_rss_mb']:>12.0f}"
             f"{figures['round_records']:>14.1f}"
         )
-    reference, paced_name = phases["reference"][0], phases["paced"][0]
+    if args.repeat > 1:
+        print()
+        for phase, phase_runs in runs.items():
+            if phase != raw_phase:
+                cpu = [run["cpu_us_per_msg"] for run in phase_runs]
+                p99 = [run["p99_ms"] for run in phase_runs]
+                print(
+                    f"{phase.strip()}: over {len(phase_runs)} runs CPU µs/msg {min(cpu):.1f} to {max(cpu):.1f},"
+                    f" p99 {min(p99):.2f} to {max(p99):.2f} ms"
+                )
     for name in (paced_name, phases["paced-latency"][0]):
-        if name in results and reference in results:
-            ratio = results[name]["cpu_us_per_msg"] / results[reference]["cpu_us_per_msg"]
+        if name in runs and reference in runs:
+            ratios = sorted(
+                run["cpu_us_per_msg"] / against["cpu_us_per_msg"]
+                for run, against in zip(runs[name], runs[reference], strict=True)
+            )
             print(
-                f"\n{name.strip()}: CPU µs/msg {ratio:.2f}x the straightforward implementation's (bench/reference.py)"
+                f"\n{name.strip()}: CPU µs/msg {median(ratios):.2f}x the straightforward implementation's"
+                f" (bench/reference.py){spread(ratios, 'x')}"
             )
     bad_phase = phases["full-bad"][0]
-    if bad_phase in results and "full speed" in results:
-        bad, clean = results[bad_phase], results["full speed"]
+    if bad_phase in runs and "full speed" in runs:
+        bad = results[bad_phase]
+        ratios = sorted(
+            run["cpu_us_per_msg"] / clean["cpu_us_per_msg"]
+            for run, clean in zip(runs[bad_phase], runs["full speed"], strict=True)
+        )
         print(
-            f"\n{bad_phase.strip()}: CPU µs/msg {bad['cpu_us_per_msg'] / clean['cpu_us_per_msg']:.2f}x the clean"
-            f" full-speed phase's ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
+            f"\n{bad_phase.strip()}: CPU µs/msg {median(ratios):.2f}x the clean full-speed phase's{spread(ratios, 'x')}"
+            f" ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
             f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
         )
-    raw_phase = phases["full-raw"][0]
-    if raw_phase in results:
-        raw = results[raw_phase]
-        each = ", ".join(f"{raw[f'raw_delta_{n}']:+.1f}" for n in range(args.raw_pairs))
+    if raw_deltas:
+        each = ", ".join(f"{delta:+.1f}" for delta in raw_deltas)
         print(
-            f"\nraw capture: {raw['raw_delta']:+.1f} CPU µs per frame, the median of {args.raw_pairs} interleaved pairs"
-            f" of full-speed runs without and with it ({each}); its row is the median pair's run with it"
+            f"\nraw capture: {median(raw_deltas):+.1f} CPU µs per frame, the median of {len(raw_deltas)} interleaved"
+            f" pairs of full-speed runs without and with it ({each}); its row is the median pair's run with it"
+            f"{' (of the median repetition)' if args.repeat > 1 else ''}"
         )
+
+
+def median_by(runs: list[dict[str, float]], key: str) -> dict[str, float]:
+    """The run whose `key` is the median of `runs` (the lower middle of an even count)."""
+    return sorted(runs, key=lambda run: run[key])[(len(runs) - 1) // 2]
+
+
+def median(values: list[float]) -> float:
+    """The median of sorted `values` (the lower middle of an even count, as median_by)."""
+    return values[(len(values) - 1) // 2]
+
+
+def spread(values: list[float], unit: str) -> str:
+    """What follows a median: the range of sorted `values`, when there are several."""
+    return f", {values[0]:.2f}{unit} to {values[-1]:.2f}{unit} over {len(values)} runs" if len(values) > 1 else ""
 
 
 if __name__ == "__main__":
