@@ -399,13 +399,10 @@ def test_dashboard_shows_the_issue_topics() -> None:
     text = json.dumps(by_title)
     for metric in ("ime_bridge_messages_received_total", "ime_bridge_messages_published_total"):
         assert metric in " ".join(by_title["Throughput: frames in, records out"])
-    for title in ("Exchange lag quantiles", "Publish latency quantiles"):
-        assert [expr.split(",")[0] for expr in by_title[title]][:3] == [
-            "histogram_quantile(0.5",
-            "histogram_quantile(0.9",
-            "histogram_quantile(0.99",
-        ]
+    quantiles = ["histogram_quantile(0.5", "histogram_quantile(0.9", "histogram_quantile(0.99"]
     # Beside the latency, Kafka's share of it: the publish rounds' p99.
+    for title, extra in (("Exchange lag quantiles", []), ("Publish latency quantiles", ["histogram_quantile(0.99"])):
+        assert [expr.split(",")[0] for expr in by_title[title]] == quantiles + extra
     assert "ime_bridge_publish_round_seconds_bucket" in by_title["Publish latency quantiles"][3]
     assert "by (endpoint, reason)" in " ".join(by_title["1008 closes by reason"])
     assert "by (reason)" in " ".join(by_title["Rejections by reason"])
