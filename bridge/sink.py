@@ -3,8 +3,8 @@
 `KafkaSink` wraps aiokafka. It picks each record's partition itself (murmur2 of the key, as the Java
 client and aiokafka's default partitioner do, so every client agrees where a contract lives), builds
 one batch per partition and hands it over with `send_batch`, which costs a fifth of a `send()` per record
-(see ../shared/design.md). Only this module knows Kafka: it maps each record's kind to its topic and
-translates aiokafka's errors into the outcomes and errors of bridge/records.py.
+(see ../shared/design.md). Only this module knows Kafka (bridge/batches.py builds the batches): it maps each
+record's kind to its topic and translates aiokafka's errors into the outcomes and errors of bridge/records.py.
 
 Updates also go to the latest-state topic (compacted, same key, value and headers): each contract's newest
 update of every publish round, under the same one-batch-per-partition rule, so per-contract order holds on
@@ -26,9 +26,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError, UnknownError
 from aiokafka.partitioner import murmur2
-from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
 
+from bridge.batches import RoundBatch
 from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
 from bridge.logs import log_event
@@ -36,7 +36,6 @@ from bridge.records import (
     HEADER_RECEIVE_TIME,
     NOT_SENT,
     Failed,
-    Headers,
     Outcome,
     OutgoingRecord,
     RawFrames,
@@ -154,49 +153,6 @@ async def _why(settings: KafkaSettings, exc: KafkaError) -> str:
         return ""
     diagnosis = await tls_diagnosis(settings) or await oauth_diagnosis(settings)
     return f" ({diagnosis})" if diagnosis else ""
-
-
-class _RoundBatch(BatchBuilder):  # type: ignore[misc]  # aiokafka's classes are untyped here
-    """One partition's batch of a publish round: aiokafka's batch builder, with the indices of the round's records
-    in it and whether it is full.
-
-    Records go straight to aiokafka's C builder: `BatchBuilder.append`'s Python layers (keyword arguments,
-    serializers the sink does not use) cost more than the C append itself.
-    """
-
-    def __init__(self, batch_bytes: int, codec: int) -> None:
-        super().__init__(batch_bytes, codec, is_transactional=False)
-        # append(offset, timestamp, key, value, headers): None when the record does not fit.
-        self.append_record = self._builder.append
-        self.indices: list[int] = []
-        self.full = False
-
-    def add(self, key: bytes | None, value: bytes, headers: Headers, index: int) -> Outcome:
-        """Add record `index`; its outcome when it is not in the batch."""
-        indices = self.indices
-        if not self.full and self.append_record(len(indices), None, key, value, headers) is not None:
-            indices.append(index)
-            return None
-        return self.refused()
-
-    def refused(self) -> Outcome:
-        """The outcome of a record the batch did not take: it is full for this round, or the record alone is
-        larger than a whole batch."""
-        if self.indices:
-            self.full = True
-            return NOT_SENT
-        return TooLarge()
-
-    def close(self) -> None:
-        """Take no more records, and let go of the C builder: aiokafka drops it once it has built the batch, and a
-        compressed batch's builder holds the uncompressed records."""
-        if not self.closed():
-            del self.append_record
-        super().close()
-
-    def record_count(self) -> int:
-        """How many records the batch holds (aiokafka numbers an idempotent producer's sequences by it)."""
-        return len(self.indices)
 
 
 class KafkaSink:
@@ -338,9 +294,9 @@ class KafkaSink:
         updates_topic, state_topic = self._settings.topic, self._state_topic
         updates_prefix, state_prefix = self._updates_prefix, self._state_prefix
         # Batches by partition: of the updates topic, of the state topic, and by (topic, partition) of others.
-        updates: dict[int, _RoundBatch] = {}
-        states: dict[int, _RoundBatch] = {}
-        others: dict[tuple[str, int], _RoundBatch] = {}
+        updates: dict[int, RoundBatch] = {}
+        states: dict[int, RoundBatch] = {}
+        others: dict[tuple[str, int], RoundBatch] = {}
         partitions_of_update = self._partitions_of_update
         new_batch = self._batch
         # The state topic needs only each contract's newest update of the round (compaction keeps no other).
@@ -415,12 +371,12 @@ class KafkaSink:
         self,
         raw: Sequence[RawFrames],
         index: int,
-        batches: dict[tuple[str, int], _RoundBatch],
+        batches: dict[tuple[str, int], RoundBatch],
         outcomes: list[Outcome],
     ) -> None:
         """Add the raw frames (outcomes from `index` on) to the raw topic's batches, one per partition."""
         topic = self._topics[RecordKind.RAW]
-        by_partition: list[_RoundBatch | None] = [None] * self._partitions[topic]
+        by_partition: list[RoundBatch | None] = [None] * self._partitions[topic]
         # By key alone: `_partition`'s cache is keyed by (topic, key), a tuple to build per frame.
         partition_of_key = self._raw_partition_of_key
         for block in raw:
@@ -454,13 +410,13 @@ class KafkaSink:
             self._raw_codec = int(DefaultRecordBatch.CODEC_NONE)
             log_event(logger, logging.WARNING, "raw_compression_refused", compression="zstd", now="none")
 
-    def _batch(self) -> _RoundBatch:
+    def _batch(self) -> RoundBatch:
         """A batch of the updates, state or dead-letter topic, compressed with kafka.compression."""
-        return _RoundBatch(self._settings.batch_bytes, self._codec)
+        return RoundBatch(self._settings.batch_bytes, self._codec)
 
-    def _raw_batch(self) -> _RoundBatch:
+    def _raw_batch(self) -> RoundBatch:
         """A batch of the raw topic: compressed with kafka.raw_compression whatever the producer's own setting."""
-        return _RoundBatch(self._settings.batch_bytes, self._raw_codec)
+        return RoundBatch(self._settings.batch_bytes, self._raw_codec)
 
     def _update_partitions(self, key: bytes) -> tuple[int, int]:
         """The partitions of an update's key on the updates and the state topic (cached)."""

@@ -13,14 +13,13 @@ from typing import Any
 import pytest
 import yaml
 from aiokafka.errors import KafkaTimeoutError
-from aiokafka.producer.message_accumulator import BatchBuilder, MessageBatch
+from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.default_records import DefaultRecordBatch
-from aiokafka.structs import TopicPartition
 
 from bridge.config import ConfigError, KafkaSettings, Settings, load_settings
-from bridge.records import NOT_SENT, Failed, NotSent, OutgoingRecord, RecordKind
+from bridge.records import Failed, NotSent, OutgoingRecord, RecordKind
 from bridge.registry import wire_prefix
-from bridge.sink import KafkaSink, _RoundBatch
+from bridge.sink import KafkaSink
 
 UPDATES, DEAD, STATE = "updates", "dead", "state"
 
@@ -145,31 +144,6 @@ async def test_what_does_not_fit_the_state_batch_goes_to_neither_topic_this_roun
     assert len(sent) < len(records)
     assert all(isinstance(outcome, NotSent) for outcome in outcomes if outcome is not None)
     assert sorted(producer.values(UPDATES)) == sorted(producer.values(STATE)) == sorted(sent)
-
-
-@pytest.mark.parametrize("codec", [DefaultRecordBatch.CODEC_NONE, DefaultRecordBatch.CODEC_ZSTD])
-async def test_a_round_batch_holds_what_aiokafkas_own_append_would(codec: int) -> None:
-    """The sink appends to aiokafka's C builder directly: the records read back, their offsets and the count
-    aiokafka numbers an idempotent producer's sequences by must be those of `BatchBuilder.append`."""
-    records = [(b"1", b"a" * 500, [("h", b"1")]), (None, b"{bad", []), (b"2", b"b" * 500, [("h", b"2"), ("i", b"")])]
-    ours, theirs = _RoundBatch(1024, codec), BatchBuilder(1024, codec, is_transactional=False)
-    outcomes = [ours.add(key, value, headers, index) for index, (key, value, headers) in enumerate(records)]
-    for key, value, headers in records:
-        theirs.append(key=key, value=value, timestamp=None, headers=headers)
-    assert outcomes == [None, None, NOT_SENT], "the third does not fit 1024 bytes"
-    assert ours.indices == [0, 1]
-    assert ours.record_count() == theirs.record_count() == 2
-
-    def read(batch: BatchBuilder) -> list[tuple[int, bytes | None, bytes | None, list[tuple[str, bytes]]]]:
-        batch.close()
-        batch._set_producer_state(7, 1, 40)  # as aiokafka's sender does for an idempotent producer
-        built = DefaultRecordBatch(batch._build())
-        assert (built.producer_id, built.base_sequence, built.last_offset_delta) == (7, 40, 1)
-        return [(r.offset, r.key, r.value, list(r.headers)) for r in built]
-
-    assert read(ours) == read(theirs)
-    # What the sender counts the partition's next sequence number by, once the batch is acknowledged.
-    assert MessageBatch(TopicPartition("t", 0), ours, 30.0, 0.0).record_count == 2
 
 
 async def test_without_the_state_topic_updates_go_only_to_the_updates_topic(producer: FakeProducer) -> None:
