@@ -1,10 +1,11 @@
-"""A publish round's Kafka batches (bridge/batches.py): what aiokafka's own builder would write, read back by
-aiokafka; zstd batches compressed by the bridge with one reused context."""
+"""A publish round's Kafka batches (bridge/batches.py), read back by aiokafka against what its own builder
+writes: the sink's appends to aiokafka's builder, and the raw frames' zstd batches the bridge writes itself."""
 
 from __future__ import annotations
 
-import os
 import struct
+import time
+from typing import Any
 
 import pytest
 from aiokafka.producer.message_accumulator import BatchBuilder, MessageBatch
@@ -13,11 +14,10 @@ from aiokafka.structs import TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.batches import RoundBatch, zstd_batch
-from bridge.records import NOT_SENT
+from bridge.batches import FrameBatch, RoundBatch
+from bridge.records import NOT_SENT, TooLarge
 
 NONE, ZSTD = DefaultRecordBatch.CODEC_NONE, DefaultRecordBatch.CODEC_ZSTD
-Record = tuple[bytes | None, bytes, list[tuple[str, bytes]]]
 
 
 def built(batch: BatchBuilder, producer_state: tuple[int, int, int] = (7, 1, 40)) -> DefaultRecordBatch:
@@ -51,22 +51,16 @@ def header(batch: DefaultRecordBatch) -> tuple[int, ...]:
     )
 
 
-def twins(codec: int, records: list[Record], batch_bytes: int = 1 << 20) -> tuple[RoundBatch, BatchBuilder]:
-    """A round batch and aiokafka's own builder, given the same records (the same timestamp, for comparison)."""
-    ours, theirs = RoundBatch(batch_bytes, codec), BatchBuilder(batch_bytes, codec, is_transactional=False)
-    for index, (key, value, headers) in enumerate(records):
-        assert ours.append_record(index, 1_700_000_000_000, key, value, headers) is not None
-        ours.indices.append(index)
-        theirs.append(key=key, value=value, timestamp=1_700_000_000_000, headers=headers)
-    return ours, theirs
-
-
-@pytest.mark.parametrize("codec", [NONE, ZSTD])
-async def test_a_round_batch_holds_what_aiokafkas_own_append_would(codec: int) -> None:
-    """The sink appends to aiokafka's C builder directly: the records read back, their offsets and the count
-    aiokafka numbers an idempotent producer's sequences by must be those of `BatchBuilder.append`."""
+@pytest.mark.parametrize(
+    ("make", "codec"),
+    [(lambda: RoundBatch(1024, NONE), NONE), (lambda: RoundBatch(1024, ZSTD), ZSTD), (lambda: FrameBatch(1024), ZSTD)],
+    ids=["RoundBatch-none", "RoundBatch-zstd", "FrameBatch"],
+)
+async def test_a_batch_holds_what_aiokafkas_own_append_would(make: Any, codec: int) -> None:
+    """The sink's batches: the records read back, their offsets and the count aiokafka numbers an idempotent
+    producer's sequences by must be those of aiokafka's own `BatchBuilder.append`."""
     records = [(b"1", b"a" * 500, [("h", b"1")]), (None, b"{bad", []), (b"2", b"b" * 500, [("h", b"2"), ("i", b"")])]
-    ours, theirs = RoundBatch(1024, codec), BatchBuilder(1024, codec, is_transactional=False)
+    ours, theirs = make(), BatchBuilder(1024, codec, is_transactional=False)
     outcomes = [ours.add(key, value, headers, index) for index, (key, value, headers) in enumerate(records)]
     for key, value, headers in records:
         theirs.append(key=key, value=value, timestamp=None, headers=headers)
@@ -85,11 +79,22 @@ async def test_a_round_batch_holds_what_aiokafkas_own_append_would(codec: int) -
     ]
 
 
-records_strategy = st.lists(
+@pytest.mark.parametrize("make", [lambda size: RoundBatch(size, NONE), FrameBatch], ids=["RoundBatch", "FrameBatch"])
+def test_a_batch_takes_records_up_to_its_bytes_and_any_first_record(make: Any) -> None:
+    batch = make(1024)
+    assert [batch.add(b"1", b"a" * 450, [], index) for index in range(3)] == [None, None, NOT_SENT]
+    assert batch.full
+    alone = make(1024)
+    assert alone.add(b"1", b"a" * 5000, [], 0) is None, "the broker judges a record larger than a batch"
+    assert isinstance(make(1024).refused(), TooLarge), "a batch that took none refuses a record for its size"
+
+
+headers_strategy = st.lists(st.tuples(st.text(max_size=16), st.binary(max_size=24)), max_size=3)
+frames_strategy = st.lists(
     st.tuples(
         st.none() | st.binary(max_size=12),
-        st.binary(max_size=900) | st.sampled_from([b'{"contract":"1001","price":12.5}' * 20, b""]),
-        st.lists(st.tuples(st.text(max_size=16), st.binary(max_size=24)), max_size=3),
+        st.binary(max_size=900) | st.sampled_from([b'{"contract":"1001","price":12.5}' * 20, b"", b"x" * 20_000]),
+        st.none() | headers_strategy,  # none: the previous frame's headers list (a burst shares one)
     ),
     min_size=1,
     max_size=40,
@@ -97,29 +102,48 @@ records_strategy = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(records=records_strategy, sequence=st.integers(0, 2**31 - 1))
-def test_a_zstd_round_batch_reads_back_as_aiokafkas_own_would(records: list[Record], sequence: int) -> None:
-    """Any records: the batch the bridge compresses is a valid batch (CRC, length, codec) with the records and
-    header fields aiokafka's own zstd builder writes; zstd exactly when that makes it smaller than the
-    uncompressed batch (aiokafka's Python builder's rule; its C builder compresses even when that grows it)."""
-    ours, theirs = twins(ZSTD, records)
-    plain, _ = twins(NONE, records)
+@given(frames=frames_strategy, sequence=st.integers(0, 2**31 - 1))
+def test_a_frame_batch_reads_back_as_aiokafkas_own_zstd_batch_would(
+    frames: list[tuple[bytes | None, bytes, list[tuple[str, bytes]] | None]], sequence: int
+) -> None:
+    """Any frames: a FrameBatch is a valid batch (CRC, length) holding what aiokafka's own builder writes, every
+    record with the batch's timestamp; zstd exactly when that makes it smaller than the records uncompressed."""
+    before = int(time.time() * 1000)
+    ours, theirs = FrameBatch(1 << 26), BatchBuilder(1 << 26, ZSTD, is_transactional=False)
+    plain = BatchBuilder(1 << 26, NONE, is_transactional=False)
+    headers: list[tuple[str, bytes]] = []
+    for index, (key, value, frame_headers) in enumerate(frames):
+        headers = headers if frame_headers is None else frame_headers
+        assert ours.add(key, value, headers, index) is None
+        theirs.append(key=key, value=value, timestamp=None, headers=headers)
+        plain.append(key=key, value=value, timestamp=before, headers=headers)
+    assert ours.record_count() == theirs.record_count() == len(frames)
+    assert not ours.closed()
+
     read_ours, read_theirs = built(ours, (3, 2, sequence)), built(theirs, (3, 2, sequence))
+    assert ours.closed()
     assert read_ours.validate_crc()
-    assert header(read_ours) == header(read_theirs)
-    assert contents(read_ours) == contents(read_theirs)
-    smaller = len(ours._build()) < len(plain._build())
+    assert header(read_ours)[:3] == header(read_theirs)[:3]  # up to the timestamps
+    assert header(read_ours)[5:] == header(read_theirs)[5:]
+    assert before <= read_ours.first_timestamp == read_ours.max_timestamp <= int(time.time() * 1000)
+    ours_records, theirs_records = contents(read_ours), contents(read_theirs)
+    assert {timestamp for _, timestamp, *_ in ours_records} == {read_ours.first_timestamp}
+    assert [(offset, *rest) for offset, _, *rest in ours_records] == [
+        (offset, *rest) for offset, _, *rest in theirs_records
+    ]
+    uncompressed = len(plain._build()) - 61
+    smaller = len(ours._build()) - 61 < uncompressed
     assert read_ours.compression_type == (ZSTD if smaller else NONE)
 
 
-def test_frames_compress_and_an_incompressible_batch_stays_as_built() -> None:
-    frames: list[Record] = [(b"1001", b'{"channel":"bestLimit","levels":[1,2,3]}' * 20, [("endpoint", b"id")])] * 50
-    ours, _ = twins(ZSTD, frames)
-    compressed = ours._build()
-    plain, _ = twins(NONE, frames)
-    assert len(compressed) < len(plain._build()) / 10
-    assert DefaultRecordBatch(bytes(compressed)).compression_type == ZSTD
-
-    noise, _ = twins(NONE, [(None, os.urandom(2000), [])])
-    uncompressed = noise._build()
-    assert zstd_batch(uncompressed) is uncompressed
+def test_frames_compress_with_one_context_batch_after_batch() -> None:
+    frame = b'{"channel":"bestLimit","levels":[1,2,3]}' * 20
+    sizes = []
+    for round_number in range(3):
+        batch = FrameBatch(1 << 20)
+        for index in range(50):
+            batch.add(b"1001", frame, [("receive-time-us", b"%d" % round_number)], index)
+        sizes.append(len(batch._build()))
+        assert [record.value for record in DefaultRecordBatch(bytes(batch._build()))] == [frame] * 50
+    assert max(sizes) < 50 * len(frame) / 10
+    assert len(set(sizes)) == 1, "no state carried from one batch to the next"
