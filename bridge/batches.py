@@ -1,10 +1,10 @@
 """The Kafka record batches of a publish round (bridge/sink.py sends one per partition and topic).
 
 `RoundBatch` appends to aiokafka's C batch builder, which compresses with the batch's codec. The raw topic's zstd
-batches are `FrameBatch`es, written here instead: aiokafka's builder grows its buffer frame by frame (copying it),
-checksums it, then compresses through cramjam's one-shot call, which sets up a new zstd context for every batch
-(about 10 µs), and checksums again. A `FrameBatch` joins its frames once, compresses them with one reused zstd
-context and checksums only the compressed batch (docs/performance.md has the figures).
+batches are `FrameBatch`es, written here instead: aiokafka's builder grows its buffer frame by frame (copying it
+at each reallocation), copies the records out, and compresses them through cramjam's one-shot call, which sets up
+a new zstd context for every batch (about 10 µs). A `FrameBatch` joins its frames once and compresses them with
+one reused zstd context (docs/performance.md has the figures).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from aiokafka.record.util import calc_crc32c
 
 from bridge.records import NOT_SENT, Headers, Outcome, TooLarge
 
-ZSTD_LEVEL = 3  # Kafka's default zstd level (KIP-390), and aiokafka's
+_ZSTD_LEVEL = 3  # Kafka's default zstd level (KIP-390), and aiokafka's
 # One context for every batch: the bridge builds its batches on the event loop's thread only.
-_ZSTD = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+_ZSTD = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
 
 # Kafka's v2 record batch (magic 2): a 61-byte header, then the records, compressed as one block under the codec
 # of the attributes' low three bits. The length counts the bytes after itself; the CRC-32C covers everything
