@@ -1,10 +1,10 @@
 """`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic, with a
-share of bad frames, and raw capture's cost as the median of interleaved pairs without and with it) and paced
+share of bad frames, and raw capture's cost: two bridges at once, without and with it) and paced
 (in the throughput and the latency profile, and with 1,000 contracts), and the straightforward implementation
 of bench/reference.py paced, for the ratio (`--phases` selects).
 
 Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck)
-and `ime-bridge run`. Figures come from the bridge's /metrics over a measurement window after a
+and `ime-bridge run` (two simulators and two bridges in the raw-capture phase). Figures come from the bridge's /metrics over a measurement window after a
 warm-up: records acknowledged per second (updates and dead letters), the bridge process's CPU µs per
 record (process_cpu_seconds_total), and receive→ack latency quantiles of the updates interpolated from the
 ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does), the p99 of a publish round
@@ -31,6 +31,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -128,7 +129,17 @@ def peak_rss_bytes(pid: int) -> float:
     return float("nan")
 
 
-def run_phase(
+@dataclass(frozen=True)
+class RunningBridge:
+    """A bridge started by `running_bridge`: where to scrape it, its process, its log files."""
+
+    metrics_port: int
+    pid: int
+    logs: tuple[Path, Path]
+
+
+@contextlib.contextmanager
+def running_bridge(
     name: str,
     rate: float,
     args: argparse.Namespace,
@@ -140,11 +151,11 @@ def run_phase(
     contracts: int | None = None,
     profile: str = "throughput",
     raw_topic: bool = False,
-) -> dict[str, float]:
-    """One measurement: a fresh simulator and bridge at `rate` snapshots/s (0 = as fast as possible),
-    with or without the latest-state topic (its fan-out is part of the cost of every round), with
-    `bad_frame_ratio` of the frames malformed (each a dead letter), with or without raw capture (every frame
-    also to a raw topic, zstd)."""
+) -> Iterator[RunningBridge]:
+    """A fresh simulator at `rate` snapshots/s (0 = as fast as possible) and a bridge reading it, once the bridge
+    has had its first record acknowledged: with or without the latest-state topic (its fan-out is part of the
+    cost of every round), with `bad_frame_ratio` of the frames malformed (each a dead letter), with or without
+    raw capture (every frame also to a raw topic, zstd)."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     sim_port, metrics_port = free_port(), free_port()
     count = contracts or args.contracts
@@ -187,11 +198,24 @@ def run_phase(
         process([executable, "run", "--config", str(config_path)], logs[1]) as bridge,
     ):
         wait_until(lambda: scrape(metrics_port).published > 0, f"{name}: first record acknowledged", logs, within=60)
+        yield RunningBridge(metrics_port, bridge.pid, logs)
+
+
+def run_phase(
+    name: str, rate: float, args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path, **options: Any
+) -> dict[str, float]:
+    """One measurement: a window of `args.seconds` after `args.warmup`, of a bridge started by `running_bridge`
+    (`options` are its)."""
+    with running_bridge(name, rate, args, broker, workdir, **options) as bridge:
         time.sleep(args.warmup)
-        before = scrape(metrics_port)
+        before = scrape(bridge.metrics_port)
         time.sleep(args.seconds)
-        after = scrape(metrics_port)
-        peak_rss = peak_rss_bytes(bridge.pid)
+        after = scrape(bridge.metrics_port)
+        return window_figures(before, after, bridge)
+
+
+def window_figures(before: Scrape, after: Scrape, bridge: RunningBridge) -> dict[str, float]:
+    """The figures of one window between two scrapes of `bridge`."""
     dead_letters = after.dead_letters - before.dead_letters
     acknowledged = after.published - before.published + dead_letters
     elapsed = after.at - before.at
@@ -199,31 +223,52 @@ def run_phase(
         "msgs_per_s": acknowledged / elapsed,
         "cpu_us_per_msg": (after.cpu_seconds - before.cpu_seconds) / max(acknowledged, 1) * 1e6,
         "bad_share": dead_letters / max(acknowledged, 1),
-        "rejection_log_lines": float(logs[1].read_text(errors="replace").count("event=frame_rejected ")),
+        "rejection_log_lines": float(bridge.logs[1].read_text(errors="replace").count("event=frame_rejected ")),
         "cpu_share": (after.cpu_seconds - before.cpu_seconds) / elapsed,
         "p50_ms": window_quantile(0.5, before.latency_buckets, after.latency_buckets) * 1e3,
         "p99_ms": window_quantile(0.99, before.latency_buckets, after.latency_buckets) * 1e3,
         "p999_ms": window_quantile(0.999, before.latency_buckets, after.latency_buckets) * 1e3,
         "round_p99_ms": window_quantile(0.99, before.round_buckets, after.round_buckets) * 1e3,
-        "peak_rss_mb": peak_rss / 2**20,
+        "peak_rss_mb": peak_rss_bytes(bridge.pid) / 2**20,
         "round_records": acknowledged / max(after.rounds - before.rounds, 1),
         "backlog": after.received - after.published,
     }
 
 
 def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path) -> dict[str, float]:
-    """Raw capture's cost per frame: `args.raw_pairs` interleaved pairs of full-speed runs without and with it
-    (one pair's difference is within this machine's run-to-run noise); the figures of the median pair's raw run,
-    with every pair's difference (`raw_delta_<n>`) and their median (`raw_delta`)."""
+    """Raw capture's cost per frame: two bridges at full speed at once, each with its own simulator, one without
+    raw capture and one with it, over `args.raw_pairs` windows. Both share the machine's moments (a noisy
+    neighbour slows both alike), which runs one after the other do not: their difference per window is the cost.
+    Half the windows start the bridge with raw capture first, half the other: neither order is favoured. The
+    figures of the raw bridge's median window, with every window's difference (`raw_delta_<n>`) and their
+    median (`raw_delta`)."""
     pairs = []
-    for n in range(args.raw_pairs):
-        clean = run_phase(f"full-clean-{n}", 0, args, broker, workdir)
-        raw = run_phase(f"full-raw-{n}", 0, args, broker, workdir, raw_topic=True)
-        pairs.append((raw["cpu_us_per_msg"] - clean["cpu_us_per_msg"], raw))
+    for session, windows in enumerate((args.raw_pairs - args.raw_pairs // 2, args.raw_pairs // 2)):
+        if not windows:
+            continue
+        order = [False, True] if session == 0 else [True, False]
+        with contextlib.ExitStack() as stack:
+            bridges = {
+                raw: stack.enter_context(
+                    running_bridge(
+                        f"full-{'raw' if raw else 'clean'}-{session}", 0, args, broker, workdir, raw_topic=raw
+                    )
+                )
+                for raw in order
+            }
+            time.sleep(args.warmup)
+            before = {raw: scrape(bridge.metrics_port) for raw, bridge in bridges.items()}
+            for _ in range(windows):
+                time.sleep(args.seconds)
+                after = {raw: scrape(bridge.metrics_port) for raw, bridge in bridges.items()}
+                clean_window = window_figures(before[False], after[False], bridges[False])
+                raw_window = window_figures(before[True], after[True], bridges[True])
+                pairs.append((raw_window["cpu_us_per_msg"] - clean_window["cpu_us_per_msg"], raw_window))
+                before = after
     pairs.sort(key=lambda pair: pair[0])
-    delta, median_run = pairs[len(pairs) // 2]
+    delta, median_window = pairs[len(pairs) // 2]
     deltas = {f"raw_delta_{n}": pair_delta for n, (pair_delta, _) in enumerate(pairs)}
-    return median_run | deltas | {"raw_delta": delta}
+    return median_window | deltas | {"raw_delta": delta}
 
 
 def listening(port: int) -> bool:
@@ -268,7 +313,10 @@ def main() -> None:
     parser.add_argument("--paced-rate", type=float, default=5000.0)
     parser.add_argument("--linger-ms", type=int, help="kafka.linger_ms of every phase (default: the profile's)")
     parser.add_argument(
-        "--raw-pairs", type=int, default=3, help="full-speed runs without and with raw capture, for its cost"
+        "--raw-pairs",
+        type=int,
+        default=4,
+        help="windows of two bridges at full speed at once, without and with raw capture, for its cost",
     )
     parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
     parser.add_argument(
@@ -375,8 +423,8 @@ def main() -> None:
     if raw_deltas:
         each = ", ".join(f"{delta:+.1f}" for delta in raw_deltas)
         print(
-            f"\nraw capture: {median(raw_deltas):+.1f} CPU µs per frame, the median of {len(raw_deltas)} interleaved"
-            f" pairs of full-speed runs without and with it ({each}); its row is the median pair's run with it"
+            f"\nraw capture: {median(raw_deltas):+.1f} CPU µs per frame, the median of {len(raw_deltas)} windows of two"
+            f" bridges at full speed at once, without and with it ({each}); its row is the raw bridge's median window"
             f"{' (of the median repetition)' if args.repeat > 1 else ''}"
         )
 
