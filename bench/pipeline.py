@@ -3,14 +3,14 @@ share of bad frames, and raw capture's cost: two bridges at once, without and wi
 (in the throughput and the latency profile, and with 1,000 contracts), and the straightforward implementation
 of bench/reference.py paced, for the ratio (`--phases` selects).
 
-Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck)
-and `ime-bridge run` (two simulators and two bridges in the raw-capture phase). Figures come from the bridge's /metrics over a measurement window after a
-warm-up: records acknowledged per second (updates and dead letters), the bridge process's CPU µs per
-record (process_cpu_seconds_total), and receive→ack latency quantiles of the updates interpolated from the
-ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does), the p99 of a publish round
-itself (ime_bridge_publish_round_seconds), the bridge's peak RSS (VmHWM) and records per publish round. The
-bad-frame phase also prints its CPU per record against the clean full-speed phase's: a flood of bad frames must
-stay cheap.
+Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck) and
+`ime-bridge run` (two simulators and two bridges in the raw-capture phase). Figures come from the bridge's
+/metrics over a measurement window after a warm-up: records acknowledged per second (updates and dead letters),
+the bridge process's CPU µs per record (process_cpu_seconds_total), and receive→ack latency quantiles of the
+updates interpolated from the ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does),
+the p99 of a publish round itself (ime_bridge_publish_round_seconds), the bridge's peak RSS (VmHWM) and records
+per publish round. The bad-frame phase also prints its CPU per record against the clean full-speed phase's: a
+flood of bad frames must stay cheap.
 
 On a shared machine one run's figures move by a fifth or more: `--repeat N` runs the selected phases N times in
 turn (so that the host's drift reaches every phase alike), shows each phase's median run and prints the range.
