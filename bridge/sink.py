@@ -3,8 +3,8 @@
 `KafkaSink` wraps aiokafka. It picks each record's partition itself (murmur2 of the key, as the Java
 client and aiokafka's default partitioner do, so every client agrees where a contract lives), builds
 one batch per partition and hands it over with `send_batch`, which costs a fifth of a `send()` per record
-(see ../shared/design.md). Only this module knows Kafka (bridge/batches.py builds the batches): it maps each
-record's kind to its topic and translates aiokafka's errors into the outcomes and errors of bridge/records.py.
+(see ../shared/design.md). Only this module knows Kafka (with bridge/batches.py, the batches themselves): it maps
+each record's kind to its topic and translates aiokafka's errors into the outcomes and errors of bridge/records.py.
 
 Updates also go to the latest-state topic (compacted, same key, value and headers): each contract's newest
 update of every publish round, under the same one-batch-per-partition rule, so per-contract order holds on
@@ -28,7 +28,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLarg
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatch
 
-from bridge.batches import Batch, FrameBatch, RoundBatch
+from bridge.batches import RoundBatch
 from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
 from bridge.logs import log_event
@@ -296,7 +296,7 @@ class KafkaSink:
         # Batches by partition: of the updates topic, of the state topic, and by (topic, partition) of others.
         updates: dict[int, RoundBatch] = {}
         states: dict[int, RoundBatch] = {}
-        others: dict[tuple[str, int], Batch] = {}
+        others: dict[tuple[str, int], RoundBatch] = {}
         partitions_of_update = self._partitions_of_update
         new_batch = self._batch
         # The state topic needs only each contract's newest update of the round (compaction keeps no other).
@@ -371,12 +371,12 @@ class KafkaSink:
         self,
         raw: Sequence[RawFrames],
         index: int,
-        batches: dict[tuple[str, int], Batch],
+        batches: dict[tuple[str, int], RoundBatch],
         outcomes: list[Outcome],
     ) -> None:
         """Add the raw frames (outcomes from `index` on) to the raw topic's batches, one per partition."""
         topic = self._topics[RecordKind.RAW]
-        by_partition: list[Batch | None] = [None] * self._partitions[topic]
+        by_partition: list[RoundBatch | None] = [None] * self._partitions[topic]
         # By key alone: `_partition`'s cache is keyed by (topic, key), a tuple to build per frame.
         partition_of_key = self._raw_partition_of_key
         for block in raw:
@@ -414,10 +414,8 @@ class KafkaSink:
         """A batch of the updates, state or dead-letter topic, compressed with kafka.compression."""
         return RoundBatch(self._settings.batch_bytes, self._codec)
 
-    def _raw_batch(self) -> Batch:
+    def _raw_batch(self) -> RoundBatch:
         """A batch of the raw topic: compressed with kafka.raw_compression whatever the producer's own setting."""
-        if self._raw_codec == DefaultRecordBatch.CODEC_ZSTD:
-            return FrameBatch(self._settings.batch_bytes)
         return RoundBatch(self._settings.batch_bytes, self._raw_codec)
 
     def _update_partitions(self, key: bytes) -> tuple[int, int]:
