@@ -98,17 +98,23 @@ def window_quantile(q: float, before: dict[float, float], after: dict[float, flo
 
 
 @contextlib.contextmanager
-def process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `command`, stopping exactly that process (by PID) afterwards."""
+def process(command: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `command` (in `env`, else this process's environment), stopping exactly that process (by PID)
+    afterwards."""
     with log.open("wb") as output:
-        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
         try:
             yield child
         finally:
             stop_process(child, timeout=20)
 
 
-def wait_until(condition: Callable[[], bool], what: str, logs: tuple[Path, ...], within: float = 30.0) -> None:
+def wait_until(
+    condition: Callable[[], bool],
+    what: str,
+    logs: tuple[Path, ...],
+    within: float = 30.0,
+) -> None:
     """Poll `condition()` until true, or fail naming `what` with the end of each process's log."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -151,11 +157,13 @@ def running_bridge(
     contracts: int | None = None,
     profile: str = "throughput",
     raw_topic: bool = False,
+    code: Path | None = None,
 ) -> Iterator[RunningBridge]:
     """A fresh simulator at `rate` snapshots/s (0 = as fast as possible) and a bridge reading it, once the bridge
     has had its first record acknowledged: with or without the latest-state topic (its fan-out is part of the
     cost of every round), with `bad_frame_ratio` of the frames malformed (each a dead letter), with or without
-    raw capture (every frame also to a raw topic, zstd)."""
+    raw capture (every frame also to a raw topic, zstd); the bridge runs the `bridge` package of `code` (a
+    checkout) when given, else this one's."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     sim_port, metrics_port = free_port(), free_port()
     count = contracts or args.contracts
@@ -187,31 +195,77 @@ def running_bridge(
     }
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(count)]
+    simulator_command = [
+        executable,
+        "simulate",
+        "--port",
+        str(sim_port),
+        "--contracts",
+        str(count),
+    ]
     if args.capture is None:
-        simulator_command += ["--rate", str(rate), "--prerender", "--bad-frame-ratio", str(bad_frame_ratio)]
+        simulator_command += [
+            "--rate",
+            str(rate),
+            "--prerender",
+            "--bad-frame-ratio",
+            str(bad_frame_ratio),
+        ]
     else:  # a real session as the load: as fast as the bridge reads it, or at its own pace for paced phases
-        simulator_command += ["--replay", str(args.capture), "--replay-loop", "--replay-speed", "1" if rate else "0"]
+        simulator_command += [
+            "--replay",
+            str(args.capture),
+            "--replay-loop",
+            "--replay-speed",
+            "1" if rate else "0",
+        ]
     logs = (workdir / f"{name}-simulator.log", workdir / f"{name}-bridge.log")
     with (
         process(simulator_command, logs[0]),
-        process([executable, "run", "--config", str(config_path)], logs[1]) as bridge,
+        process(
+            [executable, "run", "--config", str(config_path)],
+            logs[1],
+            env=None if code is None else os.environ | {"PYTHONPATH": str(code)},
+        ) as bridge,
     ):
-        wait_until(lambda: scrape(metrics_port).published > 0, f"{name}: first record acknowledged", logs, within=60)
+        wait_until(
+            lambda: scrape(metrics_port).published > 0,
+            f"{name}: first record acknowledged",
+            logs,
+            within=60,
+        )
         yield RunningBridge(metrics_port, bridge.pid, logs)
 
 
 def run_phase(
-    name: str, rate: float, args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path, **options: Any
+    name: str,
+    rate: float,
+    args: argparse.Namespace,
+    broker: EmbeddedBroker,
+    workdir: Path,
+    **options: Any,
 ) -> dict[str, float]:
     """One measurement: a window of `args.seconds` after `args.warmup`, of a bridge started by `running_bridge`
-    (`options` are its)."""
-    with running_bridge(name, rate, args, broker, workdir, **options) as bridge:
+    (`options` are its). With `--against`, a second simulator and a bridge of that commit run beside it over the
+    same window (started first every other repetition), and its figures come back as `against_<figure>`."""
+    with contextlib.ExitStack() as stack:
+        starts = [(name, None), (f"{name}-against", args.against_code)] if args.against_code else [(name, None)]
+        if args.repetition % 2:
+            starts.reverse()
+        bridges = {
+            code: stack.enter_context(running_bridge(run_name, rate, args, broker, workdir, code=code, **options))
+            for run_name, code in starts
+        }
         time.sleep(args.warmup)
-        before = scrape(bridge.metrics_port)
+        before = {code: scrape(bridge.metrics_port) for code, bridge in bridges.items()}
         time.sleep(args.seconds)
-        after = scrape(bridge.metrics_port)
-        return window_figures(before, after, bridge)
+        after = {code: scrape(bridge.metrics_port) for code, bridge in bridges.items()}
+        found = window_figures(before[None], after[None], bridges[None])
+        if args.against_code:
+            code = args.against_code
+            against = window_figures(before[code], after[code], bridges[code])
+            found |= {f"against_{key}": value for key, value in against.items()}
+        return found
 
 
 def window_figures(before: Scrape, after: Scrape, bridge: RunningBridge) -> dict[str, float]:
@@ -251,7 +305,12 @@ def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Pat
             bridges = {
                 raw: stack.enter_context(
                     running_bridge(
-                        f"full-{'raw' if raw else 'clean'}-{session}", 0, args, broker, workdir, raw_topic=raw
+                        f"full-{'raw' if raw else 'clean'}-{session}",
+                        0,
+                        args,
+                        broker,
+                        workdir,
+                        raw_topic=raw,
                     )
                 )
                 for raw in order
@@ -263,7 +322,12 @@ def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Pat
                 after = {raw: scrape(bridge.metrics_port) for raw, bridge in bridges.items()}
                 clean_window = window_figures(before[False], after[False], bridges[False])
                 raw_window = window_figures(before[True], after[True], bridges[True])
-                pairs.append((raw_window["cpu_us_per_msg"] - clean_window["cpu_us_per_msg"], raw_window))
+                pairs.append(
+                    (
+                        raw_window["cpu_us_per_msg"] - clean_window["cpu_us_per_msg"],
+                        raw_window,
+                    )
+                )
                 before = after
     pairs.sort(key=lambda pair: pair[0])
     delta, median_window = pairs[len(pairs) // 2]
@@ -281,11 +345,34 @@ def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[
     """The straightforward implementation (bench/reference.py) against a fresh simulator at `rate`."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     port = free_port()
-    simulator_command = [executable, "simulate", "--port", str(port), "--contracts", str(args.contracts)]
+    simulator_command = [
+        executable,
+        "simulate",
+        "--port",
+        str(port),
+        "--contracts",
+        str(args.contracts),
+    ]
     simulator_command += ["--rate", str(rate), "--prerender"]
-    reference_command = [sys.executable, "-m", "bench.reference", "--base-url", f"http://127.0.0.1:{port}"]
-    reference_command += ["--ws-url", f"ws://127.0.0.1:{port}", "--bootstrap-servers", args.broker]
-    reference_command += ["--contracts", str(args.contracts), "--linger-ms", str(args.linger_ms or 5)]
+    reference_command = [
+        sys.executable,
+        "-m",
+        "bench.reference",
+        "--base-url",
+        f"http://127.0.0.1:{port}",
+    ]
+    reference_command += [
+        "--ws-url",
+        f"ws://127.0.0.1:{port}",
+        "--bootstrap-servers",
+        args.broker,
+    ]
+    reference_command += [
+        "--contracts",
+        str(args.contracts),
+        "--linger-ms",
+        str(args.linger_ms or 5),
+    ]
     reference_command += ["--warmup", str(args.warmup), "--seconds", str(args.seconds)]
     log = workdir / "reference-simulator.log"
     with process(simulator_command, log):
@@ -295,7 +382,16 @@ def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[
     return figures | {"round_records": float("nan")}
 
 
-PHASES = ("full", "full-bad", "full-no-state", "full-raw", "paced", "paced-latency", "paced-1000", "reference")
+PHASES = (
+    "full",
+    "full-bad",
+    "full-no-state",
+    "full-raw",
+    "paced",
+    "paced-latency",
+    "paced-1000",
+    "reference",
+)
 
 
 def main() -> None:
@@ -311,19 +407,39 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--paced-rate", type=float, default=5000.0)
-    parser.add_argument("--linger-ms", type=int, help="kafka.linger_ms of every phase (default: the profile's)")
+    parser.add_argument(
+        "--linger-ms",
+        type=int,
+        help="kafka.linger_ms of every phase (default: the profile's)",
+    )
     parser.add_argument(
         "--raw-pairs",
         type=int,
         default=4,
         help="windows of two bridges at full speed at once, without and with raw capture, for its cost",
     )
-    parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="run the selected phases this many times in turn; show the medians"
+        "--bad-frame-ratio",
+        type=float,
+        default=0.1,
+        help="share of bad frames in their phase",
     )
     parser.add_argument(
-        "--phases", default=",".join(PHASES), help=f"comma-separated phases to run, of {', '.join(PHASES)}"
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the selected phases this many times in turn; show the medians",
+    )
+    parser.add_argument(
+        "--phases",
+        default=",".join(PHASES),
+        help=f"comma-separated phases to run, of {', '.join(PHASES)}",
+    )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="run a bridge of this git revision beside this one in each phase but raw capture and the reference, "
+        "over the same windows, and print the ratios",
     )
     args = parser.parse_args()
     if args.capture is not None:
@@ -333,20 +449,34 @@ def main() -> None:
         parser.error(f"unknown phases: {', '.join(unknown)}")
 
     paced = args.paced_rate
-    with tempfile.TemporaryDirectory(prefix="ime-bridge-bench-") as directory, EmbeddedBroker() as broker:
+    with (
+        tempfile.TemporaryDirectory(prefix="ime-bridge-bench-") as directory,
+        EmbeddedBroker() as broker,
+        checkout(args.against, Path(directory) / "against") as args.against_code,
+    ):
         workdir = Path(directory)
         phases: dict[str, tuple[str, Callable[[], dict[str, float]]]] = {
             "full": ("full speed", lambda: run_phase("full", 0, args, broker, workdir)),
             "full-bad": (
                 f"  {args.bad_frame_ratio:.0%} bad frames",
-                lambda: run_phase("full-bad", 0, args, broker, workdir, bad_frame_ratio=args.bad_frame_ratio),
+                lambda: run_phase(
+                    "full-bad",
+                    0,
+                    args,
+                    broker,
+                    workdir,
+                    bad_frame_ratio=args.bad_frame_ratio,
+                ),
             ),
             "full-no-state": (
                 "  no state topic",
                 lambda: run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
             ),
             "full-raw": ("  raw capture", lambda: run_raw_pairs(args, broker, workdir)),
-            "paced": (f"paced {paced:g}/s", lambda: run_phase("paced", paced, args, broker, workdir)),
+            "paced": (
+                f"paced {paced:g}/s",
+                lambda: run_phase("paced", paced, args, broker, workdir),
+            ),
             "paced-latency": (
                 "  latency profile",
                 lambda: run_phase("paced-latency", paced, args, broker, workdir, profile="latency"),
@@ -359,12 +489,17 @@ def main() -> None:
         }
         args.broker = broker.bootstrap_servers
         runs: dict[str, list[dict[str, float]]] = {}
-        for _ in range(max(args.repeat, 1)):
+        for repetition in range(max(args.repeat, 1)):
+            args.repetition = repetition
             for key in PHASES:
                 if key in selected:
                     name, run = phases[key]
                     runs.setdefault(name, []).append(run())
-    raw_phase, reference, paced_name = phases["full-raw"][0], phases["reference"][0], phases["paced"][0]
+    raw_phase, reference, paced_name = (
+        phases["full-raw"][0],
+        phases["reference"][0],
+        phases["paced"][0],
+    )
     raw_deltas = sorted(run[key] for run in runs.get(raw_phase, []) for key in run if key.startswith("raw_delta_"))
     results = {
         name: median_by(phase_runs, "raw_delta" if name == raw_phase else "cpu_us_per_msg")
@@ -420,6 +555,8 @@ def main() -> None:
             f" ({bad['bad_share']:.1%} of the records were dead letters; the bridge logged"
             f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
         )
+    if args.against:
+        print_against(args.against, runs, skip=(raw_phase, reference))
     if raw_deltas:
         each = ", ".join(f"{delta:+.1f}" for delta in raw_deltas)
         print(
@@ -427,6 +564,47 @@ def main() -> None:
             f" bridges at full speed at once, without and with it ({each}); its row is the raw bridge's median window"
             f"{' (of the median repetition)' if args.repeat > 1 else ''}"
         )
+
+
+@contextlib.contextmanager
+def checkout(revision: str | None, path: Path) -> Iterator[Path | None]:
+    """A detached git worktree of `revision` at `path` (removed afterwards); None without a revision."""
+    if revision is None:
+        yield None
+        return
+    repository = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repository),
+            "worktree",
+            "add",
+            "--detach",
+            str(path),
+            revision,
+        ],
+        check=True,
+    )
+    try:
+        yield path
+    finally:
+        subprocess.run(
+            ["git", "-C", str(repository), "worktree", "remove", "--force", str(path)],
+            check=True,
+        )
+
+
+def print_against(revision: str, runs: dict[str, list[dict[str, float]]], skip: tuple[str, ...]) -> None:
+    """Each phase's figures against `revision`'s bridge in the same windows: CPU per record (the ratio's median
+    and range over the repetitions) and p99."""
+    print(f"\nagainst {revision}, the same windows (this / {revision}):")
+    for phase, phase_runs in runs.items():
+        if phase in skip:
+            continue
+        ratios = sorted(run["cpu_us_per_msg"] / run["against_cpu_us_per_msg"] for run in phase_runs)
+        p99 = " ".join(f"{run['p99_ms']:.2f}/{run['against_p99_ms']:.2f}" for run in phase_runs)
+        print(f"{phase.strip()}: CPU µs/msg {median(ratios):.2f}x{spread(ratios, 'x')}; p99 ms {p99}")
 
 
 def median_by(runs: list[dict[str, float]], key: str) -> dict[str, float]:
