@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,6 +39,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from bridge.devtools.broker import EmbeddedBroker, free_port, stop_process
 from bridge.devtools.demo import quantile
 from bridge.devtools.simulator.replay import CapturedMarket
+
+Key = TypeVar("Key")
 
 
 @dataclass(frozen=True)
@@ -109,12 +111,7 @@ def process(command: list[str], log: Path, env: dict[str, str] | None = None) ->
             stop_process(child, timeout=20)
 
 
-def wait_until(
-    condition: Callable[[], bool],
-    what: str,
-    logs: tuple[Path, ...],
-    within: float = 30.0,
-) -> None:
+def wait_until(condition: Callable[[], bool], what: str, logs: tuple[Path, ...], within: float = 30.0) -> None:
     """Poll `condition()` until true, or fail naming `what` with the end of each process's log."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -195,30 +192,11 @@ def running_bridge(
     }
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    simulator_command = [
-        executable,
-        "simulate",
-        "--port",
-        str(sim_port),
-        "--contracts",
-        str(count),
-    ]
+    simulator_command = [executable, "simulate", "--port", str(sim_port), "--contracts", str(count)]
     if args.capture is None:
-        simulator_command += [
-            "--rate",
-            str(rate),
-            "--prerender",
-            "--bad-frame-ratio",
-            str(bad_frame_ratio),
-        ]
+        simulator_command += ["--rate", str(rate), "--prerender", "--bad-frame-ratio", str(bad_frame_ratio)]
     else:  # a real session as the load: as fast as the bridge reads it, or at its own pace for paced phases
-        simulator_command += [
-            "--replay",
-            str(args.capture),
-            "--replay-loop",
-            "--replay-speed",
-            "1" if rate else "0",
-        ]
+        simulator_command += ["--replay", str(args.capture), "--replay-loop", "--replay-speed", "1" if rate else "0"]
     logs = (workdir / f"{name}-simulator.log", workdir / f"{name}-bridge.log")
     with (
         process(simulator_command, logs[0]),
@@ -228,22 +206,12 @@ def running_bridge(
             env=None if code is None else os.environ | {"PYTHONPATH": str(code)},
         ) as bridge,
     ):
-        wait_until(
-            lambda: scrape(metrics_port).published > 0,
-            f"{name}: first record acknowledged",
-            logs,
-            within=60,
-        )
+        wait_until(lambda: scrape(metrics_port).published > 0, f"{name}: first record acknowledged", logs, within=60)
         yield RunningBridge(metrics_port, bridge.pid, logs)
 
 
 def run_phase(
-    name: str,
-    rate: float,
-    args: argparse.Namespace,
-    broker: EmbeddedBroker,
-    workdir: Path,
-    **options: Any,
+    name: str, rate: float, args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path, **options: Any
 ) -> dict[str, float]:
     """One measurement: a window of `args.seconds` after `args.warmup`, of a bridge started by `running_bridge`
     (`options` are its). With `--against`, a second simulator and a bridge of that commit run beside it over the
@@ -256,16 +224,25 @@ def run_phase(
             code: stack.enter_context(running_bridge(run_name, rate, args, broker, workdir, code=code, **options))
             for run_name, code in starts
         }
-        time.sleep(args.warmup)
-        before = {code: scrape(bridge.metrics_port) for code, bridge in bridges.items()}
-        time.sleep(args.seconds)
-        after = {code: scrape(bridge.metrics_port) for code, bridge in bridges.items()}
-        found = window_figures(before[None], after[None], bridges[None])
+        (window,) = windows(bridges, args, 1)
+        found = window[None]
         if args.against_code:
-            code = args.against_code
-            against = window_figures(before[code], after[code], bridges[code])
-            found |= {f"against_{key}": value for key, value in against.items()}
+            found |= {f"against_{key}": value for key, value in window[args.against_code].items()}
         return found
+
+
+def windows(
+    bridges: dict[Key, RunningBridge], args: argparse.Namespace, count: int
+) -> Iterator[dict[Key, dict[str, float]]]:
+    """After `args.warmup`, `count` consecutive windows of `args.seconds` over all `bridges` at once: each bridge's
+    figures in each window."""
+    time.sleep(args.warmup)
+    before = {key: scrape(bridge.metrics_port) for key, bridge in bridges.items()}
+    for _ in range(count):
+        time.sleep(args.seconds)
+        after = {key: scrape(bridge.metrics_port) for key, bridge in bridges.items()}
+        yield {key: window_figures(before[key], after[key], bridge) for key, bridge in bridges.items()}
+        before = after
 
 
 def window_figures(before: Scrape, after: Scrape, bridge: RunningBridge) -> dict[str, float]:
@@ -297,38 +274,21 @@ def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Pat
     figures of the raw bridge's median window, with every window's difference (`raw_delta_<n>`) and their
     median (`raw_delta`)."""
     pairs = []
-    for session, windows in enumerate((args.raw_pairs - args.raw_pairs // 2, args.raw_pairs // 2)):
-        if not windows:
+    for session, count in enumerate((args.raw_pairs - args.raw_pairs // 2, args.raw_pairs // 2)):
+        if not count:
             continue
         order = [False, True] if session == 0 else [True, False]
         with contextlib.ExitStack() as stack:
             bridges = {
                 raw: stack.enter_context(
                     running_bridge(
-                        f"full-{'raw' if raw else 'clean'}-{session}",
-                        0,
-                        args,
-                        broker,
-                        workdir,
-                        raw_topic=raw,
+                        f"full-{'raw' if raw else 'clean'}-{session}", 0, args, broker, workdir, raw_topic=raw
                     )
                 )
                 for raw in order
             }
-            time.sleep(args.warmup)
-            before = {raw: scrape(bridge.metrics_port) for raw, bridge in bridges.items()}
-            for _ in range(windows):
-                time.sleep(args.seconds)
-                after = {raw: scrape(bridge.metrics_port) for raw, bridge in bridges.items()}
-                clean_window = window_figures(before[False], after[False], bridges[False])
-                raw_window = window_figures(before[True], after[True], bridges[True])
-                pairs.append(
-                    (
-                        raw_window["cpu_us_per_msg"] - clean_window["cpu_us_per_msg"],
-                        raw_window,
-                    )
-                )
-                before = after
+            for window in windows(bridges, args, count):
+                pairs.append((window[True]["cpu_us_per_msg"] - window[False]["cpu_us_per_msg"], window[True]))
     pairs.sort(key=lambda pair: pair[0])
     delta, median_window = pairs[len(pairs) // 2]
     deltas = {f"raw_delta_{n}": pair_delta for n, (pair_delta, _) in enumerate(pairs)}
@@ -345,34 +305,11 @@ def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[
     """The straightforward implementation (bench/reference.py) against a fresh simulator at `rate`."""
     executable = str(Path(sys.executable).parent / "ime-bridge")
     port = free_port()
-    simulator_command = [
-        executable,
-        "simulate",
-        "--port",
-        str(port),
-        "--contracts",
-        str(args.contracts),
-    ]
+    simulator_command = [executable, "simulate", "--port", str(port), "--contracts", str(args.contracts)]
     simulator_command += ["--rate", str(rate), "--prerender"]
-    reference_command = [
-        sys.executable,
-        "-m",
-        "bench.reference",
-        "--base-url",
-        f"http://127.0.0.1:{port}",
-    ]
-    reference_command += [
-        "--ws-url",
-        f"ws://127.0.0.1:{port}",
-        "--bootstrap-servers",
-        args.broker,
-    ]
-    reference_command += [
-        "--contracts",
-        str(args.contracts),
-        "--linger-ms",
-        str(args.linger_ms or 5),
-    ]
+    reference_command = [sys.executable, "-m", "bench.reference", "--base-url", f"http://127.0.0.1:{port}"]
+    reference_command += ["--ws-url", f"ws://127.0.0.1:{port}", "--bootstrap-servers", args.broker]
+    reference_command += ["--contracts", str(args.contracts), "--linger-ms", str(args.linger_ms or 5)]
     reference_command += ["--warmup", str(args.warmup), "--seconds", str(args.seconds)]
     log = workdir / "reference-simulator.log"
     with process(simulator_command, log):
@@ -382,16 +319,7 @@ def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[
     return figures | {"round_records": float("nan")}
 
 
-PHASES = (
-    "full",
-    "full-bad",
-    "full-no-state",
-    "full-raw",
-    "paced",
-    "paced-latency",
-    "paced-1000",
-    "reference",
-)
+PHASES = ("full", "full-bad", "full-no-state", "full-raw", "paced", "paced-latency", "paced-1000", "reference")
 
 
 def main() -> None:
@@ -407,33 +335,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per phase")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--paced-rate", type=float, default=5000.0)
-    parser.add_argument(
-        "--linger-ms",
-        type=int,
-        help="kafka.linger_ms of every phase (default: the profile's)",
-    )
+    parser.add_argument("--linger-ms", type=int, help="kafka.linger_ms of every phase (default: the profile's)")
     parser.add_argument(
         "--raw-pairs",
         type=int,
         default=4,
         help="windows of two bridges at full speed at once, without and with raw capture, for its cost",
     )
+    parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
     parser.add_argument(
-        "--bad-frame-ratio",
-        type=float,
-        default=0.1,
-        help="share of bad frames in their phase",
+        "--repeat", type=int, default=1, help="run the selected phases this many times in turn; show the medians"
     )
     parser.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="run the selected phases this many times in turn; show the medians",
-    )
-    parser.add_argument(
-        "--phases",
-        default=",".join(PHASES),
-        help=f"comma-separated phases to run, of {', '.join(PHASES)}",
+        "--phases", default=",".join(PHASES), help=f"comma-separated phases to run, of {', '.join(PHASES)}"
     )
     parser.add_argument(
         "--against",
@@ -459,24 +373,14 @@ def main() -> None:
             "full": ("full speed", lambda: run_phase("full", 0, args, broker, workdir)),
             "full-bad": (
                 f"  {args.bad_frame_ratio:.0%} bad frames",
-                lambda: run_phase(
-                    "full-bad",
-                    0,
-                    args,
-                    broker,
-                    workdir,
-                    bad_frame_ratio=args.bad_frame_ratio,
-                ),
+                lambda: run_phase("full-bad", 0, args, broker, workdir, bad_frame_ratio=args.bad_frame_ratio),
             ),
             "full-no-state": (
                 "  no state topic",
                 lambda: run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
             ),
             "full-raw": ("  raw capture", lambda: run_raw_pairs(args, broker, workdir)),
-            "paced": (
-                f"paced {paced:g}/s",
-                lambda: run_phase("paced", paced, args, broker, workdir),
-            ),
+            "paced": (f"paced {paced:g}/s", lambda: run_phase("paced", paced, args, broker, workdir)),
             "paced-latency": (
                 "  latency profile",
                 lambda: run_phase("paced-latency", paced, args, broker, workdir, profile="latency"),
@@ -495,11 +399,7 @@ def main() -> None:
                 if key in selected:
                     name, run = phases[key]
                     runs.setdefault(name, []).append(run())
-    raw_phase, reference, paced_name = (
-        phases["full-raw"][0],
-        phases["reference"][0],
-        phases["paced"][0],
-    )
+    raw_phase, reference, paced_name = phases["full-raw"][0], phases["reference"][0], phases["paced"][0]
     raw_deltas = sorted(run[key] for run in runs.get(raw_phase, []) for key in run if key.startswith("raw_delta_"))
     results = {
         name: median_by(phase_runs, "raw_delta" if name == raw_phase else "cpu_us_per_msg")
@@ -573,26 +473,11 @@ def checkout(revision: str | None, path: Path) -> Iterator[Path | None]:
         yield None
         return
     repository = Path(__file__).resolve().parents[1]
-    subprocess.run(
-        [
-            "git",
-            "-C",
-            str(repository),
-            "worktree",
-            "add",
-            "--detach",
-            str(path),
-            revision,
-        ],
-        check=True,
-    )
+    subprocess.run(["git", "-C", str(repository), "worktree", "add", "--detach", str(path), revision], check=True)
     try:
         yield path
     finally:
-        subprocess.run(
-            ["git", "-C", str(repository), "worktree", "remove", "--force", str(path)],
-            check=True,
-        )
+        subprocess.run(["git", "-C", str(repository), "worktree", "remove", "--force", str(path)], check=True)
 
 
 def print_against(revision: str, runs: dict[str, list[dict[str, float]]], skip: tuple[str, ...]) -> None:
