@@ -21,7 +21,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -100,6 +100,7 @@ class SubscribedMarker:
 
 
 Marker = ReleaseMarker | SubscribedMarker
+_Kind = TypeVar("_Kind", ReleaseMarker, SubscribedMarker)
 
 
 def read_marker(value: bytes | None) -> Marker | None:
@@ -356,17 +357,19 @@ class KafkaShardGroup:
         while len(self._early) > _EARLY_MARKERS:
             self._early.popitem(last=False)
 
-    async def _wait_marker(self, kind: type[Marker], token: str) -> Marker:
+    async def _wait_marker(self, kind: type[_Kind], token: str) -> _Kind:
+        """The marker of `kind` with `token`: one read already, else the next one read."""
         key = (kind, token)
-        early = self._early.pop(key, None)
-        if early is not None:
-            return early
-        waiter: asyncio.Future[Marker] = asyncio.get_running_loop().create_future()
-        self._waiting[key] = waiter
-        try:
-            return await waiter
-        finally:
-            self._waiting.pop(key, None)
+        marker = self._early.pop(key, None)
+        if marker is None:
+            waiter: asyncio.Future[Marker] = asyncio.get_running_loop().create_future()
+            self._waiting[key] = waiter
+            try:
+                marker = await waiter
+            finally:
+                self._waiting.pop(key, None)
+        assert isinstance(marker, kind)  # stored under its own kind
+        return marker
 
     async def _publish_marker(self, marker: Marker) -> None:
         """Write `marker` to its shard's partition, acknowledged by all in-sync replicas."""
@@ -381,9 +384,7 @@ class KafkaShardGroup:
 
     async def wait_release(self, shard: int, token: str) -> ReleaseMarker:
         """The giver's marker with `token` (the caller bounds the wait)."""
-        marker = await self._wait_marker(ReleaseMarker, token)
-        assert isinstance(marker, ReleaseMarker)
-        return marker
+        return await self._wait_marker(ReleaseMarker, token)
 
     async def publish_release(self, marker: ReleaseMarker) -> None:
         """Write `marker` (the taker reads its shard's partition)."""
@@ -391,9 +392,7 @@ class KafkaShardGroup:
 
     async def wait_subscribed(self, shard: int, token: str) -> SubscribedMarker:
         """The taker's marker with `token` (the caller bounds the wait)."""
-        marker = await self._wait_marker(SubscribedMarker, token)
-        assert isinstance(marker, SubscribedMarker)
-        return marker
+        return await self._wait_marker(SubscribedMarker, token)
 
     async def publish_subscribed(self, marker: SubscribedMarker) -> None:
         """Write `marker` (the giver is assigned the shard's partition until its release)."""

@@ -10,8 +10,9 @@ Updates also go to the latest-state topic (compacted, same key, value and header
 update of every publish round, under the same one-batch-per-partition rule, so per-contract order holds on
 both topics, and that update counts as delivered only once both topics acknowledged it. With a schema
 registry, update values are framed in Confluent's wire format (bridge/registry.py registers the schemas at
-start); dead letters stay raw frames. Raw records (kafka.raw_topic) go in batches of their own compression
-(kafka.raw_compression), whatever the producer's; a round's batches are sent closed, as one produce request.
+start); dead letters stay raw frames. Every batch is compressed by its builder (kafka.compression, or
+kafka.raw_compression for the raw records of kafka.raw_topic), not by the producer, which never compresses;
+a round's batches are sent closed, as one produce request.
 """
 
 from __future__ import annotations
@@ -221,7 +222,6 @@ class KafkaSink:
             **client_options(settings),
             acks="all",
             enable_idempotence=settings.enable_idempotence,
-            compression_type=None if settings.compression == "none" else settings.compression,
             linger_ms=0,  # the publisher lingers, per round (batches are sent closed, so this would not apply)
             max_batch_size=settings.batch_bytes,
         )
