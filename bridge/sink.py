@@ -29,7 +29,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLarg
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatch
 
-from bridge.batches import RoundBatch
+from bridge.batches import RoundBatch, compress_zstd_at
 from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
 from bridge.logs import log_event
@@ -218,6 +218,7 @@ class KafkaSink:
             raise SinkUnavailable(f"cannot create the topics: {exc!r}{await _why(settings, exc)}") from exc
         self._codec = _codec(settings.compression, "compression")
         self._raw_codec = _codec(settings.raw_compression, "raw_compression")
+        compress_zstd_at(settings.zstd_level)
         producer = AIOKafkaProducer(
             **client_options(settings),
             acks="all",

@@ -71,6 +71,7 @@ def test_explicit_keys_override_the_profile(tmp_path: Path, monkeypatch: pytest.
             "kafka: kafka.raw_topic must differ from kafka.topic, kafka.dlq_topic and kafka.state_topic",
         ),
         (MINIMAL + "kafka:\n  raw_compression: brotli\n", "kafka.raw_compression: Input should be"),
+        (MINIMAL + "kafka:\n  zstd_level: 23\n", "kafka.zstd_level: Input should be less than or equal to 22"),
         (MINIMAL + "buffer:\n  raw_memory_bytes: 10\n", "buffer.raw_memory_bytes: Input should be greater than"),
         (MINIMAL + "kafka:\n  profile: fast\n", "kafka.profile: Input should be 'latency' or 'throughput'"),
         (MINIMAL + "kafka:\n  linger_ms: -1\n", "kafka.linger_ms: Input should be greater than or equal to 0"),
