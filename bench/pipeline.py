@@ -270,29 +270,53 @@ def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Pat
     """Raw capture's cost per frame: two bridges at full speed at once, each with its own simulator, one without
     raw capture and one with it, over `args.raw_pairs` windows. Both share the machine's moments (a noisy
     neighbour slows both alike), which runs one after the other do not: their difference per window is the cost.
-    Half the windows start the bridge with raw capture first, half the other: neither order is favoured. The
-    figures of the raw bridge's median window, with every window's difference (`raw_delta_<n>`) and their
-    median (`raw_delta`)."""
-    pairs = []
-    for session, count in enumerate((args.raw_pairs - args.raw_pairs // 2, args.raw_pairs // 2)):
-        if not count:
-            continue
-        order = [False, True] if session == 0 else [True, False]
-        with contextlib.ExitStack() as stack:
-            bridges = {
-                raw: stack.enter_context(
-                    running_bridge(
-                        f"full-{'raw' if raw else 'clean'}-{session}", 0, args, broker, workdir, raw_topic=raw
-                    )
-                )
-                for raw in order
-            }
-            for window in windows(bridges, args, count):
-                pairs.append((window[True]["cpu_us_per_msg"] - window[False]["cpu_us_per_msg"], window[True]))
+    The figures of the raw bridge's median window, with every window's difference (`raw_delta_<n>`) and their
+    median (`raw_delta`); with `--against`, also raw capture against that revision's (`run_raw_against`)."""
+    starts: list[tuple[bool, str, dict[str, Any]]] = [
+        (False, "full-clean", {"raw_topic": False}),
+        (True, "full-raw", {"raw_topic": True}),
+    ]
+    pairs = [
+        (window[True]["cpu_us_per_msg"] - window[False]["cpu_us_per_msg"], window[True])
+        for window in alternating_windows(starts, args, broker, workdir)
+    ]
     pairs.sort(key=lambda pair: pair[0])
     delta, median_window = pairs[len(pairs) // 2]
     deltas = {f"raw_delta_{n}": pair_delta for n, (pair_delta, _) in enumerate(pairs)}
-    return median_window | deltas | {"raw_delta": delta}
+    return median_window | deltas | {"raw_delta": delta} | run_raw_against(args, broker, workdir)
+
+
+def run_raw_against(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path) -> dict[str, float]:
+    """With `--against`: two bridges capturing raw at full speed at once, this one and that revision's, over
+    `args.raw_pairs` windows; each window's CPU per frame of this one less the other's (`raw_against_<n>`)."""
+    if args.against_code is None:
+        return {}
+    starts: list[tuple[Path | None, str, dict[str, Any]]] = [
+        (None, "full-raw-this", {"raw_topic": True}),
+        (args.against_code, "full-raw-against", {"raw_topic": True, "code": args.against_code}),
+    ]
+    deltas = sorted(
+        window[None]["cpu_us_per_msg"] - window[args.against_code]["cpu_us_per_msg"]
+        for window in alternating_windows(starts, args, broker, workdir)
+    )
+    return {f"raw_against_{n}": delta for n, delta in enumerate(deltas)}
+
+
+def alternating_windows(
+    starts: list[tuple[Key, str, dict[str, Any]]], args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path
+) -> Iterator[dict[Key, dict[str, float]]]:
+    """`args.raw_pairs` windows of the bridges of `starts` ((key, name, `running_bridge` options) each) at full
+    speed at once: half of them with the bridges started in that order, half in the reverse, so that neither is
+    favoured."""
+    for session, count in enumerate((args.raw_pairs - args.raw_pairs // 2, args.raw_pairs // 2)):
+        if not count:
+            continue
+        with contextlib.ExitStack() as stack:
+            bridges = {
+                key: stack.enter_context(running_bridge(f"{name}-{session}", 0, args, broker, workdir, **options))
+                for key, name, options in (starts if session == 0 else starts[::-1])
+            }
+            yield from windows(bridges, args, count)
 
 
 def listening(port: int) -> bool:
@@ -352,8 +376,8 @@ def main() -> None:
     parser.add_argument(
         "--against",
         metavar="REV",
-        help="run a bridge of this git revision beside this one in each phase but raw capture and the reference, "
-        "over the same windows, and print the ratios",
+        help="run a bridge of this git revision beside this one in each phase but the reference, over the same "
+        "windows, and print the ratios (raw capture: both bridges capture raw, and the difference per frame)",
     )
     args = parser.parse_args()
     if args.capture is not None:
@@ -457,6 +481,14 @@ def main() -> None:
         )
     if args.against:
         print_against(args.against, runs, skip=(raw_phase, reference))
+    raw_against = sorted(run[key] for run in runs.get(raw_phase, []) for key in run if key.startswith("raw_against_"))
+    if raw_against:
+        each = ", ".join(f"{delta:+.1f}" for delta in raw_against)
+        print(
+            f"\nraw capture against {args.against}: {median(raw_against):+.1f} CPU µs per frame, this bridge's less"
+            f" {args.against}'s, both capturing raw at full speed at once, the median of {len(raw_against)} windows"
+            f" ({each})"
+        )
     if raw_deltas:
         each = ", ".join(f"{delta:+.1f}" for delta in raw_deltas)
         print(
@@ -483,10 +515,10 @@ def checkout(revision: str | None, path: Path) -> Iterator[Path | None]:
 def print_against(revision: str, runs: dict[str, list[dict[str, float]]], skip: tuple[str, ...]) -> None:
     """Each phase's figures against `revision`'s bridge in the same windows: CPU per record (the ratio's median
     and range over the repetitions) and p99."""
-    print(f"\nagainst {revision}, the same windows (this / {revision}):")
-    for phase, phase_runs in runs.items():
-        if phase in skip:
-            continue
+    shown = {phase: phase_runs for phase, phase_runs in runs.items() if phase not in skip}
+    if shown:
+        print(f"\nagainst {revision}, the same windows (this / {revision}):")
+    for phase, phase_runs in shown.items():
         ratios = sorted(run["cpu_us_per_msg"] / run["against_cpu_us_per_msg"] for run in phase_runs)
         p99 = " ".join(f"{run['p99_ms']:.2f}/{run['against_p99_ms']:.2f}" for run in phase_runs)
         print(f"{phase.strip()}: CPU µs/msg {median(ratios):.2f}x{spread(ratios, 'x')}; p99 ms {p99}")
