@@ -1,10 +1,10 @@
 """`make bench`: simulator → bridge → broker, at full speed (with and without the latest-state topic, with a
 share of bad frames, and raw capture's cost: two bridges at once, without and with it) and paced
-(in the throughput and the latency profile, and with 1,000 contracts), and the straightforward implementation
-of bench/reference.py paced, for the ratio (`--phases` selects).
+(in the throughput and the latency profile, with 1,000 contracts, and raw capture's cost again), and the
+straightforward implementation of bench/reference.py paced, for the ratio (`--phases` selects).
 
 Three processes on 127.0.0.1: tansu, the simulator (pre-rendered frames, so it is not the bottleneck) and
-`ime-bridge run` (two simulators and two bridges in the raw-capture phase). Figures come from the bridge's
+`ime-bridge run` (two simulators and two bridges in the raw-capture phases). Figures come from the bridge's
 /metrics over a measurement window after a warm-up: records acknowledged per second (updates and dead letters),
 the bridge process's CPU µs per record (process_cpu_seconds_total), and receive→ack latency quantiles of the
 updates interpolated from the ime_bridge_publish_latency_seconds histogram (as PromQL's histogram_quantile does),
@@ -266,54 +266,62 @@ def window_figures(before: Scrape, after: Scrape, bridge: RunningBridge) -> dict
     }
 
 
-def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path) -> dict[str, float]:
-    """Raw capture's cost per frame: two bridges at full speed at once, each with its own simulator, one without
-    raw capture and one with it, over `args.raw_pairs` windows. Both share the machine's moments (a noisy
+def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path, rate: float) -> dict[str, float]:
+    """Raw capture's cost per frame: two bridges at `rate` (0: full speed) at once, each with its own simulator, one
+    without raw capture and one with it, over `args.raw_pairs` windows. Both share the machine's moments (a noisy
     neighbour slows both alike), which runs one after the other do not: their difference per window is the cost.
     The figures of the raw bridge's median window, with every window's difference (`raw_delta_<n>`) and their
     median (`raw_delta`); with `--against`, also raw capture against that revision's (`run_raw_against`)."""
     starts: list[tuple[bool, str, dict[str, Any]]] = [
-        (False, "full-clean", {"raw_topic": False}),
-        (True, "full-raw", {"raw_topic": True}),
+        (False, "clean", {"raw_topic": False}),
+        (True, "raw", {"raw_topic": True}),
     ]
     pairs = [
         (window[True]["cpu_us_per_msg"] - window[False]["cpu_us_per_msg"], window[True])
-        for window in alternating_windows(starts, args, broker, workdir)
+        for window in alternating_windows(starts, rate, args, broker, workdir)
     ]
     pairs.sort(key=lambda pair: pair[0])
     delta, median_window = pairs[len(pairs) // 2]
     deltas = {f"raw_delta_{n}": pair_delta for n, (pair_delta, _) in enumerate(pairs)}
-    return median_window | deltas | {"raw_delta": delta} | run_raw_against(args, broker, workdir)
+    return median_window | deltas | {"raw_delta": delta} | run_raw_against(args, broker, workdir, rate)
 
 
-def run_raw_against(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path) -> dict[str, float]:
-    """With `--against`: two bridges capturing raw at full speed at once, this one and that revision's, over
+def run_raw_against(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path, rate: float) -> dict[str, float]:
+    """With `--against`: two bridges capturing raw at `rate` at once, this one and that revision's, over
     `args.raw_pairs` windows; each window's CPU per frame of this one less the other's (`raw_against_<n>`)."""
     if args.against_code is None:
         return {}
     starts: list[tuple[Path | None, str, dict[str, Any]]] = [
-        (None, "full-raw-this", {"raw_topic": True}),
-        (args.against_code, "full-raw-against", {"raw_topic": True, "code": args.against_code}),
+        (None, "raw-this", {"raw_topic": True}),
+        (args.against_code, "raw-against", {"raw_topic": True, "code": args.against_code}),
     ]
     deltas = sorted(
         window[None]["cpu_us_per_msg"] - window[args.against_code]["cpu_us_per_msg"]
-        for window in alternating_windows(starts, args, broker, workdir)
+        for window in alternating_windows(starts, rate, args, broker, workdir)
     )
     return {f"raw_against_{n}": delta for n, delta in enumerate(deltas)}
 
 
 def alternating_windows(
-    starts: list[tuple[Key, str, dict[str, Any]]], args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path
+    starts: list[tuple[Key, str, dict[str, Any]]],
+    rate: float,
+    args: argparse.Namespace,
+    broker: EmbeddedBroker,
+    workdir: Path,
 ) -> Iterator[dict[Key, dict[str, float]]]:
-    """`args.raw_pairs` windows of the bridges of `starts` ((key, name, `running_bridge` options) each) at full
-    speed at once: half of them with the bridges started in that order, half in the reverse, so that neither is
-    favoured."""
+    """`args.raw_pairs` windows of the bridges of `starts` ((key, name, `running_bridge` options) each) at `rate`
+    (0: full speed) at once: half of them with the bridges started in that order, half in the reverse, so that
+    neither is favoured."""
     for session, count in enumerate((args.raw_pairs - args.raw_pairs // 2, args.raw_pairs // 2)):
         if not count:
             continue
         with contextlib.ExitStack() as stack:
             bridges = {
-                key: stack.enter_context(running_bridge(f"{name}-{session}", 0, args, broker, workdir, **options))
+                key: stack.enter_context(
+                    running_bridge(
+                        f"{'paced' if rate else 'full'}-{name}-{session}", rate, args, broker, workdir, **options
+                    )
+                )
                 for key, name, options in (starts if session == 0 else starts[::-1])
             }
             yield from windows(bridges, args, count)
@@ -343,7 +351,10 @@ def run_reference(rate: float, args: argparse.Namespace, workdir: Path) -> dict[
     return figures | {"round_records": float("nan")}
 
 
-PHASES = ("full", "full-bad", "full-no-state", "full-raw", "paced", "paced-latency", "paced-1000", "reference")
+PHASES = (
+    *("full", "full-bad", "full-no-state", "full-raw"),
+    *("paced", "paced-latency", "paced-1000", "paced-raw", "reference"),
+)
 
 
 def main() -> None:
@@ -364,7 +375,7 @@ def main() -> None:
         "--raw-pairs",
         type=int,
         default=4,
-        help="windows of two bridges at full speed at once, without and with raw capture, for its cost",
+        help="windows of two bridges at once, without and with raw capture, for its cost (at full speed and paced)",
     )
     parser.add_argument("--bad-frame-ratio", type=float, default=0.1, help="share of bad frames in their phase")
     parser.add_argument(
@@ -403,7 +414,7 @@ def main() -> None:
                 "  no state topic",
                 lambda: run_phase("full-no-state", 0, args, broker, workdir, state_topic=False),
             ),
-            "full-raw": ("  raw capture", lambda: run_raw_pairs(args, broker, workdir)),
+            "full-raw": ("  raw capture", lambda: run_raw_pairs(args, broker, workdir, 0)),
             "paced": (f"paced {paced:g}/s", lambda: run_phase("paced", paced, args, broker, workdir)),
             "paced-latency": (
                 "  latency profile",
@@ -413,6 +424,7 @@ def main() -> None:
                 "  1,000 contracts",
                 lambda: run_phase("paced-1000", paced, args, broker, workdir, contracts=1000),
             ),
+            "paced-raw": ("  raw capture, paced", lambda: run_raw_pairs(args, broker, workdir, paced)),
             "reference": ("  reference", lambda: run_reference(paced, args, workdir)),
         }
         args.broker = broker.bootstrap_servers
@@ -423,10 +435,10 @@ def main() -> None:
                 if key in selected:
                     name, run = phases[key]
                     runs.setdefault(name, []).append(run())
-    raw_phase, reference, paced_name = phases["full-raw"][0], phases["reference"][0], phases["paced"][0]
-    raw_deltas = sorted(run[key] for run in runs.get(raw_phase, []) for key in run if key.startswith("raw_delta_"))
+    raw_phases = {phases["full-raw"][0]: "at full speed", phases["paced-raw"][0]: f"paced at {paced:g}/s"}
+    reference, paced_name = phases["reference"][0], phases["paced"][0]
     results = {
-        name: median_by(phase_runs, "raw_delta" if name == raw_phase else "cpu_us_per_msg")
+        name: median_by(phase_runs, "raw_delta" if name in raw_phases else "cpu_us_per_msg")
         for name, phase_runs in runs.items()
     }
     load = (
@@ -450,7 +462,7 @@ def main() -> None:
     if args.repeat > 1:
         print()
         for phase, phase_runs in runs.items():
-            if phase != raw_phase:
+            if phase not in raw_phases:
                 cpu = [run["cpu_us_per_msg"] for run in phase_runs]
                 p99 = [run["p99_ms"] for run in phase_runs]
                 print(
@@ -480,20 +492,26 @@ def main() -> None:
             f" {bad['rejection_log_lines']:.0f} frame_rejected lines in the whole phase)"
         )
     if args.against:
-        print_against(args.against, runs, skip=(raw_phase, reference))
-    raw_against = sorted(run[key] for run in runs.get(raw_phase, []) for key in run if key.startswith("raw_against_"))
-    if raw_against:
-        each = ", ".join(f"{delta:+.1f}" for delta in raw_against)
+        print_against(args.against, runs, skip=(*raw_phases, reference))
+    for raw_phase, how in raw_phases.items():
+        print_raw(raw_phase, how, runs.get(raw_phase, []), args)
+
+
+def print_raw(phase: str, how: str, phase_runs: list[dict[str, float]], args: argparse.Namespace) -> None:
+    """Raw capture's cost per frame over the windows of `phase_runs`, and with `--against` its change."""
+    against = sorted(run[key] for run in phase_runs for key in run if key.startswith("raw_against_"))
+    if against:
+        each = ", ".join(f"{delta:+.1f}" for delta in against)
         print(
-            f"\nraw capture against {args.against}: {median(raw_against):+.1f} CPU µs per frame, this bridge's less"
-            f" {args.against}'s, both capturing raw at full speed at once, the median of {len(raw_against)} windows"
-            f" ({each})"
+            f"\n{phase.strip()} against {args.against}: {median(against):+.1f} CPU µs per frame, this bridge's less"
+            f" {args.against}'s, both capturing raw {how} at once, the median of {len(against)} windows ({each})"
         )
-    if raw_deltas:
-        each = ", ".join(f"{delta:+.1f}" for delta in raw_deltas)
+    deltas = sorted(run[key] for run in phase_runs for key in run if key.startswith("raw_delta_"))
+    if deltas:
+        each = ", ".join(f"{delta:+.1f}" for delta in deltas)
         print(
-            f"\nraw capture: {median(raw_deltas):+.1f} CPU µs per frame, the median of {len(raw_deltas)} windows of two"
-            f" bridges at full speed at once, without and with it ({each}); its row is the raw bridge's median window"
+            f"\n{phase.strip()}: {median(deltas):+.1f} CPU µs per frame, the median of {len(deltas)} windows of two"
+            f" bridges {how} at once, without and with it ({each}); its row is the raw bridge's median window"
             f"{' (of the median repetition)' if args.repeat > 1 else ''}"
         )
 
