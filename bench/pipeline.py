@@ -499,21 +499,18 @@ def main() -> None:
 
 def print_raw(phase: str, how: str, phase_runs: list[dict[str, float]], args: argparse.Namespace) -> None:
     """Raw capture's cost per frame over the windows of `phase_runs`, and with `--against` its change."""
-    against = sorted(run[key] for run in phase_runs for key in run if key.startswith("raw_against_"))
-    if against:
-        each = ", ".join(f"{delta:+.1f}" for delta in against)
-        print(
-            f"\n{phase.strip()} against {args.against}: {median(against):+.1f} CPU µs per frame, this bridge's less"
-            f" {args.against}'s, both capturing raw {how} at once, the median of {len(against)} windows ({each})"
-        )
-    deltas = sorted(run[key] for run in phase_runs for key in run if key.startswith("raw_delta_"))
-    if deltas:
-        each = ", ".join(f"{delta:+.1f}" for delta in deltas)
-        print(
-            f"\n{phase.strip()}: {median(deltas):+.1f} CPU µs per frame, the median of {len(deltas)} windows of two"
-            f" bridges {how} at once, without and with it ({each}); its row is the raw bridge's median window"
-            f"{' (of the median repetition)' if args.repeat > 1 else ''}"
-        )
+    row = f"; its row is the raw bridge's median window{' (of the median repetition)' if args.repeat > 1 else ''}"
+    for prefix, name, measured in (
+        ("raw_against_", f"{phase.strip()} against {args.against}", f"this bridge's less {args.against}'s, both"),
+        ("raw_delta_", phase.strip(), "two bridges, one without raw capture and one"),
+    ):
+        deltas = sorted(run[key] for run in phase_runs for key in run if key.startswith(prefix))
+        if deltas:
+            print(
+                f"\n{name}: {median(deltas):+.1f} CPU µs per frame, {measured} capturing raw {how} at once, the median"
+                f" of {len(deltas)} windows ({', '.join(f'{delta:+.1f}' for delta in deltas)})"
+                f"{row if prefix == 'raw_delta_' else ''}"
+            )
 
 
 @contextlib.contextmanager
