@@ -33,7 +33,7 @@ class _ZstdContext(threading.local):
 
 def compress_zstd_at(level: int) -> None:
     """Make every aiokafka batch builder of this process compress zstd at `level` (kafka.zstd_level), reusing one
-    zstd context per thread. Idempotent; the latest level applies."""
+    zstd context per thread. Each call replaces the previous one's function."""
     context = _ZstdContext(level)
 
     def zstd_encode(payload: bytes, level: int | None = None) -> bytes:
