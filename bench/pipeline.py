@@ -216,15 +216,13 @@ def run_phase(
     """One measurement: a window of `args.seconds` after `args.warmup`, of a bridge started by `running_bridge`
     (`options` are its). With `--against`, a second simulator and a bridge of that commit run beside it over the
     same window (started first every other repetition), and its figures come back as `against_<figure>`."""
+    starts: list[tuple[Path | None, str, dict[str, Any]]] = [(None, name, options)]
+    if args.against_code:
+        starts.append((args.against_code, f"{name}-against", options | {"code": args.against_code}))
+    if args.repetition % 2:
+        starts.reverse()
     with contextlib.ExitStack() as stack:
-        starts = [(name, None), (f"{name}-against", args.against_code)] if args.against_code else [(name, None)]
-        if args.repetition % 2:
-            starts.reverse()
-        bridges = {
-            code: stack.enter_context(running_bridge(run_name, rate, args, broker, workdir, code=code, **options))
-            for run_name, code in starts
-        }
-        (window,) = windows(bridges, args, 1)
+        (window,) = windows(start_bridges(stack, starts, rate, args, broker, workdir), args, 1)
         found = window[None]
         if args.against_code:
             found |= {f"against_{key}": value for key, value in window[args.against_code].items()}
@@ -315,16 +313,26 @@ def alternating_windows(
     for session, count in enumerate((args.raw_pairs - args.raw_pairs // 2, args.raw_pairs // 2)):
         if not count:
             continue
+        named = [(key, f"{'paced' if rate else 'full'}-{name}-{session}", options) for key, name, options in starts]
         with contextlib.ExitStack() as stack:
-            bridges = {
-                key: stack.enter_context(
-                    running_bridge(
-                        f"{'paced' if rate else 'full'}-{name}-{session}", rate, args, broker, workdir, **options
-                    )
-                )
-                for key, name, options in (starts if session == 0 else starts[::-1])
-            }
+            bridges = start_bridges(stack, named if session == 0 else named[::-1], rate, args, broker, workdir)
             yield from windows(bridges, args, count)
+
+
+def start_bridges(
+    stack: contextlib.ExitStack,
+    starts: list[tuple[Key, str, dict[str, Any]]],
+    rate: float,
+    args: argparse.Namespace,
+    broker: EmbeddedBroker,
+    workdir: Path,
+) -> dict[Key, RunningBridge]:
+    """The bridges of `starts` ((key, name, `running_bridge` options) each) at `rate`, started in that order and
+    stopped with `stack`."""
+    return {
+        key: stack.enter_context(running_bridge(name, rate, args, broker, workdir, **options))
+        for key, name, options in starts
+    }
 
 
 def listening(port: int) -> bool:

@@ -416,7 +416,7 @@ class KafkaSink:
         return RoundBatch(self._settings.batch_bytes, self._codec)
 
     def _raw_batch(self) -> RoundBatch:
-        """A batch of the raw topic: compressed with kafka.raw_compression whatever the producer's own setting."""
+        """A batch of the raw topic, compressed with kafka.raw_compression."""
         return RoundBatch(self._settings.batch_bytes, self._raw_codec)
 
     def _update_partitions(self, key: bytes) -> tuple[int, int]:
