@@ -60,10 +60,13 @@ class RoundBatch(BatchBuilder):  # type: ignore[misc]  # aiokafka's classes are 
         self.indices: list[int] = []
         self.full = False
 
-    def add(self, key: bytes | None, value: bytes, headers: Headers, index: int) -> Outcome:
-        """Add record `index`; its outcome when it is not in the batch."""
+    def add(
+        self, key: bytes | None, value: bytes, headers: Headers, index: int, timestamp: int | None = None
+    ) -> Outcome:
+        """Add record `index`, with `timestamp` (ms since the epoch; None: now); its outcome when it is not in the
+        batch."""
         indices = self.indices
-        if not self.full and self.append_record(len(indices), None, key, value, headers) is not None:
+        if not self.full and self.append_record(len(indices), timestamp, key, value, headers) is not None:
             indices.append(index)
             return None
         return self.refused()

@@ -105,6 +105,8 @@ class Intake:
         self._labelled: ConnectionInfo | None = None
         self._labels: Headers = []
         self._labels_by_subscription: dict[str, tuple[str, Headers]] = {}
+        self._add_raw = buffer.add_raw
+        self._raw_keys: dict[str, bytes] = {}  # a raw record's key per contract id (subscribed ones only)
 
     def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
         """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
@@ -123,11 +125,11 @@ class Intake:
             finally:
                 frame = raw if type(raw) is bytes else _as_bytes(raw)
                 if self.normalize:
-                    key = contract_id.encode() if contract_id is not None else None
+                    key = None if contract_id is None else self._raw_keys.get(contract_id) or self._raw_key(contract_id)
                 else:
                     key = frame_key(frame, self.normalizer.contracts)
                 labels = self._labels if connection is self._labelled else self._labels_of(connection)
-                self.buffer.add_raw(frame, key, receive_time, labels)
+                self._add_raw(frame, key, receive_time, labels)
         except Exception as exc:
             detail = f"{type(exc).__name__} while handling the frame: {str(exc)[:200]}"
             log_exception(logger, "frame_handling_failed", connection=connection.label, error=type(exc).__name__)
@@ -217,6 +219,11 @@ class Intake:
             if update is not None:
                 found[contract_id] = (update.exchange_time, snapshot_fingerprint(update))
         return found
+
+    def _raw_key(self, contract_id: str) -> bytes:
+        """The key of a subscribed contract's raw records, encoded once."""
+        key = self._raw_keys[contract_id] = contract_id.encode()
+        return key
 
     def _labels_of(self, connection: ConnectionInfo) -> Headers:
         """`connection`'s endpoint and connection headers: one object per connection (the buffer groups raw frames

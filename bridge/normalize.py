@@ -23,6 +23,7 @@ from bridge.protocol import Endpoint
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_DATE = date(1970, 1, 1)
+_BY_ID = Endpoint.ID  # read per frame: an Enum class attribute is slow on Python 3.11 (see records.KIND_UPDATE)
 
 
 class RejectReason(enum.StrEnum):
@@ -377,7 +378,7 @@ class Normalizer:
         return ContractUpdate(
             contract_id,
             contract_name,
-            "ID" if endpoint is Endpoint.ID else "NAME",
+            "ID" if endpoint is _BY_ID else "NAME",
             frame.channel,
             exchange_time,
             receive_time,

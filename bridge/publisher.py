@@ -18,6 +18,7 @@ from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import RejectReason
 from bridge.records import (
+    KIND_UPDATE,
     Failed,
     NotSent,
     Outcome,
@@ -151,7 +152,7 @@ class Publisher:
         observe = self.metrics.publish_latency.observe
         if not any(outcomes):  # the usual round: everything acknowledged
             for record in records:
-                if record.kind is RecordKind.UPDATE:
+                if record.kind is KIND_UPDATE:
                     observe(now - record.received)
                 elif record.dead_letter_reason is not None:
                     self.metrics.dead_letters.labels(record.dead_letter_reason).inc()

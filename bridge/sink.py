@@ -35,6 +35,8 @@ from bridge.encode import Schema, load_schema
 from bridge.logs import log_event
 from bridge.records import (
     HEADER_RECEIVE_TIME,
+    KIND_RAW,
+    KIND_UPDATE,
     NOT_SENT,
     Failed,
     Outcome,
@@ -301,18 +303,19 @@ class KafkaSink:
         partitions_of_update = self._partitions_of_update
         new_batch = self._batch
         # The state topic needs only each contract's newest update of the round (compaction keeps no other).
-        newest = (
-            {r.key: i for i, r in enumerate(records) if r.kind is RecordKind.UPDATE} if state_topic is not None else {}
-        )
+        newest = {r.key: i for i, r in enumerate(records) if r.kind is KIND_UPDATE} if state_topic is not None else {}
         for index, record in enumerate(records):
             key = record.key
-            if record.kind is not RecordKind.UPDATE or key is None:
-                topic = self._topics[record.kind]
+            kind = record.kind
+            if kind is not KIND_UPDATE or key is None:
+                topic = self._topics[kind]
                 slot = (topic, self._partition(topic, key))
-                batch = others.get(slot) or others.setdefault(
-                    slot, self._raw_batch() if record.kind is RecordKind.RAW else new_batch()
-                )
-                outcome = batch.add(key, record.value, record.headers, index)
+                if kind is KIND_RAW:  # a subscription marker, or spool mode's raw frame: stamped with its receive time
+                    batch = others.get(slot) or others.setdefault(slot, self._raw_batch())
+                    outcome = batch.add(key, record.value, record.headers, index, int(record.received * 1000))
+                else:
+                    batch = others.get(slot) or others.setdefault(slot, new_batch())
+                    outcome = batch.add(key, record.value, record.headers, index)
             else:
                 partition, state_partition = partitions_of_update.get(key) or self._update_partitions(key)
                 batch = updates.get(partition) or updates.setdefault(partition, new_batch())
@@ -382,11 +385,13 @@ class KafkaSink:
         partition_of_key = self._raw_partition_of_key
         for block in raw:
             labels = block.labels
-            headers_time, headers = -1, labels
+            headers_time, headers, timestamp = -1, labels, 0
             for frame, key, receive_time in block.frames:
-                # records.raw_frame's headers, spelled out, once per burst: a burst's frames share a receive time.
+                # records.raw_frame's headers, spelled out, once per burst: a burst's frames share a receive time,
+                # also their Kafka timestamp (in ms; aiokafka would read the clock for each record without one).
                 if receive_time != headers_time:
                     headers_time, headers = receive_time, [*labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
+                    timestamp = receive_time // 1000
                 partition = partition_of_key.get(key) if key is not None else None
                 if partition is None:
                     partition = self._partition(topic, key)
@@ -398,7 +403,7 @@ class KafkaSink:
                     batches[(topic, partition)] = batch
                 # batch.add, inlined: a call per frame is a tenth of this loop's cost.
                 indices = batch.indices
-                if not batch.full and batch.append_record(len(indices), None, key, frame, headers) is not None:
+                if not batch.full and batch.append_record(len(indices), timestamp, key, frame, headers) is not None:
                     indices.append(index)
                 else:
                     outcomes[index] = batch.refused()

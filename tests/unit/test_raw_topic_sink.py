@@ -94,3 +94,21 @@ async def test_raw_frames_past_a_full_batch_wait_for_the_next_round_in_order() -
     outcomes = await sink.publish([], [RawFrames.of(LABELS, frames)])
     assert outcomes == [None, None, NOT_SENT, NOT_SENT], "a partition gets one batch per round"
     assert [value[0] for _, value, _ in producer.records(RAW)[0]] == [0, 1]
+
+
+async def test_raw_records_carry_their_receive_time_as_their_kafka_timestamp() -> None:
+    producer = FakeProducer()
+    sink = sink_over(producer)
+    received = 1_765_000_000_123_456  # µs since the epoch
+    marker = OutgoingRecord(RecordKind.RAW, None, b"marker", [("raw-event", b"subscribed")], 1_765_000_000.5)
+    frames = [(b"f1", b"1001", received), (b"f2", b"1001", received), (b"f3", None, received + 2_000)]
+    outcomes = await sink.publish([marker], [RawFrames.of(LABELS, frames)])
+    assert outcomes == [None] * 4
+    (batch,) = producer.batches(RAW)
+    stamps = {record.value: record.timestamp for record in DefaultRecordBatch(batch._build())}
+    assert stamps == {
+        b"marker": 1_765_000_000_500,
+        b"f1": 1_765_000_000_123,
+        b"f2": 1_765_000_000_123,
+        b"f3": 1_765_000_000_125,
+    }
