@@ -19,7 +19,7 @@ import cramjam
 
 from bridge.logs import log_event
 from bridge.raw import CapturedFrame, NotCaptured, from_json_line, to_json_line
-from bridge.records import Failed, Outcome, OutgoingRecord, RawFrames, RecordKind, with_raw_frames
+from bridge.records import KIND_RAW, Failed, Outcome, OutgoingRecord, RawFrames, RecordKind, with_raw_frames
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class CaptureFileSink:
         records = with_raw_frames(records, raw)
         lines = []
         for record in records:
-            if record.kind is RecordKind.RAW:
+            if record.kind is KIND_RAW:
                 lines.append(to_json_line(record))
             else:
                 reason = record.dead_letter_reason or record.kind.value

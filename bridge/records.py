@@ -101,7 +101,7 @@ def raw_frame(frame: bytes, receive_time: int, labels: Headers, key: bytes | Non
     """The raw record of one frame (bridge/raw.py), received at `receive_time` (µs since the epoch): its headers are
     its connection's `labels` (endpoint, connection), then the receive time."""
     headers = [*labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
-    return OutgoingRecord(RecordKind.RAW, key, frame, headers, receive_time / 1e6)
+    return OutgoingRecord(KIND_RAW, key, frame, headers, receive_time / 1e6)
 
 
 def dead_letter(

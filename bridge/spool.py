@@ -37,7 +37,7 @@ import msgspec
 from bridge.encode import SchemaHistory
 from bridge.logs import log_event
 from bridge.normalize import RejectReason
-from bridge.records import HEADER_FINGERPRINT, OutgoingRecord, RecordKind, dead_letter
+from bridge.records import HEADER_FINGERPRINT, KIND_UPDATE, OutgoingRecord, RecordKind, dead_letter
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class Spool:
         upgraded = unknown = 0
         for index, entry in enumerate(spooled):
             record = entry.record
-            if record.kind is not RecordKind.UPDATE:
+            if record.kind is not KIND_UPDATE:
                 continue
             fingerprint = next((value for name, value in record.headers if name == HEADER_FINGERPRINT), b"")
             if fingerprint == history.fingerprint:
