@@ -311,12 +311,11 @@ class KafkaSink:
             if kind is not KIND_UPDATE or key is None:
                 topic = self._topics[kind]
                 slot = (topic, self._partition(topic, key))
-                if kind is KIND_RAW:  # a subscription marker, or spool mode's raw frame: stamped with its receive time
-                    batch = others.get(slot) or others.setdefault(slot, self._raw_batch())
-                    outcome = batch.add(key, record.value, record.headers, index, int(record.received * 1000))
-                else:
-                    batch = others.get(slot) or others.setdefault(slot, new_batch())
-                    outcome = batch.add(key, record.value, record.headers, index)
+                raw_kind = kind is KIND_RAW  # a subscription marker, or spool mode's raw frame
+                batch = others.get(slot) or others.setdefault(slot, self._raw_batch() if raw_kind else new_batch())
+                # A raw record is stamped with its receive time, the others with the time they are batched.
+                timestamp = int(record.received * 1000) if raw_kind else None
+                outcome = batch.add(key, record.value, record.headers, index, timestamp)
             else:
                 partition, state_partition = partitions_of_update.get(key) or self._update_partitions(key)
                 batch = updates.get(partition) or updates.setdefault(partition, new_batch())
