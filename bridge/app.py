@@ -244,7 +244,7 @@ class Bridge:
         source = WebSocketSource(
             settings=ime,
             tokens=tokens,
-            handler=intake.on_frame,
+            handler=intake.on_burst,
             on_frame_too_large=intake.on_frame_too_large,
             on_open=intake.on_connection_open,
             metrics=self.metrics,

@@ -16,7 +16,7 @@ and in order:
   in which the newest snapshot of each contract is held in memory, conflated, and written to the spool
   before anything newer as soon as it has room.
 
-Raw frames (kafka.raw_topic) wait apart, in blocks of one connection's frames (`RawFrames`), bounded in bytes,
+Raw frames (kafka.raw_topic) wait apart, a block per burst of one connection's frames (`RawFrames`), bounded in bytes,
 never conflated; a round takes them beside its records. In spool mode each is a record of its own, spooled
 like the others.
 
@@ -40,7 +40,7 @@ from bridge.encode import encode_update
 from bridge.logs import log_event
 from bridge.metrics import Metrics
 from bridge.normalize import ContractUpdate
-from bridge.records import KIND_UPDATE, Headers, OutgoingRecord, RawFrames, RecordKind, raw_frame
+from bridge.records import KIND_UPDATE, Headers, OutgoingRecord, RawFrames, RecordKind, frame_count, raw_frame
 from bridge.spool import Spool, SpooledRecord, SpoolError, SpoolFull
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ class _Entry:
             self.record.value = encode_update(self.update)
 
 
-@dataclass
 @dataclass(slots=True)
 class _MemoryBudget:
     """Bytes of one kind of never-conflated record (dead letters, raw frames) waiting in memory, under `limit`:
@@ -164,8 +163,8 @@ class DeliveryBuffer:
         return len(self._memory) + len(self._held) + self._raw_frames() + spooled
 
     def _raw_frames(self) -> int:
-        """Raw frames waiting in memory (counted per block: `add_raw` keeps no count per frame)."""
-        return sum(len(block) for block in self._raw)
+        """Raw frames waiting in memory (counted per block, a block per burst)."""
+        return frame_count(self._raw)
 
     def add_update(self, update: ContractUpdate, headers: Headers, received: float) -> None:
         """Queue a normalized snapshot (its key is its contract id)."""
@@ -197,31 +196,34 @@ class DeliveryBuffer:
         self._memory.append(_Entry(record))
         self._available.set()
 
-    def add_raw(self, frame: bytes, key: bytes | None, receive_time: int, labels: Headers) -> None:
-        """Queue a frame as received (µs since the epoch) for the raw topic; `labels` are its connection's headers,
-        the same object for all of a connection's frames (bridge/raw.py)."""
+    def add_raw(self, frames: list[bytes], keys: list[bytes | None], receive_time: int, labels: Headers) -> None:
+        """Queue a burst of frames as received (µs since the epoch) for the raw topic, `keys[i]` the key of
+        `frames[i]`; `labels` are their connection's headers (bridge/raw.py). The buffer keeps both lists.
+
+        Past the memory budget, the burst's first frames that fit are kept and the rest dropped (counted)."""
         if self.spool_mode:
-            self.add_record(raw_frame(frame, receive_time, labels, key))
+            for frame, key in zip(frames, keys, strict=True):
+                self.add_record(raw_frame(frame, receive_time, labels, key))
             return
         budget = self._raw_budget
-        size = len(frame)
+        size = sum(map(len, frames))
         if budget.used + size > budget.limit:
-            self.metrics.raw_frames_dropped.inc()
             budget.refuse(size)
-            return
+            kept, room = 0, budget.limit - budget.used
+            for frame in frames:
+                room -= len(frame)
+                if room < 0:
+                    break
+                kept += 1
+            self.metrics.raw_frames_dropped.inc(len(frames) - kept)
+            if not kept:
+                return
+            frames, keys = frames[:kept], keys[:kept]
+            size = sum(map(len, frames))
         budget.used += size
-        pending = self._raw
-        if not pending:
-            block = RawFrames(labels)
-            pending.append(block)
+        if not self._raw:
             self._available.set()
-        else:
-            block = pending[-1]
-            if block.labels is not labels:
-                block = RawFrames(labels)
-                pending.append(block)
-        block.frames.append((frame, key, receive_time))
-        block.size += size
+        self._raw.append(RawFrames(labels, receive_time, frames, keys, size))
 
     def _admit(self, record: OutgoingRecord) -> bool:
         """Count a finished record against its kind's memory budget; False (dropped, counted) when over it."""
@@ -422,18 +424,19 @@ class DeliveryBuffer:
         """The receive time (seconds since the epoch) of the oldest record or raw frame in memory, if any."""
         oldest = self._memory[0].record.received if self._memory else None
         if self._raw:
-            raw = self._raw[0].frames[0][2] / 1e6
+            raw = self._raw[0].receive_time / 1e6
             oldest = raw if oldest is None else min(oldest, raw)
         return oldest
 
     def _take_raw(self, taken: Round, max_records: int) -> None:
         """Move up to `max_records` raw frames, oldest first, into the round."""
-        pending, room = self._raw, max_records
+        pending, room, released = self._raw, max_records, 0
         while pending and room:
-            block = pending.popleft() if len(pending[0]) <= room else pending[0].split(room)
+            block = pending.popleft() if len(pending[0].frames) <= room else pending[0].split(room)
             taken.raw.append(block)
-            room -= len(block)
-            self._raw_budget.release(block.size)
+            room -= len(block.frames)
+            released += block.size
+        self._raw_budget.release(released)
 
     def _read_spool(self, max_records: int) -> list[SpooledRecord] | None:
         """The next spooled records, after any held ones; None when the disk fails (the spool-full state)."""
@@ -501,16 +504,17 @@ class DeliveryBuffer:
         retry: list[RawFrames] = []
         start = 0
         for block in blocks:
-            flags = delivered[start : start + len(block)]
-            start += len(block)
+            flags = delivered[start : start + len(block.frames)]
+            start += len(block.frames)
             if all(flags):
                 continue
-            undelivered = [frame for frame, done in zip(block.frames, flags, strict=True) if not done]
-            retry.append(RawFrames.of(block.labels, undelivered))
+            frames = [frame for frame, done in zip(block.frames, flags, strict=True) if not done]
+            keys = [key for key, done in zip(block.keys, flags, strict=True) if not done]
+            retry.append(RawFrames.of(block.labels, block.receive_time, frames, keys))
         for block in reversed(retry):
             self._raw.appendleft(block)
             self._raw_budget.used += block.size  # back in memory: counted again, never dropped (admitted once)
-        return sum(len(block) for block in retry)
+        return frame_count(retry)
 
     def pending(self, keys: Collection[bytes], in_flight: Round | None) -> int:
         """Records and raw frames with one of `keys` not yet acknowledged (a shard's contracts, in a handover),
@@ -521,7 +525,7 @@ class DeliveryBuffer:
         if in_flight is not None:
             waiting += sum(1 for record in in_flight.records if record.key in keys)
             raw += in_flight.raw
-        waiting += sum(1 for block in raw for _, key, _ in block.frames if key in keys)
+        waiting += sum(1 for block in raw for key in block.keys if key in keys)
         return waiting + (self.spool.pending(keys) if self.spool is not None else 0)
 
     def close(self, in_flight: Round | None) -> int:
@@ -540,7 +544,7 @@ class DeliveryBuffer:
         held = [entry.record for entry in self._held.values()]
         undelivered = len(older) + len(newer) + len(held) + (self.spool.records if self.spool is not None else 0)
         # Raw frames wait in memory in conflate mode only (spool mode spools them as records): lost here.
-        undelivered += self._raw_frames() + (sum(len(block) for block in in_flight.raw) if in_flight is not None else 0)
+        undelivered += self._raw_frames() + (frame_count(in_flight.raw) if in_flight is not None else 0)
         if self.spool is not None:
             for record in [entry.record for entry in newer] + held:  # newest of all: after the spool, if it has room
                 try:

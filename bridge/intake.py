@@ -1,9 +1,10 @@
 """Intake: each frame the WebSocket readers receive becomes a record in the delivery buffer, or a dead letter.
 
-`Intake.on_frame` runs synchronously in the reader for each frame and never waits: normalize, check the
-contract was subscribed on that connection, mark the first snapshot of each contract after a
-(re)subscription, drop exact repeats when configured, give the update its per-contract sequence number, and
-add it to the buffer (or a dead letter for a rejected frame). bridge/publisher.py takes it from there.
+`Intake.on_burst` runs synchronously in the reader for each burst of frames received together and never waits.
+For each frame: normalize, check the contract was subscribed on that connection, mark the first snapshot of each
+contract after a (re)subscription, drop exact repeats when configured, give the update its per-contract sequence
+number, and add it to the buffer (or a dead letter for a rejected frame); with raw capture, the burst as received
+too. bridge/publisher.py takes it from there.
 """
 
 from __future__ import annotations
@@ -105,44 +106,55 @@ class Intake:
         self._labelled: ConnectionInfo | None = None
         self._labels: Headers = []
         self._labels_by_subscription: dict[str, tuple[str, Headers]] = {}
-        self._add_raw = buffer.add_raw
         self._raw_keys: dict[str, bytes] = {}  # a raw record's key per contract id (subscribed ones only)
 
-    def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
-        """Turn one frame into a record in the buffer (or a dead letter). Never blocks, never raises: a frame
-        whose handling fails unexpectedly becomes an `internal_error` dead letter, and the stream goes on."""
-        try:
-            if not self.capture_raw:
-                self._on_frame(raw, receive_time, connection)
-                return
-            # Keyed like the update: by the id of a contract subscribed on this connection (a bounded set of
-            # keys, whatever the server sends); a frame that is not such an update has no key. The raw record
-            # goes even when handling the frame fails.
-            contract_id = None
-            try:
-                if self.normalize:
+    def on_burst(self, burst: list[bytes], receive_time: int, connection: ConnectionInfo) -> None:
+        """Turn each frame of a burst (frames received together, at `receive_time`, µs since the epoch) into a record
+        in the buffer (or a dead letter). Never blocks; a frame whose handling fails unexpectedly becomes an
+        `internal_error` dead letter, and the burst goes on. With raw capture, the burst then goes to the raw topic
+        as received, all of it (the buffer keeps the list `burst`)."""
+        capture_raw = self.capture_raw
+        keys: list[bytes | None] = []
+        if self.normalize:
+            raw_keys = self._raw_keys
+            for raw in burst:
+                try:
                     contract_id = self._on_frame(raw, receive_time, connection)
-            finally:
-                frame = raw if type(raw) is bytes else _as_bytes(raw)
-                if self.normalize:
-                    key = None if contract_id is None else self._raw_keys.get(contract_id) or self._raw_key(contract_id)
-                else:
-                    key = frame_key(frame, self.normalizer.contracts)
-                labels = self._labels if connection is self._labelled else self._labels_of(connection)
-                self._add_raw(frame, key, receive_time, labels)
-        except Exception as exc:
-            detail = f"{type(exc).__name__} while handling the frame: {str(exc)[:200]}"
-            log_exception(logger, "frame_handling_failed", connection=connection.label, error=type(exc).__name__)
-            rejected = Rejected(RejectReason.INTERNAL_ERROR, detail, _as_bytes(raw))
-            self._dead_letter(rejected, receive_time, connection, receive_time / 1e6)
+                except Exception as exc:
+                    self._handling_failed(exc, raw, receive_time, connection)
+                    contract_id = None
+                if capture_raw:
+                    # Keyed like the update: by the id of a contract subscribed on this connection (a bounded set of
+                    # keys, whatever the server sends); a frame that is not such an update has no key.
+                    key = None if contract_id is None else raw_keys.get(contract_id) or self._raw_key(contract_id)
+                    keys.append(key)
+            if not capture_raw:
+                return
+        else:
+            contracts = self.normalizer.contracts
+            keys = [frame_key(frame, contracts) for frame in burst]
+        labels = self._labels if connection is self._labelled else self._labels_of(connection)
+        self.buffer.add_raw(burst, keys, receive_time, labels)
 
-    def _on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> str | None:
-        """The work of `on_frame`; the contract id of an update of a contract subscribed here, else None."""
+    def on_frame(self, raw: str | bytes, receive_time: int, connection: ConnectionInfo) -> None:
+        """`on_burst` of one frame (text taken as its UTF-8 bytes)."""
+        frame = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw
+        self.on_burst([frame], receive_time, connection)
+
+    def _handling_failed(self, exc: Exception, raw: bytes, receive_time: int, connection: ConnectionInfo) -> None:
+        """A frame's handling raised: dead-letter the frame as `internal_error`, with the error."""
+        detail = f"{type(exc).__name__} while handling the frame: {str(exc)[:200]}"
+        log_exception(logger, "frame_handling_failed", connection=connection.label, error=type(exc).__name__)
+        rejected = Rejected(RejectReason.INTERNAL_ERROR, detail, raw)
+        self._dead_letter(rejected, receive_time, connection, receive_time / 1e6)
+
+    def _on_frame(self, raw: bytes, receive_time: int, connection: ConnectionInfo) -> str | None:
+        """One frame's work in `on_burst`; the contract id of an update of a contract subscribed here, else None."""
         received = receive_time / 1e6
         result: ContractUpdate | Rejected
         if len(raw) > self.max_frame_bytes:
             detail = f"frame of {len(raw)} bytes exceeds ime.max_frame_bytes={self.max_frame_bytes}"
-            result = Rejected(RejectReason.OVERSIZED, detail, _as_bytes(raw))
+            result = Rejected(RejectReason.OVERSIZED, detail, raw)
         else:
             result = self.normalizer(raw, connection.subscription.endpoint, receive_time)
         if isinstance(result, Rejected):
@@ -154,7 +166,7 @@ class Intake:
         if not self._subscribed_here(result):
             # An id the server invents must not become a key, nor per-contract state that grows without bound.
             detail = f"contract {contract_id[:60]!r} is not subscribed on connection {connection.label}"
-            rejected = Rejected(RejectReason.UNKNOWN_CONTRACT, detail, _as_bytes(raw))
+            rejected = Rejected(RejectReason.UNKNOWN_CONTRACT, detail, raw)
             self._dead_letter(rejected, receive_time, connection, received)
             return None
         seen = self._current_seen
@@ -226,8 +238,8 @@ class Intake:
         return key
 
     def _labels_of(self, connection: ConnectionInfo) -> Headers:
-        """`connection`'s endpoint and connection headers: one object per connection (the buffer groups raw frames
-        by it), looked up once per connection switch."""
+        """`connection`'s endpoint and connection headers: one object per connection (its raw blocks share it),
+        looked up once per connection switch."""
         if connection is not self._labelled:
             name = connection.subscription.name
             label, labels = self._labels_by_subscription.get(name) or ("", [])
@@ -358,7 +370,3 @@ def _published_before(held: list[_Held], last: tuple[int, int]) -> list[bool]:
 def snapshot_fingerprint(update: ContractUpdate) -> int:
     """A checksum of a snapshot's market data, the same in every process (for handovers' duplicate checks)."""
     return zlib.crc32(repr(market_state(update)).encode())
-
-
-def _as_bytes(raw: str | bytes) -> bytes:
-    return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw

@@ -30,6 +30,7 @@ from bridge.records import (
     Stale,
     TooLarge,
     dead_letter,
+    frame_count,
     with_raw_frames,
 )
 from bridge.retry import Backoff
@@ -131,7 +132,7 @@ class Publisher:
             log_event(logger, logging.ERROR, "producer_unusable", error=str(exc))
             self.metrics.producer_restarts.inc()
             await self._restart_sink()
-            return [Failed(type(exc).__name__)] * (len(records) + sum(len(block) for block in raw))
+            return [Failed(type(exc).__name__)] * (len(records) + frame_count(raw))
 
     async def _restart_sink(self) -> None:
         await self.sink.stop()
@@ -158,7 +159,7 @@ class Publisher:
                     self.metrics.dead_letters.labels(record.dead_letter_reason).inc()
             kinds = collections.Counter(record.kind for record in records)
             if raw:
-                kinds[RecordKind.RAW] += sum(len(block) for block in raw)
+                kinds[RecordKind.RAW] += frame_count(raw)
             for kind, count in kinds.items():
                 self.metrics.messages_published.labels(self.sink.topic(kind)).inc(count)
             return [True] * len(outcomes), 0

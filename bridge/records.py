@@ -8,7 +8,7 @@ aiokafka. `MemorySink` is the in-memory twin for unit tests.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -59,36 +59,41 @@ class OutgoingRecord:
 
 @dataclass(slots=True)
 class RawFrames:
-    """Frames of one connection as received, oldest first, on their way to the raw topic (bridge/raw.py).
+    """One burst of a connection's frames as received, oldest first, on their way to the raw topic (bridge/raw.py).
 
-    One buffer entry for many frames: a record and a buffer entry each cost more than capture may add per frame.
-    `labels` are the connection's endpoint and connection headers, the same object for all its frames; each frame
-    is (bytes, key, receive time in µs since the epoch).
+    One buffer entry per burst, not per frame: a record, a buffer entry or even a call each cost more than capture
+    may add per frame. `labels` are the connection's endpoint and connection headers, the same object for all its
+    frames; every frame of a burst was received at `receive_time` (µs since the epoch); `keys[i]` is the key of
+    `frames[i]`.
     """
 
     labels: Headers
-    frames: list[tuple[bytes, bytes | None, int]] = field(default_factory=list)
-    size: int = 0  # bytes of the frames
-
-    def __len__(self) -> int:
-        """How many frames."""
-        return len(self.frames)
+    receive_time: int
+    frames: list[bytes]
+    keys: list[bytes | None]
+    size: int  # bytes of the frames
 
     def records(self) -> list[OutgoingRecord]:
         """The frames as raw records, for sinks that take records one by one."""
-        return [raw_frame(frame, receive_time, self.labels, key) for frame, key, receive_time in self.frames]
+        labels, receive_time = self.labels, self.receive_time
+        return [raw_frame(frame, receive_time, labels, key) for frame, key in zip(self.frames, self.keys, strict=True)]
 
     @classmethod
-    def of(cls, labels: Headers, frames: list[tuple[bytes, bytes | None, int]]) -> RawFrames:
-        """A block of these frames of one connection."""
-        return cls(labels, frames, sum(len(frame) for frame, _, _ in frames))
+    def of(cls, labels: Headers, receive_time: int, frames: list[bytes], keys: list[bytes | None]) -> RawFrames:
+        """A block of these frames of one connection, received at `receive_time`."""
+        return cls(labels, receive_time, frames, keys, sum(map(len, frames)))
 
     def split(self, count: int) -> RawFrames:
         """Remove the first `count` frames from this block and return them as a block of their own."""
-        head = RawFrames.of(self.labels, self.frames[:count])
-        del self.frames[:count]
+        head = RawFrames.of(self.labels, self.receive_time, self.frames[:count], self.keys[:count])
+        del self.frames[:count], self.keys[:count]
         self.size -= head.size
         return head
+
+
+def frame_count(blocks: Iterable[RawFrames]) -> int:
+    """How many frames `blocks` hold (a round carries a block per burst: no call per block)."""
+    return sum([len(block.frames) for block in blocks])
 
 
 def with_raw_frames(records: Sequence[OutgoingRecord], raw: Sequence[RawFrames]) -> list[OutgoingRecord]:

@@ -47,6 +47,7 @@ from bridge.records import (
     SinkFatal,
     SinkUnavailable,
     TooLarge,
+    frame_count,
 )
 from bridge.registry import SchemaRegistry, wire_prefix
 
@@ -294,7 +295,7 @@ class KafkaSink:
         producer = self._producer
         if producer is None:
             raise SinkUnavailable("publish before start")
-        outcomes: list[Outcome] = [None] * (len(records) + sum(len(block) for block in raw))
+        outcomes: list[Outcome] = [None] * (len(records) + frame_count(raw))
         updates_topic, state_topic = self._settings.topic, self._state_topic
         updates_prefix, state_prefix = self._updates_prefix, self._state_prefix
         # Batches by partition: of the updates topic, of the state topic, and by (topic, partition) of others.
@@ -391,14 +392,12 @@ class KafkaSink:
         # By key alone: `_partition`'s cache is keyed by (topic, key), a tuple to build per frame.
         partition_of_key = self._raw_partition_of_key
         for block in raw:
-            labels = block.labels
-            headers_time, headers, timestamp = -1, labels, 0
-            for frame, key, receive_time in block.frames:
-                # records.raw_frame's headers, spelled out, once per burst: a burst's frames share a receive time,
-                # also their Kafka timestamp (in ms; aiokafka would read the clock for each record without one).
-                if receive_time != headers_time:
-                    headers_time, headers = receive_time, [*labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
-                    timestamp = receive_time // 1000
+            # records.raw_frame's headers, spelled out, once per burst; the receive time is also the frames' Kafka
+            # timestamp (in ms; aiokafka would read the clock for each record without one).
+            receive_time = block.receive_time
+            headers = [*block.labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
+            timestamp = receive_time // 1000
+            for frame, key in zip(block.frames, block.keys, strict=True):
                 partition = partition_of_key.get(key) if key is not None else None
                 if partition is None:
                     partition = self._partition(topic, key)

@@ -1,7 +1,7 @@
 """The IME WebSocket side: one long-lived task per subscription, each reconnecting on its own.
 
-A frame is handed to the pipeline as it arrives, with its receive time (that of its burst: the frames
-websockets had queued by the time one was read), synchronously; the handler never blocks, so the reader
+Frames are handed to the pipeline as they arrive, a burst at a time (the frames websockets had queued by the time
+one was read) with the burst's receive time, synchronously; the handler never blocks, so the reader
 keeps answering pings whatever Kafka does. Every ended connection is classified into a bounded `reason` and
 followed by a jittered, capped exponential backoff that resets only after the connection stayed up for
 `healthy_after` seconds, so a server that accepts and closes at once is not hammered. A 1008 close is
@@ -39,7 +39,9 @@ from bridge.supervise import supervised
 
 logger = logging.getLogger(__name__)
 
-FrameHandler = Callable[[bytes, int, ConnectionInfo], None]
+# A burst of frames received together (websockets had queued them by the time the first was read), their receive
+# time (µs since the epoch) and connection.
+FrameHandler = Callable[[list[bytes], int, ConnectionInfo], None]
 
 
 # After a ping timeout websockets still waits this long for a close reply a dead path never sends.
@@ -446,26 +448,23 @@ class WebSocketSource:
             except ConnectionClosedOK:
                 return
             connection.received = True
-            count = 1
             # One receive time for the burst: the frames taken from the queue below were all there before recv()
             # returned (nothing arrives while this loop runs), so a time taken per frame, after handling the
             # earlier ones, would understate how long each waited.
             now_us = time.time_ns() // 1000
-            while True:
-                try:
-                    handler(message, now_us, info)
-                except Exception:  # the handler dead-letters what it cannot handle; this is the last line of defence
-                    failures.inc()
-                    log_exception(logger, "frame_handler_failed", connection=info.label)
-                # The rest of the burst, without a recv() each: whole messages at the head of websockets' queue.
-                if queued is None or not queued.frames or not _whole_message(queued.frames[0]):
-                    break
+            burst = [message]
+            # The rest of the burst, without a recv() each: whole messages at the head of websockets' queue.
+            while queued is not None and queued.frames and _whole_message(queued.frames[0]):
                 data = queued.frames.popleft().data
-                message = data if type(data) is bytes else bytes(data)
-                count += 1
+                burst.append(data if type(data) is bytes else bytes(data))
             if queued is not None:
                 queued.resume()
-            received.inc(count)
+            try:
+                handler(burst, now_us, info)
+            except Exception:  # the handler dead-letters what it cannot handle; this is the last line of defence
+                failures.inc()
+                log_exception(logger, "frame_handler_failed", connection=info.label)
+            received.inc(len(burst))
             last_message_at[name] = now_us / 1e6
 
     def _mark_up(self, info: ConnectionInfo, connection: _Connection, ws: ClientConnection) -> None:

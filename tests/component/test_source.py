@@ -25,12 +25,12 @@ from tests.support.waiting import assert_holds, wait_for
 
 @dataclass
 class Captured:
-    """A frame handler that keeps what it is given."""
+    """A frame handler that keeps each frame of the bursts it is given."""
 
-    frames: list[tuple[str | bytes, int, ConnectionInfo]] = field(default_factory=list)
+    frames: list[tuple[bytes, int, ConnectionInfo]] = field(default_factory=list)
 
-    def __call__(self, raw: str | bytes, receive_time: int, info: ConnectionInfo) -> None:
-        self.frames.append((raw, receive_time, info))
+    def __call__(self, burst: list[bytes], receive_time: int, info: ConnectionInfo) -> None:
+        self.frames.extend((raw, receive_time, info) for raw in burst)
 
     def count(self, subscription: str) -> int:
         return sum(1 for _, _, info in self.frames if info.subscription.name == subscription)

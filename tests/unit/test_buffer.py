@@ -371,8 +371,18 @@ LABELS_A: Headers = [("endpoint", b"id"), ("connection", b"id-0/1")]
 LABELS_B: Headers = [("endpoint", b"name"), ("connection", b"name-0/1")]
 
 
+def add_raw(buffer: DeliveryBuffer, frame: bytes, key: bytes | None, receive_time: int, labels: Headers) -> None:
+    """A burst of one frame."""
+    buffer.add_raw([frame], [key], receive_time, labels)
+
+
 def frames_of(taken: Round) -> list[tuple[bytes, bytes | None, int]]:
-    return [frame for block in taken.raw for frame in block.frames]
+    """(frame, key, receive time) of the round's raw frames, in order."""
+    return [
+        (frame, key, block.receive_time)
+        for block in taken.raw
+        for frame, key in zip(block.frames, block.keys, strict=True)
+    ]
 
 
 async def test_raw_frames_are_never_conflated_and_bounded_in_bytes_apart_from_dead_letters() -> None:
@@ -380,7 +390,7 @@ async def test_raw_frames_are_never_conflated_and_bounded_in_bytes_apart_from_de
     settings = BufferSettings(capacity_records=5, raw_memory_bytes=1 << 20, dead_letter_memory_bytes=1 << 20)
     buffer = DeliveryBuffer(settings, metrics=metrics)
     for n in range(12):
-        buffer.add_raw(b"x" * 100_000, b"1001", n, LABELS_A)  # Kafka is away: they wait, past the capacity
+        add_raw(buffer, b"x" * 100_000, b"1001", n, LABELS_A)  # Kafka is away: they wait, past the capacity
     assert len(buffer) == 10
     assert metrics.registry.get_sample_value("ime_bridge_raw_frames_dropped_total") == 2
     buffer.add_record(dead_letter(100_000))  # dead letters have their own budget
@@ -389,51 +399,68 @@ async def test_raw_frames_are_never_conflated_and_bounded_in_bytes_apart_from_de
     taken = await take(buffer, 20)
     assert [record.kind for record in taken.records] == [RecordKind.DEAD_LETTER]
     assert [receive_time for _, _, receive_time in frames_of(taken)] == list(range(10))
-    buffer.add_raw(b"x" * 100_000, b"1001", 12, LABELS_A)  # taken ones no longer count
+    add_raw(buffer, b"x" * 100_000, b"1001", 12, LABELS_A)  # taken ones no longer count
     assert len(buffer) == 1
 
 
-async def test_raw_frames_wait_in_blocks_per_connection_and_a_round_takes_at_most_its_size_of_them() -> None:
+async def test_raw_frames_wait_in_blocks_per_burst_and_a_round_takes_at_most_its_size_of_them() -> None:
     buffer = DeliveryBuffer(BufferSettings(), metrics=Metrics())
-    for n in range(5):
-        buffer.add_raw(b"a%d" % n, b"1001", n, LABELS_A)
-    buffer.add_raw(b"b", None, 5, LABELS_B)
-    buffer.add_raw(b"a5", b"1002", 6, LABELS_A)
+    buffer.add_raw([b"a%d" % n for n in range(5)], [b"1001"] * 4 + [None], 3, LABELS_A)
+    buffer.add_raw([b"b"], [None], 5, LABELS_B)
+    buffer.add_raw([b"a5"], [b"1002"], 6, LABELS_A)
     add(buffer, "A", 1)
     first = await take(buffer, 3)
     assert [block.labels for block in first.raw] == [LABELS_A]
-    assert frames_of(first) == [(b"a0", b"1001", 0), (b"a1", b"1001", 1), (b"a2", b"1001", 2)]
+    assert frames_of(first) == [(b"a0", b"1001", 3), (b"a1", b"1001", 3), (b"a2", b"1001", 3)]
     assert [decoded(record)[:2] for record in first.records] == [("A", 1)]
     buffer.settle(first, [True] * 4)
     second = await take(buffer, 10)
     assert [block.labels for block in second.raw] == [LABELS_A, LABELS_B, LABELS_A]
-    assert [frame for frame, _, _ in frames_of(second)] == [b"a3", b"a4", b"b", b"a5"]
+    assert frames_of(second) == [(b"a3", b"1001", 3), (b"a4", None, 3), (b"b", None, 5), (b"a5", b"1002", 6)]
     assert [block.size for block in second.raw] == [4, 1, 2]
+
+
+async def test_past_the_raw_budget_a_burst_keeps_its_first_frames_that_fit() -> None:
+    metrics = Metrics()
+    buffer = DeliveryBuffer(BufferSettings(raw_memory_bytes=1 << 20), metrics=metrics)
+    part = 300 << 10  # 300 KiB
+    buffer.add_raw([b"x" * part] * 4, [b"1001"] * 4, 1, LABELS_A)
+    assert metrics.registry.get_sample_value("ime_bridge_raw_frames_dropped_total") == 1
+    buffer.add_raw([b"y" * (200 << 10)], [b"1001"], 2, LABELS_A)
+    assert metrics.registry.get_sample_value("ime_bridge_raw_frames_dropped_total") == 2, "900 KiB + 200 KiB > 1 MiB"
+    buffer.add_raw([b"z" * (100 << 10)], [b"1001"], 3, LABELS_A)
+    taken = await take(buffer)
+    assert [(frame[:1], receive_time) for frame, _, receive_time in frames_of(taken)] == [
+        (b"x", 1),
+        (b"x", 1),
+        (b"x", 1),
+        (b"z", 3),
+    ]
 
 
 async def test_undelivered_raw_frames_go_back_to_the_head_in_order_and_count_again() -> None:
     metrics = Metrics()
     buffer = DeliveryBuffer(BufferSettings(raw_memory_bytes=1 << 20), metrics=metrics)
-    for n in range(4):
-        buffer.add_raw(b"a%d" % n, b"1001", n, LABELS_A)
-    buffer.add_raw(b"b0", None, 4, LABELS_B)
+    buffer.add_raw([b"a%d" % n for n in range(4)], [b"1001"] * 4, 3, LABELS_A)
+    add_raw(buffer, b"b0", None, 4, LABELS_B)
     add(buffer, "A", 1)
     taken = await take(buffer)
-    buffer.add_raw(b"a4", b"1001", 5, LABELS_A)  # newer: behind the ones sent again
+    add_raw(buffer, b"a4", b"1001", 5, LABELS_A)  # newer: behind the ones sent again
     assert buffer.settle(taken, [True, True, False, True, False, False]) == 3
     assert buffer._raw_budget.used == 2 + 2 + 2 + 2, "the frames back from the round, and a4"
     assert len(buffer) == 4
     again = await take(buffer)
     assert again.records == []
-    assert [frame for frame, _, _ in frames_of(again)] == [b"a1", b"a3", b"b0", b"a4"]
+    assert frames_of(again) == [(b"a1", b"1001", 3), (b"a3", b"1001", 3), (b"b0", None, 4), (b"a4", b"1001", 5)]
     assert [block.labels for block in again.raw] == [LABELS_A, LABELS_B, LABELS_A]
 
 
-# Steps of a raw-capture run: a frame of key 0, 1 or 2 arrives on connection A or B, or a round goes out in which each
-# key's frames are delivered up to a cut (a partition's batch fails whole; past a full batch nothing is sent).
+# Steps of a raw-capture run: a burst of frames of keys 0, 1 or 2 arrives on connection A or B, or a round goes out
+# in which each key's frames are delivered up to a cut (a partition's batch fails whole; past a full batch nothing
+# is sent).
 RAW_STEPS = st.lists(
     st.one_of(
-        st.tuples(st.just("frame"), st.integers(0, 2), st.booleans()),
+        st.tuples(st.just("burst"), st.lists(st.integers(0, 2), min_size=1, max_size=4), st.booleans()),
         st.tuples(st.just("round"), st.integers(1, 8), st.lists(st.integers(0, 8), min_size=3, max_size=3)),
     ),
     max_size=80,
@@ -453,7 +480,7 @@ def test_raw_frames_reach_the_sink_once_each_and_in_order_per_key_whatever_fails
 
         def settle(taken: Round, cuts: list[int]) -> None:
             flags, seen = [], dict.fromkeys(sent, 0)
-            for frame, key, _ in (frame for block in taken.raw for frame in block.frames):
+            for frame, key, _ in frames_of(taken):
                 assert key is not None
                 seen[key] += 1
                 flags.append(seen[key] <= cuts[int(key)])
@@ -462,11 +489,15 @@ def test_raw_frames_reach_the_sink_once_each_and_in_order_per_key_whatever_fails
             buffer.settle(taken, [True] * len(taken.records) + flags)
 
         for step in steps:
-            if step[0] == "frame":
-                key = str(step[1]).encode()
-                count += 1
-                sent[key].append(b"%d" % count)
-                buffer.add_raw(b"%d" % count, key, count, LABELS_A if step[2] else LABELS_B)
+            if step[0] == "burst":
+                frames, keys = [], []
+                for number in step[1]:
+                    key = str(number).encode()
+                    count += 1
+                    sent[key].append(b"%d" % count)
+                    frames.append(b"%d" % count)
+                    keys.append(key)
+                buffer.add_raw(frames, keys, count, LABELS_A if step[2] else LABELS_B)
             elif len(buffer):
                 _, size, cuts = step
                 settle(await take(buffer, int(size)), cuts)  # type: ignore[arg-type]
@@ -481,11 +512,11 @@ def test_raw_frames_reach_the_sink_once_each_and_in_order_per_key_whatever_fails
 
 async def test_only_raw_frames_waiting_linger_too_and_close_counts_them_undelivered() -> None:
     buffer = DeliveryBuffer(BufferSettings(), metrics=Metrics())
-    buffer.add_raw(b"a0", b"1001", time.time_ns() // 1000, LABELS_A)
+    add_raw(buffer, b"a0", b"1001", time.time_ns() // 1000, LABELS_A)
     started = time.monotonic()
     taken = await asyncio.wait_for(buffer.take(1000, linger=0.05), timeout=5)
     assert time.monotonic() - started >= 0.04
-    buffer.add_raw(b"a1", b"1001", time.time_ns() // 1000, LABELS_A)
+    add_raw(buffer, b"a1", b"1001", time.time_ns() // 1000, LABELS_A)
     assert buffer.pending({b"1001"}, taken) == 2
     assert buffer.pending({b"1002"}, taken) == 0
     assert buffer.close(taken) == 2
@@ -510,7 +541,7 @@ async def test_in_spool_mode_raw_frames_are_spooled_as_records(tmp_path: Path) -
     spool.open()
     buffer = DeliveryBuffer(spooling(spool, spool_after_records=2), metrics=Metrics(), spool=spool)
     for n in range(3):
-        buffer.add_raw(b"a%d" % n, b"1001", n, LABELS_A)
+        add_raw(buffer, b"a%d" % n, b"1001", n, LABELS_A)
     assert spool.records == 3, "records of their own: past spool_after_records, all of them went to the spool"
     taken = await take(buffer)
     assert taken.raw == []

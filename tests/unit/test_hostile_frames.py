@@ -132,6 +132,34 @@ async def test_an_unexpected_exception_while_handling_a_frame_is_a_dead_letter_a
     assert metrics.registry.get_sample_value("ime_bridge_messages_rejected_total", {"reason": "internal_error"}) == 1
 
 
+async def test_a_frame_that_fails_mid_burst_is_a_dead_letter_and_the_whole_burst_is_captured_raw() -> None:
+    pipeline, metrics = make_pipeline(capture_raw=True)
+    good = encoded(snapshot())
+
+    class SecondCallFails:
+        """The pipeline's normalizer, but its second call raises."""
+
+        def __init__(self, normalizer: Normalizer) -> None:
+            self.normalizer, self.calls = normalizer, 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.normalizer, name)
+
+        def __call__(self, *args: Any) -> ContractUpdate | Rejected:
+            self.calls += 1
+            if self.calls == 2:
+                raise ZeroDivisionError("a bug")
+            return self.normalizer(*args)
+
+    pipeline.normalizer = SecondCallFails(pipeline.normalizer)  # type: ignore[assignment]
+    pipeline.on_burst([good, b"{}", good], 7, BY_ID)
+    taken = await pipeline.buffer.take(1000)
+    assert [record.dead_letter_reason for record in taken.records] == [None, "internal_error", None]
+    (block,) = taken.raw
+    assert (block.frames, block.keys, block.receive_time) == ([good, b"{}", good], [b"1001", None, b"1001"], 7)
+    assert metrics.registry.get_sample_value("ime_bridge_messages_rejected_total", {"reason": "internal_error"}) == 1
+
+
 # --- property tests
 
 

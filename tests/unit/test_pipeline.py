@@ -29,6 +29,7 @@ from bridge.records import (
     RecordKind,
     SinkUnavailable,
     TooLarge,
+    frame_count,
     with_raw_frames,
 )
 from bridge.retry import Backoff
@@ -283,7 +284,7 @@ class FlakySink(MemorySink):
     async def publish(self, records: Sequence[OutgoingRecord], raw: Sequence[RawFrames] = ()) -> list[Outcome]:
         if self.failures:
             self.failures -= 1
-            return [Failed("SinkUnavailable")] * (len(records) + sum(len(block) for block in raw))
+            return [Failed("SinkUnavailable")] * (len(records) + frame_count(raw))
         return await super().publish(records, raw)
 
 

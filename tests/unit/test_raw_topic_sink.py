@@ -4,6 +4,8 @@ broker that refuses zstd (before Kafka 2.1) gets them uncompressed from then on.
 from __future__ import annotations
 
 import logging
+from itertools import groupby
+from operator import itemgetter
 
 import pytest
 from aiokafka.errors import UnknownError
@@ -65,12 +67,20 @@ async def test_other_failures_keep_the_compression() -> None:
 LABELS = [("endpoint", b"id"), ("connection", b"id-0/1")]
 
 
+def bursts(frames: list[tuple[bytes, bytes | None, int]]) -> list[RawFrames]:
+    """(frame, key, receive time) as the buffer hands them over: a block per run of one receive time (a burst)."""
+    return [
+        RawFrames.of(LABELS, receive_time, [frame for frame, _, _ in burst], [key for _, key, _ in burst])
+        for receive_time, burst in ((time, list(group)) for time, group in groupby(frames, key=itemgetter(2)))
+    ]
+
+
 async def test_raw_frames_go_after_the_records_to_their_keys_partitions_with_their_receive_times() -> None:
     producer = FakeProducer()
     sink = sink_over(producer)
     sink._partitions[RAW] = 4
     frames = [(b"f1", b"1001", 11), (b"f2", b"1002", 12), (b"f3", b"1001", 13), (b"bad", None, 14)]
-    outcomes = await sink.publish([update("1001", b"v1"), raw(None, b"marker")], [RawFrames.of(LABELS, frames)])
+    outcomes = await sink.publish([update("1001", b"v1"), raw(None, b"marker")], bursts(frames))
     assert outcomes == [None] * 6
     by_partition = producer.records(RAW)
     assert sorted(record[1] for records in by_partition.values() for record in records) == [
@@ -91,7 +101,7 @@ async def test_raw_frames_past_a_full_batch_wait_for_the_next_round_in_order() -
     sink = sink_over(producer)
     sink._raw_codec = DefaultRecordBatch.CODEC_NONE
     frames = [(bytes([n]) * 200_000, b"1001", n) for n in range(4)]  # batches of kafka.max_batch_bytes, 512 KiB
-    outcomes = await sink.publish([], [RawFrames.of(LABELS, frames)])
+    outcomes = await sink.publish([], bursts(frames))
     assert outcomes == [None, None, NOT_SENT, NOT_SENT], "a partition gets one batch per round"
     assert [value[0] for _, value, _ in producer.records(RAW)[0]] == [0, 1]
 
@@ -102,7 +112,7 @@ async def test_raw_records_carry_their_receive_time_as_their_kafka_timestamp() -
     received = 1_765_000_000_123_456  # µs since the epoch
     marker = OutgoingRecord(RecordKind.RAW, None, b"marker", [("raw-event", b"subscribed")], 1_765_000_000.5)
     frames = [(b"f1", b"1001", received), (b"f2", b"1001", received), (b"f3", None, received + 2_000)]
-    outcomes = await sink.publish([marker], [RawFrames.of(LABELS, frames)])
+    outcomes = await sink.publish([marker], bursts(frames))
     assert outcomes == [None] * 4
     (batch,) = producer.batches(RAW)
     stamps = {record.value: record.timestamp for record in DefaultRecordBatch(batch._build())}
