@@ -268,20 +268,25 @@ def run_raw_pairs(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Pat
     """Raw capture's cost per frame: two bridges at `rate` (0: full speed) at once, each with its own simulator, one
     without raw capture and one with it, over `args.raw_pairs` windows. Both share the machine's moments (a noisy
     neighbour slows both alike), which runs one after the other do not: their difference per window is the cost.
-    The figures of the raw bridge's median window, with every window's difference (`raw_delta_<n>`) and their
-    median (`raw_delta`); with `--against`, also raw capture against that revision's (`run_raw_against`)."""
+    The figures of the raw bridge's median window, with every window's difference (`raw_delta_<n>`), their median
+    (`raw_delta`) and each as a share of the clean bridge's CPU per record in its window (`raw_share_<n>`: a host
+    that slows every record slows both alike, so the share moves less than the µs); with `--against`, also raw
+    capture against that revision's (`run_raw_against`)."""
     starts: list[tuple[bool, str, dict[str, Any]]] = [
         (False, "clean", {"raw_topic": False}),
         (True, "raw", {"raw_topic": True}),
     ]
     pairs = [
-        (window[True]["cpu_us_per_msg"] - window[False]["cpu_us_per_msg"], window[True])
-        for window in alternating_windows(starts, rate, args, broker, workdir)
+        (raw["cpu_us_per_msg"] - clean["cpu_us_per_msg"], clean["cpu_us_per_msg"], raw)
+        for clean, raw in (
+            (window[False], window[True]) for window in alternating_windows(starts, rate, args, broker, workdir)
+        )
     ]
     pairs.sort(key=lambda pair: pair[0])
-    delta, median_window = pairs[len(pairs) // 2]
-    deltas = {f"raw_delta_{n}": pair_delta for n, (pair_delta, _) in enumerate(pairs)}
-    return median_window | deltas | {"raw_delta": delta} | run_raw_against(args, broker, workdir, rate)
+    delta, _, median_window = pairs[len(pairs) // 2]
+    deltas = {f"raw_delta_{n}": pair_delta for n, (pair_delta, _, _) in enumerate(pairs)}
+    shares = {f"raw_share_{n}": pair_delta / clean for n, (pair_delta, clean, _) in enumerate(pairs)}
+    return median_window | deltas | shares | {"raw_delta": delta} | run_raw_against(args, broker, workdir, rate)
 
 
 def run_raw_against(args: argparse.Namespace, broker: EmbeddedBroker, workdir: Path, rate: float) -> dict[str, float]:
@@ -513,12 +518,16 @@ def print_raw(phase: str, how: str, phase_runs: list[dict[str, float]], args: ar
         ("raw_delta_", phase.strip(), "two bridges, one without raw capture and one"),
     ):
         deltas = sorted(run[key] for run in phase_runs for key in run if key.startswith(prefix))
-        if deltas:
-            print(
-                f"\n{name}: {median(deltas):+.1f} CPU µs per frame, {measured} capturing raw {how} at once, the median"
-                f" of {len(deltas)} windows ({', '.join(f'{delta:+.1f}' for delta in deltas)})"
-                f"{row if prefix == 'raw_delta_' else ''}"
-            )
+        if not deltas:
+            continue
+        share = ""
+        if prefix == "raw_delta_":
+            shares = sorted(run[key] for run in phase_runs for key in run if key.startswith("raw_share_"))
+            share = f"; {median(shares):+.1%} of the bridge without it's CPU per record (median, same windows){row}"
+        print(
+            f"\n{name}: {median(deltas):+.1f} CPU µs per frame, {measured} capturing raw {how} at once, the median"
+            f" of {len(deltas)} windows ({', '.join(f'{delta:+.1f}' for delta in deltas)}){share}"
+        )
 
 
 @contextlib.contextmanager
