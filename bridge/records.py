@@ -103,10 +103,14 @@ def with_raw_frames(records: Sequence[OutgoingRecord], raw: Sequence[RawFrames])
 
 
 def raw_frame(frame: bytes, receive_time: int, labels: Headers, key: bytes | None) -> OutgoingRecord:
-    """The raw record of one frame (bridge/raw.py), received at `receive_time` (µs since the epoch): its headers are
-    its connection's `labels` (endpoint, connection), then the receive time."""
-    headers = [*labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
-    return OutgoingRecord(KIND_RAW, key, frame, headers, receive_time / 1e6)
+    """The raw record of one frame (bridge/raw.py), received at `receive_time` (µs since the epoch)."""
+    return OutgoingRecord(KIND_RAW, key, frame, raw_headers(labels, receive_time), receive_time / 1e6)
+
+
+def raw_headers(labels: Headers, receive_time: int) -> Headers:
+    """A raw record's headers: its connection's `labels` (endpoint, connection), then the receive time (µs since
+    the epoch)."""
+    return [*labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
 
 
 def dead_letter(

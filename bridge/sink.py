@@ -34,7 +34,6 @@ from bridge.config import KafkaSettings, SchemaRegistrySettings
 from bridge.encode import Schema, load_schema
 from bridge.logs import log_event
 from bridge.records import (
-    HEADER_RECEIVE_TIME,
     KIND_RAW,
     KIND_UPDATE,
     NOT_SENT,
@@ -48,6 +47,7 @@ from bridge.records import (
     SinkUnavailable,
     TooLarge,
     frame_count,
+    raw_headers,
 )
 from bridge.registry import SchemaRegistry, wire_prefix
 
@@ -392,10 +392,10 @@ class KafkaSink:
         # By key alone: `_partition`'s cache is keyed by (topic, key), a tuple to build per frame.
         partition_of_key = self._raw_partition_of_key
         for block in raw:
-            # records.raw_frame's headers, spelled out, once per burst; the receive time is also the frames' Kafka
-            # timestamp (in ms; aiokafka would read the clock for each record without one).
+            # The headers, once per burst; the receive time is also the frames' Kafka timestamp (in ms; aiokafka
+            # would read the clock for each record without one).
             receive_time = block.receive_time
-            headers = [*block.labels, (HEADER_RECEIVE_TIME, b"%d" % receive_time)]
+            headers = raw_headers(block.labels, receive_time)
             timestamp = receive_time // 1000
             for frame, key in zip(block.frames, block.keys, strict=True):
                 partition = partition_of_key.get(key) if key is not None else None
