@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-unit test-tools lint bench chart-schema clean
+.PHONY: help install demo test test-unit test-tools lint bench bench-instructions chart-schema clean
 
 help:
 	@echo "make demo   run the bridge against the built-in simulator and an embedded broker"
 	@echo "make test   lint, type-check and run every test"
 	@echo "make test-unit   the unit tests only (tests/unit: no network, no subprocess), in seconds"
 	@echo "make bench  measure throughput, CPU per message and latency"
+	@echo "make bench-instructions  count the in-process work in CPU instructions (valgrind), steady on a busy host"
 	@echo "make lint   ruff, mypy and the import layers (import-linter)"
 	@echo "make chart-schema  regenerate the config part of helm/ime-bridge/values.schema.json from bridge/config.py"
 
@@ -57,6 +58,9 @@ chart-schema: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.pipeline $(BENCH_ARGS)
+
+bench-instructions: $(STAMP)
+	$(BIN)/python -m bench.instructions $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .bench *.egg-info
