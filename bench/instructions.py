@@ -78,11 +78,12 @@ async def run_pipeline(raw: bool, frame_total: int) -> None:
         dead_letter_raw_bytes=1000,
         capture_raw=raw,
     )
-    sink = KafkaSink(KafkaSettings(topic="u", dlq_topic="d", state_topic="s", raw_topic="r" if raw else ""))
+    settings = KafkaSettings(topic="u", dlq_topic="d", state_topic="s", raw_topic="r" if raw else "")
+    sink = KafkaSink(settings)
     sink._producer = BuildingProducer()
     sink._partitions = dict.fromkeys(("u", "d", "s", "r"), PARTITIONS)
     sink._raw_codec = DefaultRecordBatch.CODEC_ZSTD
-    compress_zstd_at(1)
+    compress_zstd_at(settings.zstd_level)  # what the sink's start() would do
     gc.collect()  # as `ime-bridge run` sets the collector up
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
