@@ -8,7 +8,8 @@ nothing. Each figure is the difference between a run of 4,000 frames and one of 
 start-up drops out, with `PYTHONHASHSEED=0` so that two runs of one tree count alike (within about 0.3k
 instructions). It prints instructions per record without raw capture, and raw capture's added instructions per
 frame: what websockets' receive, the network and aiokafka's sender add on top is `make bench`'s to measure.
-`--against REV` counts that revision's bridge package too (this script, its pipeline), for the ratio.
+`--against REV` runs this pipeline over that revision's bridge package too, for the ratios (revisions from db4ec27
+on, which has `Intake.on_burst`).
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None:
         sys.exit("bench-instructions needs valgrind (callgrind); it is not installed here")
-    from bench.pipeline import checkout  # the git worktree of --against
+    from bench.pipeline import checkout  # here, not at the top: a counted run loads only what it counts
 
     print("ime-bridge instructions (callgrind, in process: intake, buffer, sink, batches built; no network)")
     clean, raw = count(Path(__file__).resolve().parents[1])
