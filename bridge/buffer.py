@@ -28,6 +28,7 @@ committed in the spool); the others go back to the head of the queue, in order, 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import time
@@ -209,17 +210,12 @@ class DeliveryBuffer:
         size = sum(map(len, frames))
         if budget.used + size > budget.limit:
             budget.refuse(size)
-            kept, room = 0, budget.limit - budget.used
-            for frame in frames:
-                room -= len(frame)
-                if room < 0:
-                    break
-                kept += 1
+            sizes = list(itertools.accumulate(map(len, frames)))  # of the burst's first 1, 2, ... frames
+            kept = bisect.bisect_right(sizes, budget.limit - budget.used)
             self.metrics.raw_frames_dropped.inc(len(frames) - kept)
             if not kept:
                 return
-            frames, keys = frames[:kept], keys[:kept]
-            size = sum(map(len, frames))
+            frames, keys, size = frames[:kept], keys[:kept], sizes[kept - 1]
         budget.used += size
         if not self._raw:
             self._available.set()
